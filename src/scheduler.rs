@@ -1,0 +1,275 @@
+//! Hands jobs from every client connection to the worker pool.
+//!
+//! First come, first served: a job goes to an idle worker at once if there
+//! is one (preferring a worker that already holds the job's package, so it
+//! is sent the 33-byte `H` frame and skips unpickling the sources again),
+//! otherwise it waits in one queue shared by all connections and is taken
+//! by the next worker that becomes free. A job never waits while a worker
+//! is idle.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::cache::{Package, WorkerCache};
+
+/// One job: a function package, its pickled arguments, and where its result
+/// goes.
+#[derive(Debug)]
+pub struct Job {
+    /// Number for log lines.
+    pub id: u64,
+    /// The function package (shared with the connection's cache).
+    pub package: Arc<Package>,
+    /// The pickled argument tuple, relayed as received.
+    pub args: Bytes,
+    /// The session waiting for the result frame. Closed when the client
+    /// went away, which lets queued jobs of vanished clients be dropped.
+    pub reply: oneshot::Sender<Bytes>,
+    /// How many workers were found dead before they could start this job.
+    pub attempts: u8,
+}
+
+impl Job {
+    /// Whether anyone still waits for this job's result.
+    pub fn is_abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// A worker waiting for a job. It lends its cache to the scheduler so the
+/// scheduler can pick by package, and gets it back with the job.
+#[derive(Debug)]
+struct IdleWorker {
+    /// The worker's pool slot, for log lines.
+    slot: usize,
+    /// Packages the worker process holds.
+    cache: WorkerCache,
+    /// Where the job (and the cache) go.
+    tx: oneshot::Sender<(Job, WorkerCache)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Jobs no worker was free for, oldest first.
+    queue: VecDeque<Job>,
+    /// Workers with nothing to do; most recently idle last.
+    idle: Vec<IdleWorker>,
+}
+
+/// The shared job queue and the list of idle workers.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    /// Guarded by a plain mutex: it is held for a few pointer moves, never
+    /// across an await.
+    state: Mutex<State>,
+}
+
+/// What a worker waiting for a job holds: the receiving end, plus a way to
+/// get a job back if the worker has to give up before starting it.
+#[derive(Debug)]
+pub struct Waiting {
+    rx: oneshot::Receiver<(Job, WorkerCache)>,
+}
+
+impl Waiting {
+    /// Waits for a job. `None` means the scheduler dropped the entry, which
+    /// only happens when the server shuts down.
+    pub async fn job(&mut self) -> Option<(Job, WorkerCache)> {
+        (&mut self.rx).await.ok()
+    }
+
+    /// Withdraws from the idle list (e.g. because the worker died) and
+    /// returns a job that was handed over in the meantime, so it is not lost.
+    pub fn withdraw(mut self) -> Option<Job> {
+        self.rx.close();
+        self.rx.try_recv().ok().map(|(job, _)| job)
+    }
+}
+
+impl Scheduler {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-changed
+        // in a way that matters (each step is a single push or pop).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Submits a job: to an idle worker if there is one, else to the queue.
+    pub fn submit(&self, mut job: Job) {
+        let mut st = self.lock();
+        loop {
+            let Some(pos) = pick(&st.idle, &job) else {
+                st.queue.push_back(job);
+                return;
+            };
+            let idle = st.idle.swap_remove(pos);
+            match idle.tx.send((job, idle.cache)) {
+                Ok(()) => {
+                    log::trace!("job handed to idle worker slot {}", idle.slot);
+                    return;
+                }
+                // That worker withdrew (it died while idle); try another.
+                Err((back, _)) => job = back,
+            }
+        }
+    }
+
+    /// Puts a job back at the head of the queue: it was taken but never
+    /// started (its worker turned out to be dead), so it keeps its turn.
+    pub fn requeue_front(&self, job: Job) {
+        {
+            let mut st = self.lock();
+            st.queue.push_front(job);
+        }
+        self.dispatch_queued();
+    }
+
+    /// Hands queued jobs to idle workers; needed after a job is requeued
+    /// while workers sit idle.
+    fn dispatch_queued(&self) {
+        let mut st = self.lock();
+        while !st.idle.is_empty() {
+            let Some(job) = st.queue.pop_front() else {
+                return;
+            };
+            drop(st);
+            self.submit(job);
+            st = self.lock();
+        }
+    }
+
+    /// A worker asks for its next job: the oldest queued job still wanted
+    /// by its client, or else it goes on the idle list.
+    pub fn next_job(&self, slot: usize, cache: WorkerCache) -> Result<(Job, WorkerCache), Waiting> {
+        let mut st = self.lock();
+        while let Some(job) = st.queue.pop_front() {
+            if job.is_abandoned() {
+                log::debug!(
+                    "job {} dropped: its client went away before it started",
+                    job.id
+                );
+                continue;
+            }
+            return Ok((job, cache));
+        }
+        let (tx, rx) = oneshot::channel();
+        st.idle.push(IdleWorker { slot, cache, tx });
+        Err(Waiting { rx })
+    }
+
+    /// Number of jobs waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Drops every idle entry and queued job: on shutdown, waiting workers
+    /// wake up with nothing and sessions see their reply channel close.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.idle.clear();
+        st.queue.clear();
+    }
+}
+
+/// The idle worker to give `job` to: the most recently idle one that holds
+/// the job's package, else the most recently idle one.
+fn pick(idle: &[IdleWorker], job: &Job) -> Option<usize> {
+    let live = |w: &&IdleWorker| !w.tx.is_closed();
+    idle.iter()
+        .enumerate()
+        .rev()
+        .find(|(_, w)| live(w) && w.cache.contains(&job.package.hash))
+        .or_else(|| idle.iter().enumerate().rev().find(|(_, w)| live(w)))
+        .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::ConnCache;
+
+    fn job(cache: &mut ConnCache, pkg: &'static [u8]) -> (Job, oneshot::Receiver<Bytes>) {
+        let (tx, rx) = oneshot::channel();
+        let package = cache.receive(Bytes::from_static(pkg)).unwrap();
+        (
+            Job {
+                id: 0,
+                package,
+                args: Bytes::new(),
+                reply: tx,
+                attempts: 0,
+            },
+            rx,
+        )
+    }
+
+    #[tokio::test]
+    async fn queued_jobs_go_out_in_order() {
+        let s = Scheduler::default();
+        let mut c = ConnCache::new(1 << 20);
+        let (a, _ra) = job(&mut c, b"Na");
+        let (b, _rb) = job(&mut c, b"Nb");
+        s.submit(a);
+        s.submit(b);
+        let (first, cache) = s.next_job(0, WorkerCache::default()).unwrap();
+        assert_eq!(&first.package.new_frame[..], b"Na");
+        let (second, _) = s.next_job(0, cache).unwrap();
+        assert_eq!(&second.package.new_frame[..], b"Nb");
+    }
+
+    #[tokio::test]
+    async fn idle_worker_gets_the_job_at_once_and_cache_holder_is_preferred() {
+        let s = Scheduler::default();
+        let mut c = ConnCache::new(1 << 20);
+        let (a, _ra) = job(&mut c, b"Na");
+        let mut warm = WorkerCache::default();
+        warm.insert(a.package.hash);
+        // Slot 1 holds the package but went idle first; it still wins.
+        let mut w1 = s.next_job(1, warm).unwrap_err();
+        let mut w0 = s.next_job(0, WorkerCache::default()).unwrap_err();
+        s.submit(a);
+        let (got, cache) = w1.job().await.unwrap();
+        assert!(cache.contains(&got.package.hash));
+        assert_eq!(s.queued(), 0);
+        // The other one is still idle and takes the next job.
+        let (b, _rb) = job(&mut c, b"Nb");
+        s.submit(b);
+        assert_eq!(&w0.job().await.unwrap().0.package.new_frame[..], b"Nb");
+    }
+
+    #[tokio::test]
+    async fn abandoned_queued_jobs_are_skipped() {
+        let s = Scheduler::default();
+        let mut c = ConnCache::new(1 << 20);
+        let (a, ra) = job(&mut c, b"Na");
+        let (b, _rb) = job(&mut c, b"Nb");
+        s.submit(a);
+        s.submit(b);
+        drop(ra);
+        let (got, _) = s.next_job(0, WorkerCache::default()).unwrap();
+        assert_eq!(&got.package.new_frame[..], b"Nb");
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_worker_hands_back_its_job() {
+        let s = Scheduler::default();
+        let mut c = ConnCache::new(1 << 20);
+        let w = s.next_job(0, WorkerCache::default()).unwrap_err();
+        let (a, _ra) = job(&mut c, b"Na");
+        s.submit(a);
+        let back = w.withdraw().expect("job handed over before withdrawal");
+        s.requeue_front(back);
+        assert_eq!(s.queued(), 1);
+        // A worker that withdrew before any job arrived is skipped.
+        let w = s.next_job(0, WorkerCache::default());
+        let (got, _) = w.unwrap();
+        let w2 = s.next_job(1, WorkerCache::default()).unwrap_err();
+        assert!(w2.withdraw().is_none());
+        let (b, _rb) = job(&mut c, b"Nb");
+        s.submit(b);
+        assert_eq!(s.queued(), 1, "no live idle worker: queued");
+        drop(got);
+    }
+}

@@ -1,0 +1,348 @@
+//! The pp frame: an 8-byte big-endian length followed by that many payload
+//! bytes. The same framing is spoken on client sockets and on worker pipes,
+//! so the reader and writer here are generic over any async byte stream.
+//!
+//! Decoding is split from I/O: [`decode`] only looks at a buffer, and
+//! [`FrameReader`] owns the stream and the buffer. Payloads come out as
+//! [`Bytes`] cut from the read buffer, so relaying them costs no copy.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// Size of the length header in front of every frame.
+pub const HEADER_LEN: usize = 8;
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The peer announced a payload larger than this side accepts; nothing
+    /// was allocated for it.
+    TooLarge { announced: u64, max: usize },
+    /// The stream ended in the middle of a frame.
+    Truncated,
+    /// The underlying read failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::TooLarge { announced, max } => {
+                write!(f, "frame of {announced} bytes announced, limit is {max}")
+            }
+            FrameError::Truncated => write!(f, "connection closed in the middle of a frame"),
+            FrameError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl From<io::Error> for FrameError {
+    fn from(e: io::Error) -> Self {
+        FrameError::Io(e)
+    }
+}
+
+/// What [`decode`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// A whole frame's payload, removed from the buffer.
+    Frame(Bytes),
+    /// Not enough bytes yet; `missing` more are needed at least.
+    Incomplete { missing: usize },
+}
+
+/// Takes one frame off the front of `buf` if it is all there.
+///
+/// The announced length is checked against `max` before anything else, so a
+/// header announcing 2^62 bytes is refused without reserving memory for it.
+pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Decoded, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(Decoded::Incomplete {
+            missing: HEADER_LEN - buf.len(),
+        });
+    }
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&buf[..HEADER_LEN]);
+    let announced = u64::from_be_bytes(header);
+    if announced > max as u64 {
+        return Err(FrameError::TooLarge { announced, max });
+    }
+    // Fits in usize: it is at most `max`.
+    let len = announced as usize;
+    let total = HEADER_LEN + len;
+    if buf.len() < total {
+        return Ok(Decoded::Incomplete {
+            missing: total - buf.len(),
+        });
+    }
+    buf.advance(HEADER_LEN);
+    Ok(Decoded::Frame(buf.split_to(len).freeze()))
+}
+
+/// Below this, a frame's buffer is reserved in one go; above it the buffer
+/// grows with the bytes that actually arrive, so a peer that announces a
+/// large frame and sends little costs little.
+const EAGER_RESERVE: usize = 1 << 20;
+
+/// Reads whole frames from a stream, buffering partial ones.
+///
+/// Every method is cancel-safe: bytes already read stay in the buffer, so a
+/// `select!` that drops a pending read loses nothing.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    /// The stream frames are read from.
+    inner: R,
+    /// Bytes read but not yet handed out as frames.
+    buf: BytesMut,
+    /// Largest payload accepted; see [`FrameReader::set_max`].
+    max: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader that accepts payloads up to `max` bytes.
+    pub fn new(inner: R, max: usize) -> Self {
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(8 * 1024),
+            max,
+        }
+    }
+
+    /// Changes the payload limit, e.g. from the small pre-authentication
+    /// cap to the configured maximum once the peer has authenticated.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// The stream, for writing answers on it.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Reads the next frame. `Ok(None)` is a clean end of stream between
+    /// frames; an end of stream inside a frame is [`FrameError::Truncated`].
+    pub async fn read_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        loop {
+            let missing = match decode(&mut self.buf, self.max)? {
+                Decoded::Frame(frame) => return Ok(Some(frame)),
+                Decoded::Incomplete { missing } => missing,
+            };
+            if self.buf.capacity() - self.buf.len() < missing {
+                // Grow geometrically past EAGER_RESERVE instead of trusting
+                // the announced length with a single huge allocation.
+                let grow = missing.min(self.buf.len().max(EAGER_RESERVE));
+                self.buf.reserve(grow);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Completes when the peer closes its side (or the stream fails), for
+    /// noticing that a client went away while its job runs. Bytes that
+    /// arrive meanwhile are kept for the next [`FrameReader::read_frame`];
+    /// once a whole maximal frame is buffered it stops reading and waits
+    /// forever, so a peer cannot grow the buffer without bound.
+    pub async fn closed(&mut self) -> io::Result<()> {
+        loop {
+            if self.buf.len() >= HEADER_LEN + self.max {
+                return std::future::pending().await;
+            }
+            self.buf.reserve(4096);
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Writes one frame, header and payload together in as few writes as the
+/// stream allows (one `writev` on a socket), so Nagle's algorithm never
+/// holds back a lone header. The payload is not copied.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> io::Result<()> {
+    let header = (payload.len() as u64).to_be_bytes();
+    let (mut head, mut body) = (&header[..], payload);
+    while !head.is_empty() || !body.is_empty() {
+        let n = w
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        body = &body[n - from_head..];
+    }
+    w.flush().await
+}
+
+/// A TCP stream that re-arms `TCP_QUICKACK` after every read.
+///
+/// pp clients send a frame's header and payload in two `send()` calls with
+/// Nagle's algorithm on, so the payload waits until the header is
+/// acknowledged. Linux delays that ACK by up to 40 ms unless quick-ack mode
+/// is on, and it leaves that mode on its own; re-arming it after each read
+/// keeps every job from stalling.
+#[derive(Debug)]
+pub struct QuickAck(pub tokio::net::TcpStream);
+
+impl AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.0).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            // Best effort: failing to set it only costs latency.
+            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+        }
+        res
+    }
+}
+
+impl AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut v = (payload.len() as u64).to_be_bytes().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn partial_header_and_partial_payload_are_incomplete() {
+        let bytes = framed(b"hello");
+        for cut in 0..bytes.len() {
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            match decode(&mut buf, 100).unwrap() {
+                Decoded::Incomplete { missing } => {
+                    let expect = if cut < HEADER_LEN {
+                        HEADER_LEN - cut
+                    } else {
+                        bytes.len() - cut
+                    };
+                    assert_eq!(missing, expect);
+                }
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+            assert_eq!(buf.len(), cut, "an incomplete frame consumes nothing");
+        }
+    }
+
+    #[test]
+    fn back_to_back_frames_come_out_in_order() {
+        let mut bytes = framed(b"one");
+        bytes.extend(framed(b""));
+        bytes.extend(framed(b"three"));
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(
+            decode(&mut buf, 10).unwrap(),
+            Decoded::Frame(Bytes::from_static(b"one"))
+        );
+        assert_eq!(decode(&mut buf, 10).unwrap(), Decoded::Frame(Bytes::new()));
+        assert_eq!(
+            decode(&mut buf, 10).unwrap(),
+            Decoded::Frame(Bytes::from_static(b"three"))
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversize_header_is_refused_before_payload_arrives() {
+        let mut buf = BytesMut::from(&(1u64 << 62).to_be_bytes()[..]);
+        match decode(&mut buf, 1 << 20) {
+            Err(FrameError::TooLarge { announced, max }) => {
+                assert_eq!(announced, 1 << 62);
+                assert_eq!(max, 1 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Exactly at the limit is fine.
+        let mut buf = BytesMut::from(&framed(&[7u8; 16])[..]);
+        assert!(matches!(decode(&mut buf, 16), Ok(Decoded::Frame(_))));
+        let mut buf = BytesMut::from(&framed(&[7u8; 17])[..]);
+        assert!(matches!(
+            decode(&mut buf, 16),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn reader_reassembles_frames_split_across_reads() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut bytes = framed(&[1u8; 300]);
+        bytes.extend(framed(b"x"));
+        tokio::spawn(async move {
+            for chunk in bytes.chunks(7) {
+                a.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut r = FrameReader::new(b, 1000);
+        assert_eq!(r.read_frame().await.unwrap().unwrap(), vec![1u8; 300]);
+        assert_eq!(r.read_frame().await.unwrap().unwrap(), &b"x"[..]);
+        assert!(r.read_frame().await.unwrap().is_none(), "clean EOF");
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_an_error() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&framed(b"abcdef")[..10]).await.unwrap();
+        drop(a);
+        let mut r = FrameReader::new(b, 1000);
+        assert!(matches!(r.read_frame().await, Err(FrameError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn write_frame_round_trips() {
+        let (mut a, b) = tokio::io::duplex(16);
+        let payload = vec![9u8; 1000];
+        let p2 = payload.clone();
+        tokio::spawn(async move { write_frame(&mut a, &p2).await.unwrap() });
+        let mut r = FrameReader::new(b, 1000);
+        assert_eq!(r.read_frame().await.unwrap().unwrap(), payload);
+    }
+}
