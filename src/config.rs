@@ -6,10 +6,13 @@
 //! argument list ([`parse_args`]) so it can be tested without a process.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::auth::DEFAULT_SECRET;
+use crate::inifile;
+use crate::logfmt::{LogFormat, DEFAULT_FORMAT};
 
 /// Default TCP port; ppft picks a random one, which leaves users guessing.
 pub const DEFAULT_PORT: u16 = 60000;
@@ -27,7 +30,8 @@ pub struct Config {
     pub interface: String,
     /// TCP port (`-p`); 0 picks a free one.
     pub port: u16,
-    /// Shared secret clients prove they know (`-s`).
+    /// Shared secret clients prove they know (`-s`, `--secret-file`,
+    /// `PPSERVER_SECRET`, or `secret` in the config file).
     pub secret: String,
     /// True when no secret was given and pp's well-known default is used.
     pub secret_is_default: bool,
@@ -39,18 +43,32 @@ pub struct Config {
     pub proto: i32,
     /// How long a client connection may sit idle between jobs (`-k`).
     pub socket_timeout: Duration,
+    /// Exit after this long without any client connection (`-t`).
+    pub idle_exit: Option<Duration>,
     /// Debug logging (`-d`).
     pub debug: bool,
+    /// Python logging format for log lines (`-f`).
+    pub log_format: LogFormat,
+    /// Answer UDP autodiscovery and announce the server (`-a`).
+    pub autodiscovery: bool,
+    /// Where discovery announcements go (`-b`).
+    pub broadcast: Ipv4Addr,
+    /// File the server's pid is written to while it runs (`-P`).
+    pub pid_file: Option<PathBuf>,
     /// Interpreter that runs the workers (`--python`).
     pub python: PathBuf,
-    /// Python module run as the worker (`python -u -m MODULE`).
-    pub worker_module: String,
+    /// Python module run as the worker (`python -u -m MODULE`); `None`
+    /// finds it: ppft if installed, else pp 1.7's `pp._worker`.
+    pub worker_module: Option<String>,
     /// Version to advertise instead of the worker package's (`--pp-version`).
     pub pp_version: Option<String>,
     /// Largest frame accepted after authentication (`--max-frame-size`).
     pub max_frame_size: usize,
     /// Most client connections served at once (`--max-connections`).
     pub max_connections: usize,
+    /// Things worth a warning found while reading the config file (unknown
+    /// keys), logged once logging is up.
+    pub notes: Vec<String>,
 }
 
 impl Default for Config {
@@ -64,12 +82,18 @@ impl Default for Config {
             restart: false,
             proto: 2,
             socket_timeout: Duration::from_secs(3600),
+            idle_exit: None,
             debug: false,
+            log_format: LogFormat::parse(DEFAULT_FORMAT).expect("default format parses"),
+            autodiscovery: false,
+            broadcast: Ipv4Addr::BROADCAST,
+            pid_file: None,
             python: PathBuf::from("python3"),
-            worker_module: "ppft".into(),
+            worker_module: None,
             pp_version: None,
             max_frame_size: DEFAULT_MAX_FRAME,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            notes: Vec::new(),
         }
     }
 }
@@ -83,7 +107,8 @@ pub enum Command {
     Help,
 }
 
-/// A bad command line, with a message that names the flag.
+/// A bad command line or config file, with a message that names the flag
+/// or key.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError(pub String);
 
@@ -105,45 +130,207 @@ impl From<lexopt::Error> for ConfigError {
 pub fn usage() -> String {
     format!(
         "Parallel Python Network Server (ppserver {version}, Rust)
-Usage: ppserver [-hdr] [-n proto] [-i interface] [-p port] [-w nworkers]
-                [-s secret] [-k seconds] [--python PATH] [--pp-version X]
+Usage: ppserver [-hdar] [-f format] [-n proto] [-c config_path] [-i interface]
+                [-b broadcast] [-p port] [-w nworkers] [-s secret] [-t seconds]
+                [-k seconds] [-P pid_file] [--secret-file PATH] [--python PATH]
+                [--worker-module MODULE] [--pp-version X]
                 [--max-frame-size BYTES] [--max-connections N]
 
 Options:
 -h                 : this help message
 -d                 : set log level to debug
+-f format          : log format (Python logging style; default
+                     \"{default_format}\")
+-a                 : enable auto-discovery service
 -r                 : restart worker process after each task completion
 -n proto           : protocol number for pickle module (default 2)
+-c path            : path to config file ([general] and [network] sections;
+                     flags after -c override it)
 -i interface       : interface to listen (default 0.0.0.0)
+-b broadcast       : broadcast address for auto-discovery service
+                     (default 255.255.255.255)
 -p port            : port to listen (default {port})
 -w nworkers        : number of workers to start (default: number of CPUs)
--s secret          : secret for authentication (default: pp's public default)
+-s secret          : secret for authentication (visible to every user in ps:
+                     prefer --secret-file or PPSERVER_SECRET)
+-t seconds         : timeout to exit if no connections with clients exist
 -k seconds         : socket timeout in seconds (default 3600)
---python PATH      : Python interpreter that runs the workers (default python3);
-                     it must be able to import ppft
+-P pid_file        : file to write PID to
+--secret-file PATH : read the secret from the first line of PATH
+--python PATH      : Python interpreter that runs the workers (default python3)
+--worker-module M  : worker module: ppft (python -u -m ppft) or pp._worker
+                     (pp 1.7); default: ppft if installed, else pp._worker
 --pp-version X     : version string to advertise to clients (default: the
-                     __version__ of the worker interpreter's ppft)
+                     __version__ of the worker package)
 --max-frame-size N : largest message accepted from an authenticated client,
                      in bytes (default {max_frame})
 --max-connections N: most client connections at once (default {max_conn})
 
-Clients must run the same pp version as the server advertises, and use the
-same secret. Due to the security concerns always use a non-trivial secret.",
+Environment: PPSERVER_SECRET is the secret when none is given otherwise.
+To print server stats send SIGUSR1 to its main process.
+Clients must run the pp version the server advertises and use its secret.
+Due to the security concerns always use a non-trivial secret key.",
         version = env!("CARGO_PKG_VERSION"),
+        default_format = DEFAULT_FORMAT,
         port = DEFAULT_PORT,
         max_frame = DEFAULT_MAX_FRAME,
         max_conn = DEFAULT_MAX_CONNECTIONS,
     )
 }
 
-/// Parses a number for `flag`, with a message naming the flag.
-fn number<T: std::str::FromStr>(flag: &str, value: OsString) -> Result<T, ConfigError> {
-    let text = value.to_string_lossy();
-    text.trim().parse().map_err(|_| {
-        ConfigError(format!(
-            "invalid value {text:?} for {flag}: expected a number"
-        ))
-    })
+/// A setting that can come from a flag or from the config file.
+#[derive(Debug, Clone, Copy)]
+enum Setting {
+    Secret,
+    Debug,
+    Workers,
+    Proto,
+    Restart,
+    PidFile,
+    Autodiscovery,
+    Interface,
+    Broadcast,
+    Port,
+    IdleExit,
+    SocketTimeout,
+}
+
+/// Config file keys, by section, as ppft's `parse_config` reads them.
+const FILE_KEYS: &[(&str, &str, Setting)] = &[
+    ("general", "secret", Setting::Secret),
+    ("general", "debug", Setting::Debug),
+    ("general", "workers", Setting::Workers),
+    ("general", "proto", Setting::Proto),
+    ("general", "restart", Setting::Restart),
+    ("general", "pid_file", Setting::PidFile),
+    ("network", "autodiscovery", Setting::Autodiscovery),
+    ("network", "interface", Setting::Interface),
+    ("network", "broadcast", Setting::Broadcast),
+    ("network", "port", Setting::Port),
+    ("network", "timeout", Setting::IdleExit),
+    ("network", "socket_timeout", Setting::SocketTimeout),
+];
+
+fn invalid(name: &str, value: &str, why: &str) -> ConfigError {
+    ConfigError(format!("invalid value {value:?} for {name}: {why}"))
+}
+
+fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(name, value, "expected a number in range"))
+}
+
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
+    name: &str,
+    value: &str,
+) -> Result<T, ConfigError> {
+    let n: T = number(name, value)?;
+    if n < T::from(1) {
+        return Err(invalid(name, value, "must be at least 1"));
+    }
+    Ok(n)
+}
+
+fn boolean(name: &str, value: &str) -> Result<bool, ConfigError> {
+    inifile::as_bool(value)
+        .ok_or_else(|| invalid(name, value, "expected true/false, yes/no, on/off or 1/0"))
+}
+
+/// Sets one setting from text; `name` is the flag or key, for messages.
+fn apply(cfg: &mut Config, setting: Setting, name: &str, value: &str) -> Result<(), ConfigError> {
+    match setting {
+        Setting::Secret => {
+            cfg.secret = value.to_string();
+            cfg.secret_is_default = false;
+        }
+        Setting::Debug => cfg.debug = boolean(name, value)?,
+        Setting::Workers => cfg.workers = at_least_one(name, value)?,
+        Setting::Proto => {
+            let proto: i32 = number(name, value)?;
+            if !(-1..=5).contains(&proto) {
+                return Err(invalid(
+                    name,
+                    value,
+                    "pickle protocols are 0 to 5 (or -1 for the highest)",
+                ));
+            }
+            cfg.proto = proto;
+        }
+        Setting::Restart => cfg.restart = boolean(name, value)?,
+        Setting::PidFile => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty path"));
+            }
+            cfg.pid_file = Some(PathBuf::from(value));
+        }
+        Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
+        Setting::Interface => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty address"));
+            }
+            cfg.interface = value.to_string();
+        }
+        Setting::Broadcast => {
+            cfg.broadcast = value
+                .trim()
+                .parse()
+                .map_err(|_| invalid(name, value, "expected an IPv4 address"))?;
+        }
+        Setting::Port => cfg.port = number(name, value)?,
+        Setting::IdleExit => cfg.idle_exit = Some(Duration::from_secs(at_least_one(name, value)?)),
+        Setting::SocketTimeout => {
+            cfg.socket_timeout = Duration::from_secs(at_least_one(name, value)?)
+        }
+    }
+    Ok(())
+}
+
+/// Reads a config file over `cfg`, like ppft's `-c`: the file's values
+/// replace what flags before `-c` set, and flags after it replace the
+/// file's. Unlike ppft, a value that does not parse is an error, not
+/// silently ignored.
+fn apply_file(cfg: &mut Config, path: &Path) -> Result<(), ConfigError> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {shown} (-c): {e}")))?;
+    let sections =
+        inifile::parse(&text).map_err(|e| ConfigError(format!("config file {shown}: {e}")))?;
+    for (section, keys) in &sections {
+        for (key, (value, line)) in keys {
+            let known = FILE_KEYS.iter().find(|(s, k, _)| s == section && k == key);
+            match known {
+                Some(&(_, _, setting)) => {
+                    let name = format!("[{section}] {key} (config file {shown}, line {line})");
+                    apply(cfg, setting, &name, value)?;
+                }
+                None => cfg.notes.push(format!(
+                    "config file {shown}, line {line}: unknown key [{section}] {key}, ignored"
+                )),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a secret from the first line of a file.
+fn secret_from_file(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read --secret-file {}: {e}", path.display())))?;
+    let secret = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('\r')
+        .to_string();
+    if secret.is_empty() {
+        return Err(ConfigError(format!(
+            "--secret-file {}: the first line is empty",
+            path.display()
+        )));
+    }
+    Ok(secret)
 }
 
 fn text(flag: &str, value: OsString) -> Result<String, ConfigError> {
@@ -152,8 +339,18 @@ fn text(flag: &str, value: OsString) -> Result<String, ConfigError> {
         .map_err(|v| ConfigError(format!("invalid value {v:?} for {flag}: not valid UTF-8")))
 }
 
-/// Parses the arguments after the program name.
+/// Parses the arguments after the program name; `PPSERVER_SECRET` is read
+/// from the environment.
 pub fn parse_args<I>(args: I) -> Result<Command, ConfigError>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    parse_args_with(args, std::env::var("PPSERVER_SECRET").ok())
+}
+
+/// [`parse_args`] with the environment's secret passed in, for tests.
+pub fn parse_args_with<I>(args: I, env_secret: Option<String>) -> Result<Command, ConfigError>
 where
     I: IntoIterator,
     I::Item: Into<OsString>,
@@ -163,73 +360,86 @@ where
     let mut cfg = Config::default();
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next()? {
-        match arg {
+        let setting = match arg {
             Short('h') | Long("help") => return Ok(Command::Help),
-            Short('d') => cfg.debug = true,
-            Short('r') => cfg.restart = true,
-            Short('n') => {
-                let proto: i32 = number("-n", parser.value()?)?;
-                if !(-1..=5).contains(&proto) {
-                    return Err(ConfigError(format!(
-                        "invalid value {proto} for -n: pickle protocols are 0 to 5 (or -1 for the highest)"
-                    )));
-                }
-                cfg.proto = proto;
+            Short('d') => {
+                cfg.debug = true;
+                continue;
             }
-            Short('i') => cfg.interface = text("-i", parser.value()?)?,
-            Short('p') => cfg.port = number("-p", parser.value()?)?,
-            Short('w') => {
-                cfg.workers = number("-w", parser.value()?)?;
-                if cfg.workers == 0 {
-                    return Err(ConfigError(
-                        "invalid value 0 for -w: at least one worker is needed".into(),
-                    ));
-                }
+            Short('r') => {
+                cfg.restart = true;
+                continue;
             }
-            Short('s') => {
-                cfg.secret = text("-s", parser.value()?)?;
+            Short('a') => {
+                cfg.autodiscovery = true;
+                continue;
+            }
+            Short('c') => {
+                let path = PathBuf::from(parser.value()?);
+                apply_file(&mut cfg, &path)?;
+                continue;
+            }
+            Short('f') => {
+                let fmt = text("-f", parser.value()?)?;
+                cfg.log_format = LogFormat::parse(&fmt)
+                    .map_err(|e| ConfigError(format!("invalid value for -f: {e}")))?;
+                continue;
+            }
+            Long("secret-file") => {
+                cfg.secret = secret_from_file(Path::new(&parser.value()?))?;
                 cfg.secret_is_default = false;
+                continue;
             }
-            Short('k') => {
-                let secs: u64 = number("-k", parser.value()?)?;
-                if secs == 0 {
-                    return Err(ConfigError(
-                        "invalid value 0 for -k: must be at least 1".into(),
+            Long("python") => {
+                cfg.python = PathBuf::from(parser.value()?);
+                continue;
+            }
+            Long("worker-module") => {
+                let m = text("--worker-module", parser.value()?)?;
+                if m.is_empty()
+                    || !m.split('.').all(|p| {
+                        !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_')
+                    })
+                {
+                    return Err(invalid(
+                        "--worker-module",
+                        &m,
+                        "expected a Python module name such as ppft or pp._worker",
                     ));
                 }
-                cfg.socket_timeout = Duration::from_secs(secs);
+                cfg.worker_module = Some(m);
+                continue;
             }
-            Long("python") => cfg.python = PathBuf::from(parser.value()?),
             Long("pp-version") => {
                 let v = text("--pp-version", parser.value()?)?;
                 if v.is_empty() || !v.is_ascii() {
-                    return Err(ConfigError(
-                        "invalid value for --pp-version: must be non-empty ASCII".into(),
-                    ));
+                    return Err(invalid("--pp-version", &v, "must be non-empty ASCII"));
                 }
                 cfg.pp_version = Some(v);
+                continue;
             }
             Long("max-frame-size") => {
-                cfg.max_frame_size = number("--max-frame-size", parser.value()?)?;
+                let v = text("--max-frame-size", parser.value()?)?;
+                cfg.max_frame_size = number("--max-frame-size", &v)?;
                 if cfg.max_frame_size < 1024 {
-                    return Err(ConfigError(
-                        "invalid value for --max-frame-size: must be at least 1024".into(),
-                    ));
+                    return Err(invalid("--max-frame-size", &v, "must be at least 1024"));
                 }
+                continue;
             }
             Long("max-connections") => {
-                cfg.max_connections = number("--max-connections", parser.value()?)?;
-                if cfg.max_connections == 0 {
-                    return Err(ConfigError(
-                        "invalid value 0 for --max-connections: must be at least 1".into(),
-                    ));
-                }
+                let v = text("--max-connections", parser.value()?)?;
+                cfg.max_connections = at_least_one("--max-connections", &v)?;
+                continue;
             }
-            Short(c @ ('a' | 'b' | 'c' | 'f' | 't' | 'P')) => {
-                return Err(ConfigError(format!(
-                    "-{c} is a ppft flag this ppserver does not support yet"
-                )));
-            }
+            Short('s') => ("-s", Setting::Secret),
+            Short('n') => ("-n", Setting::Proto),
+            Short('i') => ("-i", Setting::Interface),
+            Short('b') => ("-b", Setting::Broadcast),
+            Short('p') => ("-p", Setting::Port),
+            Short('w') => ("-w", Setting::Workers),
+            Short('t') => ("-t", Setting::IdleExit),
+            Short('k') => ("-k", Setting::SocketTimeout),
+            Short('P') => ("-P", Setting::PidFile),
             Value(v) => {
                 return Err(ConfigError(format!(
                     "unexpected argument {:?}",
@@ -237,6 +447,15 @@ where
                 )))
             }
             _ => return Err(arg.unexpected().into()),
+        };
+        let (flag, setting) = setting;
+        let value = text(flag, parser.value()?)?;
+        apply(&mut cfg, setting, flag, &value)?;
+    }
+    if cfg.secret_is_default {
+        if let Some(secret) = env_secret.filter(|s| !s.is_empty()) {
+            cfg.secret = secret;
+            cfg.secret_is_default = false;
         }
     }
     Ok(Command::Run(Box::new(cfg)))
@@ -247,14 +466,14 @@ mod tests {
     use super::*;
 
     fn run(args: &[&str]) -> Config {
-        match parse_args(args.iter().copied()) {
+        match parse_args_with(args.iter().copied(), None) {
             Ok(Command::Run(c)) => *c,
             other => panic!("{args:?}: {other:?}"),
         }
     }
 
     fn err(args: &[&str]) -> String {
-        match parse_args(args.iter().copied()) {
+        match parse_args_with(args.iter().copied(), None) {
             Err(e) => e.0,
             other => panic!("{args:?} should fail: {other:?}"),
         }
@@ -313,8 +532,8 @@ mod tests {
 
     #[test]
     fn help() {
-        assert_eq!(parse_args(["-h"]), Ok(Command::Help));
-        assert_eq!(parse_args(["--help"]), Ok(Command::Help));
+        assert_eq!(parse_args_with(["-h"], None), Ok(Command::Help));
+        assert_eq!(parse_args_with(["--help"], None), Ok(Command::Help));
     }
 
     #[test]
@@ -330,5 +549,89 @@ mod tests {
         assert!(err(&["--bogus"]).contains("--bogus"));
         assert!(err(&["stray"]).contains("stray"));
         assert!(err(&["--max-frame-size", "10"]).contains("--max-frame-size"));
+        assert!(err(&["-t", "0"]).contains("-t"));
+        assert!(err(&["-b", "nowhere"]).contains("-b"));
+        assert!(err(&["-f", "%(bogus)s"]).contains("-f"));
+        assert!(err(&["--worker-module", "a b"]).contains("--worker-module"));
+        assert!(err(&["-c", "/nonexistent/ppserver.conf"]).contains("-c"));
+        assert!(err(&["--secret-file", "/nonexistent/secret"]).contains("--secret-file"));
+    }
+
+    fn temp_file(name: &str, content: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ppserver-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    #[test]
+    fn ppft_flags() {
+        let c = run(&[
+            "-a",
+            "-b",
+            "192.0.2.255",
+            "-t",
+            "30",
+            "-P",
+            "/run/pp.pid",
+            "-f",
+            "%(message)s",
+        ]);
+        assert!(c.autodiscovery);
+        assert_eq!(c.broadcast, Ipv4Addr::new(192, 0, 2, 255));
+        assert_eq!(c.idle_exit, Some(Duration::from_secs(30)));
+        assert_eq!(c.pid_file, Some(PathBuf::from("/run/pp.pid")));
+    }
+
+    #[test]
+    fn config_file_then_later_flags_override_it() {
+        let path = temp_file(
+            "a.conf",
+            "[general]\nsecret = filesecret\nworkers = 3\ndebug = true\nrestart = yes\nproto = 4\npid_file = /tmp/x.pid\n\
+             [network]\nautodiscovery = on\ninterface = 127.0.0.1\nbroadcast = 192.0.2.255\nport = 61001\ntimeout = 9\nsocket_timeout = 8\nextra = 1\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = run(&["-w", "7", "-c", p, "-p", "62000"]);
+        assert_eq!(c.secret, "filesecret");
+        assert_eq!(c.workers, 3, "file overrides flags before -c");
+        assert_eq!(c.port, 62000, "flags after -c override the file");
+        assert!(c.debug && c.restart && c.autodiscovery);
+        assert_eq!(c.proto, 4);
+        assert_eq!(c.interface, "127.0.0.1");
+        assert_eq!(c.idle_exit, Some(Duration::from_secs(9)));
+        assert_eq!(c.socket_timeout, Duration::from_secs(8));
+        assert_eq!(c.pid_file, Some(PathBuf::from("/tmp/x.pid")));
+        assert_eq!(c.notes.len(), 1, "unknown key noted: {:?}", c.notes);
+    }
+
+    #[test]
+    fn config_file_bad_value_names_key_and_line() {
+        let path = temp_file("b.conf", "[general]\nworkers = many\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(
+            e.contains("[general] workers") && e.contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secret_sources() {
+        let path = temp_file("secret", "s3cret\nignored\n");
+        let p = path.to_str().unwrap();
+        let c = run(&["--secret-file", p]);
+        assert_eq!(c.secret, "s3cret");
+        assert!(!c.secret_is_default);
+        let from_env =
+            |args: &[&str]| match parse_args_with(args.iter().copied(), Some("envsecret".into())) {
+                Ok(Command::Run(c)) => c.secret,
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(from_env(&[]), "envsecret");
+        assert_eq!(
+            from_env(&["-s", "flag"]),
+            "flag",
+            "a flag beats the environment"
+        );
     }
 }

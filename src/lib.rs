@@ -8,12 +8,17 @@
 //! - [`cache`]: the `N`/`H` function-package cache layer;
 //! - [`scheduler`]: jobs from every connection -> free workers;
 //! - [`pool`]: worker processes: spawn, handshake, run jobs, replace the dead;
-//! - [`stats`]: job counts and times; [`pickle`]: the failure result we write.
+//! - [`stats`]: job counts and times; [`pickle`]: the failure result we write;
+//! - [`discovery`]: UDP autodiscovery (`-a`);
+//! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
 
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod discovery;
 mod hex;
+pub mod inifile;
+pub mod logfmt;
 pub mod pickle;
 pub mod pool;
 pub mod scheduler;

@@ -6,9 +6,11 @@
 //! so workers must be forked by a thread that lives as long as the server.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ppserver::config::{self, Command};
+use ppserver::logfmt::LogFormat;
 
 fn main() -> ExitCode {
     let cfg = match config::parse_args(std::env::args_os().skip(1)) {
@@ -22,7 +24,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cfg.debug);
+    init_logging(cfg.debug, cfg.log_format.clone());
+    for note in &cfg.notes {
+        log::warn!("{note}");
+    }
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -42,15 +47,24 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let _pid_file = match &cfg.pid_file {
+            Some(path) => match PidFile::create(path) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    log::error!("cannot write the pid file {} (-P): {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         server.run(stop_signal()).await;
         ExitCode::SUCCESS
     })
 }
 
-/// Log lines in the shape of ppft's default format
-/// (`asctime - name - levelname - message`). Info is on by default so the
-/// startup line is seen; `-d` adds debug.
-fn init_logging(debug: bool) {
+/// Log lines to stderr in a Python logging format (`-f`, default ppft's).
+/// Info is on by default so the startup line is seen; `-d` adds debug.
+fn init_logging(debug: bool, format: LogFormat) {
     let level = if debug {
         log::LevelFilter::Debug
     } else {
@@ -58,16 +72,36 @@ fn init_logging(debug: bool) {
     };
     env_logger::Builder::new()
         .filter_level(level)
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "{} - pp - {} - {}",
-                buf.timestamp_millis(),
+        .format(move |buf, record| {
+            let mut line = String::with_capacity(128);
+            format.render(
+                &mut line,
                 record.level(),
-                record.args()
-            )
+                record.args(),
+                std::time::SystemTime::now(),
+            );
+            writeln!(buf, "{line}")
         })
         .init();
+}
+
+/// The `-P` pid file: written once the server is up, removed when it stops
+/// (this guard's drop), as ppft does.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn create(path: &Path) -> std::io::Result<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            log::warn!("cannot remove the pid file {}: {e}", self.0.display());
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -89,47 +89,67 @@ pub fn worker_pythonpath(inherited: Option<&OsStr>, cwd: &Path) -> OsString {
     std::env::join_paths(parts).unwrap_or_else(|_| cwd.as_os_str().to_owned())
 }
 
-/// Asks the interpreter for the worker package's `__version__`, which is
-/// also the check that it can import the package at all.
-pub async fn probe_version(
+/// Worker modules tried, in order, when none is chosen: ppft's worker, then
+/// pp 1.7's. (ppft also installs a `pp` shim, but it has no `_worker`.)
+pub const WORKER_MODULES: &[&str] = &["ppft", "pp._worker"];
+
+/// Finds which of `candidates` the interpreter can run as a worker, and the
+/// `__version__` of its package (what clients compare against). This is
+/// also the startup check that the worker package is installed at all.
+pub async fn probe_worker(
     python: &Path,
-    module: &str,
+    candidates: &[&str],
     pythonpath: &OsStr,
-) -> Result<String, String> {
-    let package = module.split('.').next().unwrap_or(module);
-    let script = "import importlib, sys\n\
-                  m = importlib.import_module(sys.argv[1])\n\
-                  sys.stdout.write(str(m.__version__))";
+) -> Result<(String, String), String> {
+    let script = "import importlib, importlib.util, sys\n\
+                  for mod in sys.argv[1:]:\n\
+                  \x20   try:\n\
+                  \x20       if importlib.util.find_spec(mod) is None: continue\n\
+                  \x20   except ImportError: continue\n\
+                  \x20   pkg = importlib.import_module(mod.split('.')[0])\n\
+                  \x20   sys.stdout.write(mod + ' ' + str(pkg.__version__))\n\
+                  \x20   break\n";
     let run = Command::new(python)
-        .args(["-c", script, package])
+        .arg("-c")
+        .arg(script)
+        .args(candidates)
         .env("PYTHONPATH", pythonpath)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
+    let shown = python.display();
     let out = match tokio::time::timeout(STARTUP_TIMEOUT, run).await {
-        Err(_) => {
+        Err(_) => return Err(format!("{shown} did not answer within {STARTUP_TIMEOUT:?}")),
+        Ok(Err(e)) => {
             return Err(format!(
-                "{} did not answer within {STARTUP_TIMEOUT:?}",
-                python.display()
+                "cannot run the worker interpreter {shown} (--python): {e}"
             ))
         }
-        Ok(Err(e)) => return Err(format!("cannot run {}: {e}", python.display())),
         Ok(Ok(out)) => out,
     };
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || version.is_empty() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().last().unwrap_or("").trim();
-        return Err(format!(
-            "{} cannot import {package} ({last}); install it with: {} -m pip install ppft==1.7.8 dill",
-            python.display(),
-            python.display()
-        ));
+    let answer = String::from_utf8_lossy(&out.stdout);
+    match answer.trim().split_once(' ') {
+        Some((module, version)) if out.status.success() && !version.is_empty() => {
+            if !version.is_ascii() {
+                return Err(format!("{module}'s __version__ is not ASCII: {version:?}"));
+            }
+            Ok((module.to_string(), version.to_string()))
+        }
+        _ => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().last().unwrap_or("").trim();
+            Err(format!(
+                "the worker interpreter {shown} cannot import {}{}; install ppft with: \
+                 {shown} -m pip install ppft==1.7.8 dill  (or choose another with --python)",
+                candidates.join(" or "),
+                if last.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({last})")
+                },
+            ))
+        }
     }
-    if !version.is_ascii() {
-        return Err(format!("{package}.__version__ is not ASCII: {version:?}"));
-    }
-    Ok(version)
 }
 
 /// How a job ended on a worker.
@@ -416,6 +436,7 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
         };
         cache = back;
         let started = Instant::now();
+        let _running = ctx.stats.running();
         let outcome = tokio::select! {
             o = worker.run(&mut cache, &job) => o,
             _ = ctx.shutdown.wait_for(|&s| s) => return Ended::Shutdown,

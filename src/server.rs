@@ -1,20 +1,23 @@
 //! Startup, the accept loop and shutdown.
 //!
 //! [`start`] checks the worker interpreter, binds the listener and starts
-//! the worker pool; [`Server::run`] accepts clients until the shutdown
-//! future completes, then stops every worker and reaps it before returning.
+//! the worker pool (and discovery with `-a`); [`Server::run`] accepts
+//! clients until the shutdown future completes or, with `-t`, until no
+//! client has been connected for that long; then it stops every worker and
+//! reaps it before returning. SIGUSR1 prints the job statistics table.
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::discovery::Discovery;
 use crate::pool::{self, PoolContext, WorkerSpec};
 use crate::scheduler::Scheduler;
 use crate::session::{self, SessionContext};
@@ -60,13 +63,23 @@ pub struct Server {
     stop: watch::Sender<bool>,
     /// Caps simultaneous client connections.
     connections: Arc<Semaphore>,
+    /// `-t`: exit after this long without clients.
+    idle_exit: Option<Duration>,
+    /// Worker count, for the statistics table.
+    workers_count: usize,
+    /// The autodiscovery service, if `-a`.
+    discovery: Option<Discovery>,
 }
 
 /// Checks the interpreter, binds, and starts the workers.
 pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
     let pythonpath = pool::worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
-    let found = pool::probe_version(&cfg.python, &cfg.worker_module, &pythonpath)
+    let candidates: Vec<&str> = match &cfg.worker_module {
+        Some(m) => vec![m.as_str()],
+        None => pool::WORKER_MODULES.to_vec(),
+    };
+    let (module, found) = pool::probe_worker(&cfg.python, &candidates, &pythonpath)
         .await
         .map_err(StartError::Python)?;
     let version = cfg.pp_version.clone().unwrap_or(found.clone());
@@ -75,13 +88,29 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let local = listener
         .local_addr()
         .map_err(|e| StartError::Bind(format!("cannot read the listening address: {e}")))?;
+    let discovery = if cfg.autodiscovery {
+        let IpAddr::V4(ip) = local.ip() else {
+            return Err(StartError::Bind(
+                "autodiscovery (-a) works over IPv4 broadcast; give -i an IPv4 address".into(),
+            ));
+        };
+        let d = Discovery::bind(ip, local.port(), cfg.broadcast).map_err(|e| {
+            StartError::Bind(format!(
+                "cannot bind the autodiscovery UDP port {}: {e}",
+                local.port()
+            ))
+        })?;
+        Some(d)
+    } else {
+        None
+    };
 
     let scheduler = Arc::new(Scheduler::default());
     let stats = Arc::new(Stats::default());
     let (stop, stopped) = watch::channel(false);
     let spec = Arc::new(WorkerSpec {
         python: cfg.python.clone(),
-        module: cfg.worker_module.clone(),
+        module: module.clone(),
         proto: cfg.proto,
         pythonpath,
         max_frame: cfg.max_frame_size,
@@ -105,12 +134,16 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         );
     }
     log::info!(
-        "ppserver listening on {local} with {} workers ({} -u -m {}), advertising pp version {version}{}",
+        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}",
         cfg.workers,
         cfg.python.display(),
-        cfg.worker_module,
         if cfg.pp_version.is_some() {
             format!(" (--pp-version; the worker package is {found})")
+        } else {
+            String::new()
+        },
+        if cfg.autodiscovery {
+            format!(", autodiscovery on (broadcast {})", cfg.broadcast)
         } else {
             String::new()
         }
@@ -125,6 +158,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         scheduler,
         stats,
         next_job_id: AtomicU64::new(0),
+        clients: Default::default(),
     });
     Ok(Server {
         listener,
@@ -132,6 +166,9 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         workers,
         stop,
         connections: Arc::new(Semaphore::new(cfg.max_connections)),
+        idle_exit: cfg.idle_exit,
+        workers_count: cfg.workers,
+        discovery,
     })
 }
 
@@ -165,10 +202,22 @@ impl Server {
     /// every worker.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let discovery = self.discovery.take().map(|d| tokio::spawn(d.run()));
+        let idle_exit = idle_exit(self.idle_exit, self.ctx.clone());
+        tokio::pin!(idle_exit);
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .map_err(|e| log::warn!("cannot handle SIGUSR1: {e}"))
+                .ok();
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
                 _ = &mut shutdown => break,
+                _ = &mut idle_exit => break,
+                Some(()) = async { usr1.as_mut()?.recv().await } => {
+                    print_stats(&self.ctx, self.workers_count);
+                    continue;
+                }
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -189,6 +238,9 @@ impl Server {
             }
         }
         log::info!("shutting down: stopping workers");
+        if let Some(d) = discovery {
+            d.abort();
+        }
         drop(self.listener);
         let _ = self.stop.send(true);
         self.ctx.scheduler.close();
@@ -199,5 +251,79 @@ impl Server {
         {
             log::error!("workers did not stop within {STOP_TIMEOUT:?}");
         }
+    }
+}
+
+/// Completes when no client has been connected for `limit` (`-t`); never
+/// without a limit.
+async fn idle_exit(limit: Option<Duration>, ctx: Arc<SessionContext>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let check = limit.min(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(check).await;
+        if ctx.clients.count.load(Ordering::Relaxed) == 0 {
+            let idle = ctx.clients.idle_since();
+            if idle.elapsed() >= limit {
+                log::info!("no client connections for {limit:?} (-t): exiting");
+                return;
+            }
+        }
+    }
+}
+
+/// SIGUSR1: ppft's statistics table on stdout.
+fn print_stats(ctx: &SessionContext, workers: usize) {
+    use std::io::Write;
+    let table = ctx.stats.table(workers);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{table}");
+    let _ = out.flush();
+}
+
+/// Connected clients, for `-t`.
+#[derive(Debug)]
+pub struct Clients {
+    /// Authenticated connections open now.
+    pub count: std::sync::atomic::AtomicUsize,
+    /// When the count last changed (or the server started).
+    changed: std::sync::Mutex<Instant>,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients {
+            count: Default::default(),
+            changed: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Clients {
+    /// Counts a client connected until the guard drops.
+    pub fn connected(&self) -> ClientGuard<'_> {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        ClientGuard(self)
+    }
+
+    fn touch(&self) {
+        *self.changed.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn idle_since(&self) -> Instant {
+        *self.changed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// See [`Clients::connected`].
+#[derive(Debug)]
+pub struct ClientGuard<'a>(&'a Clients);
+
+impl Drop for ClientGuard<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
     }
 }

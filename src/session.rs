@@ -56,6 +56,8 @@ pub struct SessionContext {
     pub stats: Arc<Stats>,
     /// Source of job numbers for log lines.
     pub next_job_id: AtomicU64,
+    /// Authenticated connections, for `-t`.
+    pub clients: crate::server::Clients,
 }
 
 /// Why a session ended early.
@@ -128,6 +130,7 @@ async fn serve(
         .await
         .map_err(|_| SessionError::Timeout("the handshake"))??;
     conn.set_max(ctx.max_frame);
+    let _client = ctx.clients.connected();
     match &kind[..] {
         b"STAT" => stat(conn, peer, ctx).await,
         b"EXEC" => exec(conn, peer, ctx).await,
