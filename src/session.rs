@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -98,15 +99,23 @@ impl From<std::io::Error> for SessionError {
     }
 }
 
-type Conn = FrameReader<QuickAck>;
-
-/// Serves one accepted connection until it ends; logs how it ended.
+/// Serves one accepted TCP connection until it ends.
 pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) {
     // Answers go out as single writes; Nagle would only delay them.
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(&stream).set_tcp_quickack(true);
-    let mut conn = FrameReader::new(QuickAck(stream), PREAUTH_MAX_FRAME);
-    match serve(&mut conn, peer, &ctx).await {
+    serve_stream(QuickAck(stream), peer, &ctx).await;
+}
+
+/// Serves a connection over any byte stream (TCP in the server, in-memory
+/// pipes in tests); logs how it ended.
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: &SessionContext,
+) {
+    let mut conn = FrameReader::new(stream, PREAUTH_MAX_FRAME);
+    match serve(&mut conn, peer, ctx).await {
         Ok(()) => log::debug!("{peer}: connection closed"),
         Err(SessionError::AuthFailed) => {
             log::warn!("{peer}: authentication failed, connection closed")
@@ -121,8 +130,8 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) 
     }
 }
 
-async fn serve(
-    conn: &mut Conn,
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut FrameReader<S>,
     peer: SocketAddr,
     ctx: &SessionContext,
 ) -> Result<(), SessionError> {
@@ -141,7 +150,10 @@ async fn serve(
 }
 
 /// Version, nonce, answer check, `OK`; returns the connection type.
-async fn handshake(conn: &mut Conn, ctx: &SessionContext) -> Result<Bytes, SessionError> {
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut FrameReader<S>,
+    ctx: &SessionContext,
+) -> Result<Bytes, SessionError> {
     write_frame(conn.get_mut(), ctx.version.as_bytes()).await?;
     let nonce = auth::nonce().map_err(SessionError::Random)?;
     write_frame(conn.get_mut(), &nonce).await?;
@@ -162,8 +174,8 @@ async fn handshake(conn: &mut Conn, ctx: &SessionContext) -> Result<Bytes, Sessi
 }
 
 /// Reads the client's next frame within the socket timeout.
-async fn next_frame(
-    conn: &mut Conn,
+async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut FrameReader<S>,
     ctx: &SessionContext,
     what: &'static str,
 ) -> Result<Option<Bytes>, SessionError> {
@@ -173,7 +185,11 @@ async fn next_frame(
     }
 }
 
-async fn stat(conn: &mut Conn, peer: SocketAddr, ctx: &SessionContext) -> Result<(), SessionError> {
+async fn stat<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut FrameReader<S>,
+    peer: SocketAddr,
+    ctx: &SessionContext,
+) -> Result<(), SessionError> {
     log::debug!("{peer}: STAT connection");
     // ppft's server zeroes its job time when a STAT connection opens, so a
     // client sees the time spent since it connected. Keeping a baseline per
@@ -188,7 +204,11 @@ async fn stat(conn: &mut Conn, peer: SocketAddr, ctx: &SessionContext) -> Result
     Ok(())
 }
 
-async fn exec(conn: &mut Conn, peer: SocketAddr, ctx: &SessionContext) -> Result<(), SessionError> {
+async fn exec<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut FrameReader<S>,
+    peer: SocketAddr,
+    ctx: &SessionContext,
+) -> Result<(), SessionError> {
     log::debug!("{peer}: EXEC connection");
     let mut cache = ConnCache::new(CONN_CACHE_BUDGET);
     loop {
