@@ -13,6 +13,7 @@ use ppserver::config::{self, Command};
 use ppserver::logfmt::LogFormat;
 
 fn main() -> ExitCode {
+    fixed_mmap_threshold();
     let cfg = match config::parse_args(std::env::args_os().skip(1)) {
         Ok(Command::Run(cfg)) => cfg,
         Ok(Command::Help) => {
@@ -101,6 +102,19 @@ impl Drop for PidFile {
         if let Err(e) = std::fs::remove_file(&self.0) {
             log::warn!("cannot remove the pid file {}: {e}", self.0.display());
         }
+    }
+}
+
+/// Large job frames (megabytes) are allocated and freed all the time. glibc
+/// raises its mmap threshold each time such a block is freed, so later ones
+/// come from the heap and their memory stays with the process after the
+/// job; fixing the threshold keeps every large frame in its own mapping,
+/// returned to the system when the frame is dropped.
+fn fixed_mmap_threshold() {
+    // SAFETY: mallopt only changes allocator tuning; called before any
+    // other thread exists.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
 

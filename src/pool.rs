@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use crate::cache::WorkerCache;
 use crate::scheduler::{Job, Scheduler};
 use crate::stats::Stats;
-use crate::wire::{write_frame, FrameReader};
+use crate::wire::{write_frame, write_frames, FrameReader};
 
 /// How long a new worker may take to announce its pid (importing ppft and
 /// dill on a loaded machine can take seconds).
@@ -240,15 +240,16 @@ impl Worker {
     /// Runs one job.
     async fn run(&mut self, cache: &mut WorkerCache, job: &Job) -> Outcome {
         let package_frame = cache.frame_for(&job.package);
-        if write_frame(&mut self.stdin, package_frame).await.is_err() {
-            // The pipe was closed before this job reached the worker.
-            return Outcome::NotStarted;
+        let sent = write_frames(&mut self.stdin, &[package_frame, &job.args]).await;
+        if let Err(e) = &sent {
+            if e.written == 0 {
+                // The pipe was closed before this job reached the worker.
+                return Outcome::NotStarted;
+            }
+            // The worker may still have answered: ppft's worker answers a
+            // package it cannot load and exits before reading the args.
         }
         cache.insert(job.package.hash);
-        // If this write fails, the worker may still have answered (ppft's
-        // worker answers a package it cannot load, then exits before
-        // reading the args), so read on either way.
-        let _ = write_frame(&mut self.stdin, &job.args).await;
         match self.stdout.read_frame().await {
             Ok(Some(result)) => {
                 self.exiting = result.len() <= FATAL_SCAN_LIMIT
