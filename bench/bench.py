@@ -1,0 +1,867 @@
+"""Benchmark of ppserver (Rust) against the Python pp/ppft network servers.
+
+Run through scripts/bench, which creates the venvs and builds the release
+binary first; this file runs with bench/.venv-ppft's python. It starts each
+server under test, drives it with real, unmodified clients (bench/client.py
+run in the matching venv), and writes bench/results.md and bench/chart.png.
+
+Configurations (2 workers everywhere):
+  ours-ppft   ppft 1.7.8 client -> target/release/ppserver, ppft workers
+  ppft-py     ppft 1.7.8 client -> python -m ppft.server
+  local       ppft 1.7.8 client alone, pp.Server(ncpus=2): no server at all
+  pp170-py    pp 1.7.0 client   -> python -m pp.cli (pp 1.7.0's ppserver)
+  ours-pp170  pp 1.7.0 client   -> target/release/ppserver, pp._worker workers
+
+Everything that can block has a deadline, every process started here is
+started in its own process group and killed on the way out (normal end,
+exception, Ctrl-C, SIGTERM or the global alarm), so a run cannot hang or
+leave servers and workers behind.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+CLIENT = BENCH / "client.py"
+BINARY = REPO / "target" / "release" / "ppserver"
+PY_PPFT = BENCH / ".venv-ppft" / "bin" / "python"
+PY_PP = BENCH / ".venv-pp" / "bin" / "python"
+
+HOST = "127.0.0.1"
+SECRET = "bench;secret 0f ppserver"  # punctuation and a space, like pp's default
+WORKERS = 2
+
+# Job counts. "Slow" means the calibration run (100 jobs) did fewer than
+# SLOW_BELOW jobs/s: the Python ppservers (~45 and ~90 jobs/s here), whose
+# 2000-job run would eat most of the time budget.
+TINY_FAST, TINY_SLOW, SLOW_BELOW = 2000, 200, 250
+TINY_REPS_FAST, TINY_REPS_SLOW = 3, 1  # median of 3 where it is cheap
+WARMUP_JOBS = 30
+BULK_JOBS, BULK_MB, BULK_REPS = 16, 16, 3  # median of 3: it is noisy here
+SCALE_CLIENTS = (1, 4, 16)
+SCALE_N_FAST, SCALE_N_SLOW = 1000, 50  # tiny jobs per client
+
+# Deadlines (seconds). The whole run takes ~1.5 minutes on 2 cores; the
+# global alarm is the last resort if something misbehaves anyway.
+GLOBAL_DEADLINE = 10 * 60
+SERVER_START_TIMEOUT = 30
+STOP_GRACE = 5
+CLIENT_TIMEOUT = 120  # one client: warm-up, tiny runs and bulk
+SCALE_READY_TIMEOUT = 60  # all N clients connected and warmed up
+SCALE_RUN_TIMEOUT = 60
+SETTLE = 1.0  # let a server go idle before reading its RSS
+
+
+class BenchError(Exception):
+    """A measurement could not be made; the message says why."""
+
+
+# ---------------------------------------------------------------- processes
+
+# Every process group started here, so that cleanup can kill what is left.
+_LIVE = {}
+
+
+def spawn(argv, log_path, **kw):
+    """Start argv in a new session (so it and all its children form one
+    process group we can kill as a unit) and remember it for cleanup."""
+    logf = open(log_path, "ab")
+    logf.write(("$ %s\n" % " ".join(map(str, argv))).encode())
+    logf.flush()
+    if kw.get("stdout") == "log":  # stdout and stderr into the same log
+        kw["stdout"] = logf
+    proc = subprocess.Popen([str(a) for a in argv], stderr=logf, start_new_session=True,
+                            **kw)
+    proc._bench_log = logf
+    _LIVE[proc.pid] = proc
+    return proc
+
+
+def kill_group(proc, sig=signal.SIGKILL):
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def reap(proc, timeout):
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def finish(proc):
+    """Kill whatever is left of proc's process group and forget it."""
+    kill_group(proc)
+    reap(proc, 5)
+    for f in (proc.stdin, proc.stdout, proc._bench_log):
+        if f:
+            try:
+                f.close()
+            except OSError:
+                pass
+    _LIVE.pop(proc.pid, None)
+
+
+def cleanup_all():
+    for proc in list(_LIVE.values()):
+        kill_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    for proc in list(_LIVE.values()):
+        reap(proc, max(0.1, deadline - time.monotonic()))
+        finish(proc)
+
+
+def proc_stat(pid):
+    """(ppid, starttime) of pid, or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def descendants(root):
+    """{pid: starttime} of every live descendant of root (the workers a
+    server forked), read from /proc. starttime guards against pid reuse."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = proc_stat(int(entry))
+            if st:
+                children.setdefault(st[0], []).append((int(entry), st[1]))
+    found, todo = {}, [root]
+    while todo:
+        for pid, start in children.get(todo.pop(), []):
+            found[pid] = start
+            todo.append(pid)
+    return found
+
+
+def proc_status(pid, key):
+    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM), or None."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ servers
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    leftovers: list = field(default_factory=list)
+
+    @property
+    def address(self):
+        return "%s:%d" % (HOST, self.port)
+
+    def log_tail(self, lines=15):
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self):
+        """SIGTERM the server alone first (a clean shutdown is part of what
+        a drop-in server must do), then SIGKILL its group and any worker that
+        escaped it. Records workers that outlived the grace period."""
+        workers = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        reap(self.proc, STOP_GRACE)
+        # Give workers the same grace to notice their pipes closed.
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and any(
+                (proc_stat(p) or (0, None))[1] == s for p, s in workers.items()):
+            time.sleep(0.1)
+        if self.proc.poll() is None:
+            self.leftovers.append("server pid %d ignored SIGTERM" % self.proc.pid)
+        for pid, start in workers.items():
+            st = proc_stat(pid)
+            if st and st[1] == start:
+                self.leftovers.append("worker pid %d outlived the server" % pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        finish(self.proc)
+
+
+def start_server(name, argv, logdir, cwd):
+    port = free_port()
+    log_path = logdir / ("server-%s.log" % name)
+    argv = [a if a != "{port}" else str(port) for a in argv]
+    env = dict(os.environ)
+    # Job functions are shipped as source; nothing must leak in from the
+    # caller's environment. ppft's server prepends its cwd to the workers'
+    # PYTHONPATH itself; ours inherits it.
+    env.pop("PYTHONPATH", None)
+    proc = spawn(argv, log_path, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout="log")
+    server = Server(name, proc, port, log_path)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            server.stop()
+            raise BenchError("%s exited with code %s at startup:\n%s"
+                             % (name, proc.returncode, server.log_tail()))
+        try:
+            with socket.create_connection((HOST, port), timeout=1.0):
+                return server
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise BenchError("%s did not accept connections within %ds:\n%s"
+                             % (name, SERVER_START_TIMEOUT, server.log_tail()))
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ clients
+
+MARKER = "BENCH-JSON "
+
+
+class Client:
+    """One bench/client.py process; reads its BENCH-JSON lines."""
+
+    def __init__(self, python, cfg, log_path, cwd):
+        self.log_path = log_path
+        self.proc = spawn([python, "-u", CLIENT, json.dumps(cfg)], log_path, cwd=cwd,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.buf = b""
+        self.messages = []
+        self.eof = False
+
+    def pump(self):
+        """Read what is available; parse complete lines."""
+        try:
+            data = self.proc.stdout.read()
+        except BlockingIOError:
+            data = None
+        if data == b"":
+            self.eof = True
+        elif data:
+            self.buf += data
+            *lines, self.buf = self.buf.split(b"\n")
+            for line in lines:
+                line = line.decode(errors="replace")
+                if line.startswith(MARKER):
+                    self.messages.append(json.loads(line[len(MARKER):]))
+                else:
+                    # Anything else the client prints (pp warnings) goes to
+                    # its log for diagnosis.
+                    self.proc._bench_log.write((line + "\n").encode())
+
+    def has(self, kind):
+        return next((m for m in self.messages if m["kind"] == kind), None)
+
+    def go(self):
+        self.proc.stdin.write(b"GO\n")
+        self.proc.stdin.flush()
+
+    def close(self):
+        # The client exits by itself after printing its result; give it a
+        # moment, then kill its group (which includes local workers).
+        reap(self.proc, 10)
+        finish(self.proc)
+
+    def log_tail(self, lines=15):
+        self.proc._bench_log.flush()
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_all(clients, kind, timeout):
+    """Wait until every client has printed a `kind` message. Raises
+    BenchError with the log of the first client that died or was too slow."""
+    sel = selectors.DefaultSelector()
+    for c in clients:
+        sel.register(c.proc.stdout, selectors.EVENT_READ, c)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            pending = [c for c in clients if not c.has(kind)]
+            if not pending:
+                return [c.has(kind) for c in clients]
+            dead = [c for c in pending if c.eof]
+            if dead:
+                c = dead[0]
+                reap(c.proc, 2)
+                raise BenchError("client exited (code %s) before '%s':\n%s"
+                                 % (c.proc.returncode, kind, c.log_tail()))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError("%d of %d clients gave no '%s' within %ds:\n%s"
+                                 % (len(pending), len(clients), kind, timeout,
+                                    pending[0].log_tail()))
+            for key, _ in sel.select(timeout=min(left, 1.0)):
+                key.data.pump()
+    finally:
+        sel.close()
+
+
+def client_cfg(server, ncpus, **kw):
+    cfg = {"server": server.address if server else None, "secret": SECRET,
+           "ncpus": ncpus, "server_pid": server.proc.pid if server else None,
+           "warmup": WARMUP_JOBS, "barrier": False, "phases": []}
+    cfg.update(kw)
+    return cfg
+
+
+def run_single(python, server, ncpus, logdir, cwd, name):
+    """Tiny jobs (count chosen by calibration) then bulk, in one client."""
+    cfg = client_cfg(server, ncpus, phases=[
+        {"name": "tiny_auto", "n_fast": TINY_FAST, "n_slow": TINY_SLOW,
+         "slow_below": SLOW_BELOW, "reps": TINY_REPS_FAST, "reps_slow": TINY_REPS_SLOW},
+        {"name": "bulk", "jobs": BULK_JOBS, "mb": BULK_MB, "reps": BULK_REPS},
+    ])
+    client = Client(python, cfg, logdir / ("client-%s.log" % name), cwd)
+    try:
+        return wait_all([client], "result", CLIENT_TIMEOUT)[0]
+    finally:
+        client.close()
+
+
+def run_scale(python, server, ncpus, nclients, per_client, logdir, cwd, name):
+    """nclients client processes, each with its own pp.Server, released
+    together at a barrier once all are connected and warmed up."""
+    cfg = client_cfg(server, ncpus, barrier=True,
+                     phases=[{"name": "tiny", "n": per_client, "reps": 1}])
+    clients = []
+    try:
+        for i in range(nclients):
+            clients.append(Client(python, cfg, logdir / ("scale-%s-%d-%d.log"
+                                                         % (name, nclients, i)), cwd))
+        wait_all(clients, "ready", SCALE_READY_TIMEOUT)
+        for c in clients:
+            c.go()
+        results = wait_all(clients, "result", SCALE_RUN_TIMEOUT)
+    finally:
+        for c in clients:
+            c.close()
+    runs = [r["tiny"][0] for r in results]
+    total = sum(r["n"] for r in runs)
+    # Wall time from the first client's start to the last one's end
+    # (CLOCK_MONOTONIC is system-wide, so the clients' clocks agree).
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    return {"clients": nclients, "jobs": total, "seconds": wall,
+            "jobs_per_s": total / wall,
+            "lost": sum(r["wrong"] for r in runs)}
+
+
+# --------------------------------------------------------------- the bench
+
+@dataclass
+class Config:
+    key: str
+    label: str
+    client_python: Path
+    server_argv: list = None  # None: no server (local workers)
+
+    @property
+    def ncpus(self):
+        return 0 if self.server_argv else WORKERS
+
+
+def configs():
+    common = ["-i", HOST, "-p", "{port}", "-s", SECRET, "-w", str(WORKERS)]
+    return [
+        Config("ours-ppft", "ppserver (Rust), ppft 1.7.8 client", PY_PPFT,
+               [BINARY] + common + ["--python", PY_PPFT, "--worker-module", "ppft"]),
+        Config("ppft-py", "ppft 1.7.8 Python ppserver", PY_PPFT,
+               [PY_PPFT, "-m", "ppft.server"] + common),
+        Config("local", "no server: ppft 1.7.8 ncpus=2", PY_PPFT, None),
+        Config("pp170-py", "pp 1.7.0 Python ppserver", PY_PP,
+               [PY_PP, "-m", "pp.cli"] + common),
+        Config("ours-pp170", "ppserver (Rust), pp 1.7.0 client", PY_PP,
+               [BINARY] + common + ["--python", PY_PP, "--worker-module", "pp._worker"]),
+    ]
+
+
+def measure(cfg, logdir, workdir):
+    """All figures for one configuration; errors are recorded, not raised,
+    so that one broken configuration does not cost the others."""
+    res = {"key": cfg.key, "label": cfg.label, "errors": []}
+    server = None
+    started = time.monotonic()
+    try:
+        if cfg.server_argv:
+            server = start_server(cfg.key, cfg.server_argv, logdir, workdir)
+            time.sleep(SETTLE)
+            res["rss_idle_kib"] = proc_status(server.proc.pid, "VmRSS")
+        single = run_single(cfg.client_python, server, cfg.ncpus, logdir, workdir, cfg.key)
+        res["client_version"] = single["client_version"]
+        tiny = single["tiny"]
+        res["tiny_n"] = tiny[0]["n"]
+        res["tiny_reps"] = len(tiny)
+        rates = [r["n"] / r["seconds"] for r in tiny]
+        res["tiny_rates"] = rates
+        res["tiny_jobs_per_s"] = statistics.median(rates)
+        res["tiny_wrong"] = sum(r["wrong"] for r in tiny)
+        if server:
+            # Summed over all repetitions: /proc counts in 10 ms ticks, so
+            # one 2000-job run of a fast server is only ~10 ticks.
+            cpu = sum(r["server_cpu_s"] for r in tiny)
+            res["cpu_ms_per_1000"] = cpu / sum(r["n"] for r in tiny) * 1000 * 1000
+        res["client_cpu_ms_per_1000"] = (sum(r["client_cpu_s"] for r in tiny)
+                                         / sum(r["n"] for r in tiny) * 1000 * 1000)
+        bulk = single["bulk"]
+        res["bulk_rates"] = [b["jobs"] * b["mb"] / b["seconds"] for b in bulk]
+        res["bulk_mb_per_s"] = statistics.median(res["bulk_rates"])
+        res["bulk_wrong"] = sum(b["wrong"] for b in bulk)
+        slow = res["tiny_jobs_per_s"] < SLOW_BELOW
+        per_client = SCALE_N_SLOW if slow else SCALE_N_FAST
+        res["scale"] = []
+        for n in SCALE_CLIENTS:
+            try:
+                res["scale"].append(run_scale(cfg.client_python, server, cfg.ncpus, n,
+                                              per_client, logdir, workdir, cfg.key))
+            except BenchError as exc:
+                res["errors"].append("%d clients: %s" % (n, exc))
+                res["scale"].append({"clients": n, "jobs": n * per_client, "error": str(exc)})
+        if server:
+            time.sleep(SETTLE)
+            res["rss_after_kib"] = proc_status(server.proc.pid, "VmRSS")
+            res["rss_peak_kib"] = proc_status(server.proc.pid, "VmHWM")
+            res["workers"] = len(descendants(server.proc.pid))
+    except BenchError as exc:
+        res["errors"].append(str(exc))
+    finally:
+        if server:
+            server.stop()
+            res["leftovers"] = server.leftovers
+    res["seconds"] = time.monotonic() - started
+    return res
+
+
+# --------------------------------------------------------------- reporting
+
+def load_average():
+    """1-minute load average: other work on the machine skews every figure,
+    so the report says how busy it was."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def machine_info():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def cmd(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                                  cwd=REPO).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+
+    commit = cmd(["git", "rev-parse", "--short", "HEAD"])
+    if cmd(["git", "status", "--porcelain", "--untracked-files=no"]):
+        commit += " (with uncommitted changes)"
+    return {
+        "cpu": model,
+        "cores": "%d online, %d usable by this process" % (os.cpu_count(),
+                                                           len(os.sched_getaffinity(0))),
+        "kernel": "%s %s" % (platform.system(), platform.release()),
+        "python": platform.python_version(),
+        "rustc": cmd(["rustc", "--version"]),
+        "commit": commit,
+        "load": load_average(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def pickle_rates():
+    """How fast this machine pickles and unpickles the bulk argument with
+    each client's default protocol. The ppft client pickles with protocol 2,
+    which turns bytes into a latin-1 str (1.5x bigger for random data and
+    ~10x slower than protocol 4), so it bounds the bulk figures of every
+    ppft configuration alike: useful context for reading them."""
+    import pickle
+    payload = os.urandom(BULK_MB * 1024 * 1024)
+    out = {}
+    for proto in (2, 4):
+        t0 = time.perf_counter()
+        data = pickle.dumps((payload,), proto)
+        t1 = time.perf_counter()
+        pickle.loads(data)
+        t2 = time.perf_counter()
+        out[proto] = {"wire_mb": len(data) / 2**20, "dumps": BULK_MB / (t1 - t0),
+                      "loads": BULK_MB / (t2 - t1)}
+    return out
+
+
+def fmt(value, spec="%.0f", none="n/a"):
+    return none if value is None else spec % value
+
+
+def mib(kib):
+    return None if kib is None else kib / 1024
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def targets(by):
+    """(description, measured text, pass/fail/n/a) per target."""
+    g = lambda k, f: by.get(k, {}).get(f)  # noqa: E731
+    rows = []
+
+    def check(desc, value, threshold, higher_is_better=True, unit="x"):
+        if value is None:
+            rows.append((desc, "n/a", "n/a"))
+            return
+        ok = value >= threshold if higher_is_better else value <= threshold
+        shown = ("%.2f%s" % (value, unit)) if unit == "x" else ("%.1f%s" % (value, unit))
+        rows.append((desc, shown, "PASS" if ok else "FAIL"))
+
+    check("tiny jobs/s >= 35x ppft's Python ppserver",
+          ratio(g("ours-ppft", "tiny_jobs_per_s"), g("ppft-py", "tiny_jobs_per_s")), 35)
+    check("tiny jobs/s >= 15x pp 1.7.0's Python ppserver",
+          ratio(g("ours-pp170", "tiny_jobs_per_s"), g("pp170-py", "tiny_jobs_per_s")), 15)
+    check("tiny jobs/s >= 1.0x no server",
+          ratio(g("ours-ppft", "tiny_jobs_per_s"), g("local", "tiny_jobs_per_s")), 1.0)
+    cpu = ratio(g("ours-ppft", "cpu_ms_per_1000"), g("ppft-py", "cpu_ms_per_1000"))
+    check("server CPU per job <= 5% of ppft's Python ppserver's",
+          None if cpu is None else cpu * 100, 5, higher_is_better=False, unit="%")
+    check("bulk MB/s >= 1.5x ppft's Python ppserver",
+          ratio(g("ours-ppft", "bulk_mb_per_s"), g("ppft-py", "bulk_mb_per_s")), 1.5)
+    check("bulk MB/s >= 0.9x no server",
+          ratio(g("ours-ppft", "bulk_mb_per_s"), g("local", "bulk_mb_per_s")), 0.9)
+    for key in ("ours-ppft", "ours-pp170"):
+        check("our server's RSS after the runs <= 10 MiB (%s)" % key,
+              mib(g(key, "rss_after_kib")), 10, higher_is_better=False, unit=" MiB")
+    for key in ("ours-ppft", "ours-pp170"):
+        scale = {s["clients"]: s for s in (g(key, "scale") or [])}
+        one, many = scale.get(1, {}), scale.get(16, {})
+        if key not in by:
+            rows.append(("16 clients >= 1 client's jobs/s, nothing lost (%s)" % key,
+                         "n/a", "n/a"))
+            continue
+        if "jobs_per_s" not in one or "jobs_per_s" not in many:
+            rows.append(("16 clients >= 1 client's jobs/s, nothing lost (%s)" % key,
+                         "failed", "FAIL"))
+            continue
+        r = many["jobs_per_s"] / one["jobs_per_s"]
+        lost = one["lost"] + many["lost"]
+        rows.append(("16 clients >= 1 client's jobs/s, nothing lost (%s)" % key,
+                     "%.2fx, %d lost" % (r, lost),
+                     "PASS" if r >= 1.0 and lost == 0 else "FAIL"))
+    return rows
+
+
+def render(results, machine, pickles, total_s):
+    by = {r["key"]: r for r in results}
+    L = []
+    L.append("# ppserver benchmark")
+    L.append("")
+    L.append("Written by `scripts/bench` (one run on one machine; numbers from a "
+             "shared 2-core VM move by ~10-20%% between runs). "
+             "Every configuration uses %d workers and real, unmodified clients; "
+             "figures are from the client's side." % WORKERS)
+    L.append("")
+    L.append("## Machine")
+    L.append("")
+    for k in ("cpu", "cores", "kernel", "python", "rustc", "commit", "date"):
+        L.append("- %s: %s" % (k, machine[k]))
+    L.append("- 1-minute load average: %s before the run, %s after it (other work on "
+             "the machine lowers every figure)" % (fmt(machine.get("load_before"), "%.2f"),
+                                                   fmt(machine["load"], "%.2f")))
+    L.append("- total benchmark time: %.0f s" % total_s)
+    L.append("")
+    L.append("## Results")
+    L.append("")
+    L.append("| configuration | client | tiny jobs | tiny jobs/s | server CPU ms / 1000 jobs "
+             "| client CPU ms / 1000 jobs | bulk MB/s | RSS idle MiB | RSS after MiB "
+             "| peak RSS MiB |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        if "tiny_jobs_per_s" not in r:
+            L.append("| %s | | failed | | | | | | | |" % r["key"])
+            continue
+        reps = r["tiny_reps"]
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["key"], r["client_version"],
+            "%d x%d" % (r["tiny_n"], reps) if reps > 1 else "%d" % r["tiny_n"],
+            fmt(r["tiny_jobs_per_s"]) + (" (%s-%s)" % (fmt(min(r["tiny_rates"])),
+                                                       fmt(max(r["tiny_rates"])))
+                                         if reps > 1 else ""),
+            fmt(r.get("cpu_ms_per_1000"), "%.1f"),
+            fmt(r.get("client_cpu_ms_per_1000"), "%.0f"),
+            fmt(r.get("bulk_mb_per_s"), "%.1f") + (" (%.1f-%.1f)" % (min(r["bulk_rates"]),
+                                                                     max(r["bulk_rates"]))
+                                                   if len(r.get("bulk_rates", [])) > 1
+                                                   else ""),
+            fmt(mib(r.get("rss_idle_kib")), "%.1f"),
+            fmt(mib(r.get("rss_after_kib")), "%.1f"),
+            fmt(mib(r.get("rss_peak_kib")), "%.1f")))
+    L.append("")
+    L.append("Configurations: " + "; ".join("`%s` = %s" % (r["key"], r["label"])
+                                            for r in results) + ".")
+    L.append("")
+    L.append("- tiny: a function returning its int argument; all jobs submitted, then "
+             "all results collected in order and checked. Job count chosen by a "
+             "100-job calibration run (< %d jobs/s: %d jobs, once; else %d jobs, "
+             "median of %d runs, range in brackets), after a %d-job warm-up."
+             % (SLOW_BELOW, TINY_SLOW, TINY_FAST, TINY_REPS_FAST, WARMUP_JOBS))
+    L.append("- server CPU: utime+stime of the server process alone (not its workers) "
+             "from /proc/PID/stat, over all tiny runs (10 ms ticks). n/a: no server process. "
+             "Client CPU: the same for the client process (not its local workers); "
+             "the machine has 2 cores for client, server and workers together.")
+    L.append("- bulk: %d jobs, each with a %d MB random `bytes` argument, returning its "
+             "length; MB/s of argument data (after one untimed job), median of %d runs, "
+             "range in brackets." % (BULK_JOBS, BULK_MB, BULK_REPS))
+    L.append("- RSS: VmRSS of the server process after startup (+%.0f s) and after all "
+             "runs; peak is VmHWM (reached during the bulk run)." % SETTLE)
+    L.append("")
+    L.append("### Scaling: concurrent clients")
+    L.append("")
+    L.append("Separate client processes, each with its own pp.Server, released together "
+             "once all are connected; total jobs/s from the first start to the last end. "
+             "Each client submits %d tiny jobs (%d for servers under %d jobs/s). "
+             "`lost` counts jobs not answered correctly." % (SCALE_N_FAST, SCALE_N_SLOW,
+                                                             SLOW_BELOW))
+    L.append("")
+    L.append("| configuration | " + " | ".join("%d client%s" % (n, "s" if n > 1 else "")
+                                               for n in SCALE_CLIENTS) + " | lost |")
+    L.append("|---|" + "---:|" * len(SCALE_CLIENTS) + "---:|")
+    for r in results:
+        cells, lost = [], 0
+        for s in r.get("scale", []):
+            if "jobs_per_s" in s:
+                cells.append("%s (%d jobs)" % (fmt(s["jobs_per_s"]), s["jobs"]))
+                lost += s["lost"]
+            else:
+                cells.append("failed")
+        cells += ["n/a"] * (len(SCALE_CLIENTS) - len(cells))
+        L.append("| %s | %s | %d |" % (r["key"], " | ".join(cells), lost))
+    L.append("")
+    L.append("## Headline ratios")
+    L.append("")
+    g = lambda k, f: by.get(k, {}).get(f)  # noqa: E731
+    pairs = [("ours-ppft", "ppft-py", "ours vs ppft 1.7.8's Python ppserver"),
+             ("ours-pp170", "pp170-py", "ours vs pp 1.7.0's Python ppserver"),
+             ("ours-ppft", "local", "ours vs no server (ppft, ncpus=2)")]
+    L.append("| comparison | tiny jobs/s | server CPU per job | bulk MB/s |")
+    L.append("|---|---:|---:|---:|")
+    for a, b, desc in pairs:
+        L.append("| %s | %s | %s | %s |" % (
+            desc,
+            fmt(ratio(g(a, "tiny_jobs_per_s"), g(b, "tiny_jobs_per_s")), "%.2fx"),
+            fmt(ratio(g(a, "cpu_ms_per_1000"), g(b, "cpu_ms_per_1000")), "%.3fx"),
+            fmt(ratio(g(a, "bulk_mb_per_s"), g(b, "bulk_mb_per_s")), "%.2fx")))
+    L.append("")
+    L.append("## Targets (informational, not a test)")
+    L.append("")
+    L.append("| target | measured | |")
+    L.append("|---|---:|---|")
+    for desc, value, verdict in targets(by):
+        L.append("| %s | %s | %s |" % (desc, value, verdict))
+    L.append("")
+    L.append("## Notes")
+    L.append("")
+    L.append("- Context for bulk: pickling the %d MB argument on this machine takes "
+             "protocol 2 (ppft's client default): %.0f MB/s dumps, %.0f MB/s loads, "
+             "%.1f MB on the wire; protocol 4 (pp 1.7.0's default): %.0f MB/s dumps, "
+             "%.0f MB/s loads, %.1f MB. The ppft configurations' bulk figures are "
+             "bounded by that pickling in the client and the workers, whatever the server."
+             % (BULK_MB, pickles[2]["dumps"], pickles[2]["loads"], pickles[2]["wire_mb"],
+                pickles[4]["dumps"], pickles[4]["loads"], pickles[4]["wire_mb"]))
+    for r in results:
+        idle, after = r.get("rss_idle_kib"), r.get("rss_after_kib")
+        if r["key"].startswith("ours") and idle and after and after > idle + 5 * 1024:
+            # Seen in some runs only (3 to 29 MiB after identical runs): the
+            # server frees its bulk frames, but glibc keeps them in the heap
+            # once its dynamic mmap threshold has grown past the frame size.
+            L.append("- %s: RSS after the runs (%.1f MiB) is well above idle (%.1f MiB): "
+                     "memory freed after the bulk run stayed in the server's heap. "
+                     "It varies from run to run; in a test, MALLOC_MMAP_THRESHOLD_=131072 "
+                     "in the server's environment (a fixed glibc mmap threshold) kept it "
+                     "at ~3 MiB." % (r["key"], mib(after), mib(idle)))
+        for e in r["errors"]:
+            L.append("- %s: error: %s" % (r["key"], e.replace("\n", " / ")[:600]))
+        for w in ("tiny_wrong", "bulk_wrong"):
+            if r.get(w):
+                L.append("- %s: %d wrong answers in %s" % (r["key"], r[w], w[:-6]))
+        if r.get("leftovers"):
+            L.append("- %s: on SIGTERM: %s" % (r["key"], "; ".join(r["leftovers"])))
+    L.append("")
+    return "\n".join(L)
+
+
+def chart(results, path):
+    import matplotlib
+    matplotlib.use("Agg")  # no display here; write the PNG directly
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "tiny_jobs_per_s" in r]
+    keys = [r["key"] for r in ok]
+    ours = ["#d95f02" if k.startswith("ours") else "#7570b3" for k in keys]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+
+    def bars(ax, values, title, log):
+        drawn = ax.bar(keys, [v or 0 for v in values], color=ours)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+        for rect, v in zip(drawn, values):
+            if v:
+                ax.annotate("%.0f" % v, (rect.get_x() + rect.get_width() / 2, v),
+                            ha="center", va="bottom", fontsize=8)
+
+    bars(axes[0], [r["tiny_jobs_per_s"] for r in ok], "tiny jobs/s (log scale)", True)
+    bars(axes[1], [r.get("bulk_mb_per_s") for r in ok],
+         "bulk MB/s (%d x %d MB arguments)" % (BULK_JOBS, BULK_MB), False)
+    ax = axes[2]
+    width = 0.8 / len(SCALE_CLIENTS)
+    for i, n in enumerate(SCALE_CLIENTS):
+        vals = []
+        for r in ok:
+            s = next((s for s in r.get("scale", []) if s["clients"] == n), {})
+            vals.append(s.get("jobs_per_s", 0))
+        ax.bar([x + (i - 1) * width for x in range(len(ok))], vals, width,
+               label="%d client%s" % (n, "s" if n > 1 else ""))
+    ax.set_xticks(range(len(ok)))
+    ax.set_xticklabels(keys, rotation=30)
+    ax.set_yscale("log")
+    top = max([s.get("jobs_per_s", 0) for r in ok for s in r.get("scale", [])] or [1])
+    ax.set_ylim(top=top * 5)  # headroom so the legend does not cover bars
+    ax.set_title("concurrent clients: total jobs/s (log scale)")
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
+    fig.suptitle("ppserver benchmark (%d workers; orange: our Rust server)" % WORKERS)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------- main
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt("signal %d" % signum)
+
+
+def _alarm(signum, frame):
+    raise KeyboardInterrupt("global deadline of %ds reached" % GLOBAL_DEADLINE)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", action="append", metavar="KEY",
+                        help="run only this configuration (repeatable): "
+                             + ", ".join(c.key for c in configs()))
+    parser.add_argument("--output", default=str(BENCH), metavar="DIR",
+                        help="where results.md and chart.png go (default bench/)")
+    args = parser.parse_args()
+
+    for path in (BINARY, PY_PPFT, PY_PP):
+        if not Path(path).exists():
+            sys.exit("missing %s: run scripts/bench, which sets it up" % path)
+
+    # Ctrl-C, SIGTERM, SIGHUP and the global deadline all unwind through
+    # the finally below, which kills every process group started here.
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(GLOBAL_DEADLINE)
+
+    load_before = load_average()
+    logdir = Path(tempfile.mkdtemp(prefix="ppbench-"))
+    # Servers and clients run in an empty directory: the Python ppservers
+    # put their cwd on the workers' path, and nothing from the repo should
+    # be importable by accident.
+    workdir = logdir / "cwd"
+    workdir.mkdir()
+    started = time.monotonic()
+    results = []
+    failed = False
+    try:
+        for cfg in configs():
+            if args.only and cfg.key not in args.only:
+                continue
+            print("== %s: %s" % (cfg.key, cfg.label), flush=True)
+            res = measure(cfg, logdir, workdir)
+            results.append(res)
+            failed |= bool(res["errors"])
+            print("   %s in %.0f s%s" % (
+                "tiny %s jobs/s, bulk %s MB/s" % (fmt(res.get("tiny_jobs_per_s")),
+                                                  fmt(res.get("bulk_mb_per_s"), "%.1f")),
+                res["seconds"], ", ERRORS: %d" % len(res["errors"]) if res["errors"] else ""),
+                flush=True)
+        pickles = pickle_rates()
+    except KeyboardInterrupt as exc:
+        print("\ninterrupted (%s): stopping everything; logs in %s" % (exc or "Ctrl-C", logdir),
+              file=sys.stderr)
+        cleanup_all()
+        sys.exit(130)
+    finally:
+        signal.alarm(0)
+        cleanup_all()
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    machine["load_before"] = load_before
+    text = render(results, machine, pickles, time.monotonic() - started)
+    (out / "results.md").write_text(text)
+    chart(results, out / "chart.png")
+    print()
+    print(text)
+    print("wrote %s and %s" % (out / "results.md", out / "chart.png"))
+    if failed:
+        print("some measurements failed; logs kept in %s" % logdir, file=sys.stderr)
+        sys.exit(1)
+    shutil.rmtree(logdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""One benchmark client: a real, unmodified pp/ppft client process.
+
+Run by bench/bench.py with the interpreter of the venv under test, so the
+same file drives a ppft 1.7.8 client (bench/.venv-ppft) or a pp 1.7.0 client
+(bench/.venv-pp). It takes one JSON argument (see ``main``), connects, warms
+up, optionally waits at a barrier, runs its phases and prints one line
+``BENCH-JSON {...}`` with the figures.
+
+Why a separate process rather than measuring inside bench.py: each
+configuration needs its own client package (ppft or pp 1.7.0) and the scaling
+test needs N independent clients, each with its own pp.Server; a process per
+client is also what a real deployment looks like.
+"""
+
+import json
+import os
+import sys
+import time
+
+try:
+    # ppft's venv also installs a `pp` shim; import ppft explicitly there so
+    # the client under test is unambiguous. pp 1.7.0's venv has only `pp`.
+    import ppft as pp
+except ImportError:
+    import pp
+
+MARKER = "BENCH-JSON "
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# Job functions. They are defined here, in __main__, so the client ships them
+# as source (the usual case for pp users); the workers need nothing but the
+# worker package to run them.
+def ident(x):
+    return x
+
+
+def blen(b):
+    return len(b)
+
+
+def cpu_seconds(pid):
+    """utime+stime of one process (all its threads, not its children), from
+    /proc/<pid>/stat. The command name may contain spaces or parentheses, so
+    fields are counted from the last ')'."""
+    if not pid:
+        return None
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def emit(kind, payload):
+    sys.stdout.write(MARKER + json.dumps(dict(payload, kind=kind)) + "\n")
+    sys.stdout.flush()
+
+
+def run_tiny(server, n):
+    """Submit n tiny jobs, then collect them all in order, checking each.
+    Returns (seconds, wrong answers)."""
+    t0 = time.monotonic()
+    jobs = [server.submit(ident, (i,)) for i in range(n)]
+    wrong = sum(1 for i, job in enumerate(jobs) if job() != i)
+    return time.monotonic() - t0, wrong, t0
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    # cfg keys:
+    #   server      "host:port", or null for local workers (no server)
+    #   secret      the server's secret
+    #   ncpus       local workers (0 with a server)
+    #   server_pid  pid whose CPU time is sampled around the tiny runs, or null
+    #   warmup      tiny jobs to run before anything is timed
+    #   barrier     print READY and wait for a line on stdin before the phases
+    #   phases      list of {"name": "tiny", "n": N, "reps": R}
+    #                    or {"name": "tiny_auto", "n_fast": N, "n_slow": M,
+    #                        "slow_below": JOBS_PER_S, "reps": R}
+    #                    or {"name": "bulk", "jobs": J, "mb": M, "reps": R}
+    ppservers = (cfg["server"],) if cfg["server"] else ()
+    server = pp.Server(ncpus=cfg["ncpus"], ppservers=ppservers, secret=cfg["secret"])
+    out = {"client_version": pp.__version__, "pid": os.getpid()}
+
+    # Warm-up: opens every connection (the client connects to remote servers
+    # in a background thread, so the first jobs also wait for that), starts
+    # the workers and fills the function caches on both ends.
+    t0 = time.monotonic()
+    elapsed, wrong, _ = run_tiny(server, cfg["warmup"])
+    if wrong:
+        raise SystemExit("warm-up: %d wrong answers" % wrong)
+    out["warmup_s"] = elapsed
+
+    if cfg.get("barrier"):
+        emit("ready", {})
+        if not sys.stdin.readline():
+            raise SystemExit("barrier: stdin closed")
+
+    for phase in cfg["phases"]:
+        name = phase["name"]
+        if name in ("tiny", "tiny_auto"):
+            n = phase.get("n")
+            if name == "tiny_auto":
+                # Calibrate: the slow Python ppservers do ~45 jobs/s, and
+                # 2000 of those would take most of the time budget; pick the
+                # job count from a short timed run instead of hard-coding
+                # which server is slow.
+                cal_n = phase.get("calibrate", 100)
+                cal_s, wrong, _ = run_tiny(server, cal_n)
+                if wrong:
+                    raise SystemExit("calibration: %d wrong answers" % wrong)
+                out["calibration_jobs_per_s"] = cal_n / cal_s
+                slow = cal_n / cal_s < phase["slow_below"]
+                n = phase["n_slow"] if slow else phase["n_fast"]
+                reps = phase["reps_slow"] if slow else phase["reps"]
+            else:
+                reps = phase.get("reps", 1)
+            runs = []
+            for _ in range(reps):
+                cpu0 = cpu_seconds(cfg.get("server_pid"))
+                mine0 = cpu_seconds(os.getpid())
+                seconds, wrong, start = run_tiny(server, n)
+                mine1 = cpu_seconds(os.getpid())
+                cpu1 = cpu_seconds(cfg.get("server_pid"))
+                runs.append({
+                    "n": n,
+                    "seconds": seconds,
+                    "start": start,          # CLOCK_MONOTONIC: comparable
+                    "end": start + seconds,  # across processes on Linux
+                    "wrong": wrong,
+                    "server_cpu_s": None if cpu0 is None else cpu1 - cpu0,
+                    # The client's own CPU: on 2 cores the Python client
+                    # competes with the server and workers, which explains
+                    # much of the tiny-job figures.
+                    "client_cpu_s": mine1 - mine0,
+                })
+            out["tiny"] = runs
+        elif name == "bulk":
+            size = phase["mb"] * 1024 * 1024
+            # Random bytes so nothing on the way can shortcut the data.
+            payload = os.urandom(size)
+            # One untimed job first: the worker has to receive the function
+            # and the allocators on every side grow to 16 MB messages.
+            if server.submit(blen, (payload,))() != size:
+                raise SystemExit("bulk warm-up: wrong answer")
+            runs = []
+            for _ in range(phase.get("reps", 1)):
+                t0 = time.monotonic()
+                jobs = [server.submit(blen, (payload,)) for _ in range(phase["jobs"])]
+                wrong = sum(1 for job in jobs if job() != size)
+                runs.append({"jobs": phase["jobs"], "mb": phase["mb"],
+                             "seconds": time.monotonic() - t0, "wrong": wrong})
+            out["bulk"] = runs
+        else:
+            raise SystemExit("unknown phase %r" % name)
+
+    emit("result", out)
+    # destroy() kills local workers; remote connections just close. Exit
+    # hard afterwards: the client's connection threads are not daemons in
+    # every version and must not keep this process alive.
+    try:
+        server.destroy()
+    finally:
+        sys.stdout.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
