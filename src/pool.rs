@@ -159,8 +159,9 @@ enum Outcome {
     Answered(Bytes),
     /// The worker was gone before it got the job.
     NotStarted,
-    /// The worker died while it had the job.
-    Died,
+    /// The worker died while it had the job, or sent an answer that was
+    /// refused (the reason says why).
+    Died { refused: Option<String> },
 }
 
 /// A running worker process.
@@ -258,11 +259,10 @@ impl Worker {
                         .any(|w| w == FATAL_MARKER);
                 Outcome::Answered(result)
             }
-            Ok(None) => Outcome::Died,
-            Err(e) => {
-                log::warn!("worker pid {}: bad result frame: {e}", self.pid);
-                Outcome::Died
-            }
+            Ok(None) => Outcome::Died { refused: None },
+            Err(e) => Outcome::Died {
+                refused: Some(e.to_string()),
+            },
         }
     }
 
@@ -366,9 +366,16 @@ pub async fn supervise(slot: usize, mut ctx: PoolContext) {
                 let how = worker.stop(true).await;
                 log::debug!("slot {slot}: worker pid {pid} replaced ({how})");
             }
-            Ended::Died { job } => {
+            Ended::Died { job, refused } => {
                 let pid = worker.pid;
-                let how = worker.stop(true).await;
+                let how = match refused {
+                    // The worker is alive but out of step: stop it now.
+                    Some(reason) => {
+                        worker.stop(false).await;
+                        format!("its answer was refused: {reason}")
+                    }
+                    None => worker.stop(true).await,
+                };
                 match job {
                     Some(job) => answer_died(job, pid, &how),
                     None => log::warn!(
@@ -398,7 +405,10 @@ enum Ended {
     /// `-r`, or the worker said it is exiting: replace it.
     Replace,
     /// The worker died, while running `job` if there is one.
-    Died { job: Option<Job> },
+    Died {
+        job: Option<Job>,
+        refused: Option<String>,
+    },
     /// The worker was dead before it could start `job`.
     NotStarted { job: Job },
 }
@@ -424,7 +434,7 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
                         if let Some(job) = waiting.withdraw() {
                             ctx.scheduler.requeue_front(job);
                         }
-                        return Ended::Died { job: None };
+                        return Ended::Died { job: None, refused: None };
                     }
                     _ = ctx.shutdown.wait_for(|&s| s) => {
                         // A job handed over at this very moment is dropped;
@@ -452,9 +462,12 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
                     return Ended::Replace;
                 }
             }
-            Outcome::Died => {
+            Outcome::Died { refused } => {
                 ctx.stats.record_job(started.elapsed());
-                return Ended::Died { job: Some(job) };
+                return Ended::Died {
+                    job: Some(job),
+                    refused,
+                };
             }
             Outcome::NotStarted => return Ended::NotStarted { job },
         }

@@ -97,46 +97,20 @@ impl Scheduler {
     }
 
     /// Submits a job: to an idle worker if there is one, else to the queue.
-    pub fn submit(&self, mut job: Job) {
+    pub fn submit(&self, job: Job) {
         let mut st = self.lock();
-        loop {
-            let Some(pos) = pick(&st.idle, &job) else {
-                st.queue.push_back(job);
-                return;
-            };
-            let idle = st.idle.swap_remove(pos);
-            match idle.tx.send((job, idle.cache)) {
-                Ok(()) => {
-                    log::trace!("job handed to idle worker slot {}", idle.slot);
-                    return;
-                }
-                // That worker withdrew (it died while idle); try another.
-                Err((back, _)) => job = back,
-            }
+        if let Some(job) = hand_to_idle(&mut st, job) {
+            st.queue.push_back(job);
         }
     }
 
-    /// Puts a job back at the head of the queue: it was taken but never
-    /// started (its worker turned out to be dead), so it keeps its turn.
+    /// Puts back a job that was taken but never started (its worker turned
+    /// out to be dead): to an idle worker, else at the head of the queue, so
+    /// it keeps its turn.
     pub fn requeue_front(&self, job: Job) {
-        {
-            let mut st = self.lock();
-            st.queue.push_front(job);
-        }
-        self.dispatch_queued();
-    }
-
-    /// Hands queued jobs to idle workers; needed after a job is requeued
-    /// while workers sit idle.
-    fn dispatch_queued(&self) {
         let mut st = self.lock();
-        while !st.idle.is_empty() {
-            let Some(job) = st.queue.pop_front() else {
-                return;
-            };
-            drop(st);
-            self.submit(job);
-            st = self.lock();
+        if let Some(job) = hand_to_idle(&mut st, job) {
+            st.queue.push_front(job);
         }
     }
 
@@ -173,16 +147,31 @@ impl Scheduler {
     }
 }
 
+/// Gives `job` to an idle worker if there is one; gives it back otherwise.
+fn hand_to_idle(st: &mut State, mut job: Job) -> Option<Job> {
+    // Entries of workers that withdrew (died while idle) are dropped here,
+    // so the list only ever holds live workers for long.
+    st.idle.retain(|w| !w.tx.is_closed());
+    while let Some(pos) = pick(&st.idle, &job) {
+        let idle = st.idle.swap_remove(pos);
+        match idle.tx.send((job, idle.cache)) {
+            Ok(()) => {
+                log::trace!("job handed to idle worker slot {}", idle.slot);
+                return None;
+            }
+            // That worker withdrew just now; try another.
+            Err((back, _)) => job = back,
+        }
+    }
+    Some(job)
+}
+
 /// The idle worker to give `job` to: the most recently idle one that holds
 /// the job's package, else the most recently idle one.
 fn pick(idle: &[IdleWorker], job: &Job) -> Option<usize> {
-    let live = |w: &&IdleWorker| !w.tx.is_closed();
     idle.iter()
-        .enumerate()
-        .rev()
-        .find(|(_, w)| live(w) && w.cache.contains(&job.package.hash))
-        .or_else(|| idle.iter().enumerate().rev().find(|(_, w)| live(w)))
-        .map(|(i, _)| i)
+        .rposition(|w| w.cache.contains(&job.package.hash))
+        .or_else(|| idle.len().checked_sub(1))
 }
 
 #[cfg(test)]
@@ -270,6 +259,10 @@ mod tests {
         let (b, _rb) = job(&mut c, b"Nb");
         s.submit(b);
         assert_eq!(s.queued(), 1, "no live idle worker: queued");
-        drop(got);
+        assert!(s.lock().idle.is_empty(), "the withdrawn entry was dropped");
+        // A requeued job goes ahead of the queue.
+        s.requeue_front(got);
+        let (first, _) = s.next_job(0, WorkerCache::default()).unwrap();
+        assert_eq!(&first.package.new_frame[..], b"Na");
     }
 }
