@@ -1,0 +1,99 @@
+"""A separate ppft client process that sends big jobs and checks every answer
+(used while workers are being killed).
+
+Usage: big_jobs.py HOST:PORT SECRET TAG NJOBS SIZE BARRIER_DIR NCLIENTS
+
+Each job carries its own SIZE-byte payload (seeded by TAG and index) and
+answers (tag, index, length, md5, worker pid). An answer is either exactly
+that, or None with ppserver's text saying the job's worker died (printed by
+ppft when the result is unpickled, captured per job here). Anything else is
+bad, and so is a job that gets no answer within a deadline.
+
+Prints one JSON line {"tag", "njobs", "ok", "died", "bad", "pids"}; exits 0
+if nothing is bad.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import time
+
+import ppft as pp
+
+JOB_DEADLINE = 60.0  # seconds: a job with no answer by then is lost
+
+
+def digest(tag, i, blob, nap):
+    """Identify a big payload: (tag, i, len, md5, worker pid)."""
+    import hashlib
+    import os
+    import time
+
+    time.sleep(nap)
+    return tag, i, len(blob), hashlib.md5(blob).hexdigest(), os.getpid()
+
+
+def payload(tag, i, size):
+    return random.Random("%s-%d" % (tag, i)).randbytes(size)
+
+
+def wait_for(predicate, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting for %s" % what)
+        time.sleep(0.02)
+
+
+def main():
+    server_id, secret, tag, njobs, size, barrier, nclients = sys.argv[1:8]
+    njobs, size, nclients = int(njobs), int(size), int(nclients)
+    js = pp.Server(ncpus=0, ppservers=(server_id,), secret=secret)
+    ncpus = lambda: js.get_stats()[server_id].ncpus if server_id in js.get_stats() else 0
+    wait_for(lambda: ncpus() and js.autopp_list.get(server_id, 0) >= 2 * ncpus(),
+             "the client to connect")
+    open(os.path.join(barrier, "ready-" + tag), "w").close()
+    wait_for(lambda: len([f for f in os.listdir(barrier) if f.startswith("ready-")]) >= nclients,
+             "the other clients")
+
+    expected, jobs = [], []
+    for i in range(njobs):
+        blob = payload(tag, i, size)
+        expected.append((tag, i, len(blob), hashlib.md5(blob).hexdigest()))
+        jobs.append((time.monotonic(), js.submit(digest, (tag, i, blob, 0.1 + (i % 3) * 0.1))))
+        del blob
+    ok = died = 0
+    bad, pids = [], set()
+    for i, (submitted, job) in enumerate(jobs):
+        while not job.finished and time.monotonic() - submitted < JOB_DEADLINE:
+            time.sleep(0.01)
+        if not job.finished:
+            bad.append([i, "lost: no answer within %s s" % JOB_DEADLINE])
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            result = job()
+        text = out.getvalue()
+        if result is None:
+            if "worker" in text and "died" in text:
+                died += 1
+            else:
+                bad.append([i, "None without the worker-died text: %r" % text[-500:]])
+        elif tuple(result[:4]) == expected[i]:
+            ok += 1
+            pids.add(result[4])
+        else:
+            bad.append([i, "wrong result %r" % (result[:4],)])
+    print(json.dumps({"tag": tag, "njobs": njobs, "ok": ok, "died": died, "bad": bad,
+                      "pids": sorted(pids)}))
+    sys.stdout.flush()
+    # A lost job would keep one of ppft's threads waiting forever: exit hard.
+    os._exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

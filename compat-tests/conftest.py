@@ -1,0 +1,73 @@
+"""Fixtures for the ppserver compat suite (helpers live in pphelpers.py).
+
+- ``ppserver`` (module scope): the server under test (``PPSERVER_IMPL``=rust
+  or python), started on a free port of 127.0.0.1 with a known secret, in
+  compat-tests/ with PYTHONPATH=compat-tests/ (workers import job functions
+  from the test modules: see pphelpers.start_server).
+  A test module sets the worker count with ``PPSERVER_WORKERS = N``
+  (default 2).
+- ``pp_client``: a fully connected in-process ppft client, destroyed after
+  the test (more: ``pphelpers.connect_client`` / ``close_client``).
+- ``@pytest.mark.better_than_ppft(reason=...)``: behaviour where the server
+  under test is deliberately better than ppft's own; skipped for python.
+"""
+
+import pytest
+
+import pphelpers
+from pphelpers import IMPL, setup_or_fail
+
+if IMPL not in ("rust", "python"):
+    raise pytest.UsageError("PPSERVER_IMPL must be 'rust' or 'python', not %r" % IMPL)
+
+
+def pytest_report_header(config):
+    return "ppserver under test: %s" % pphelpers.describe_impl()
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("better_than_ppft")
+    if marker is not None and IMPL == "python":
+        reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+        pytest.skip("deliberately better than ppft's server: %s" % reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the tail of the server's log to every failed test's report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        server = getattr(item, "funcargs", {}).get("ppserver")
+        if server is not None:
+            report.sections.append(
+                ("ppserver log tail (%s)" % server.log_path, server.log_tail())
+            )
+
+
+@pytest.fixture(scope="module")
+def ppserver(request, tmp_path_factory):
+    """Start the server under test for one test module; yields a ServerHandle
+    (host, port, secret, nworkers, proc, log_path). Stops it afterwards and
+    fails the module's teardown if the server had exited on its own."""
+    nworkers = int(getattr(request.module, "PPSERVER_WORKERS", pphelpers.DEFAULT_WORKERS))
+    logdir = tmp_path_factory.mktemp("ppserver-" + request.module.__name__)
+    handle = setup_or_fail(pphelpers.start_server, nworkers, logdir / "server.log")
+    try:
+        yield handle
+    finally:
+        exited_early = pphelpers.stop_server(handle)
+    assert exited_early is None, "server exited on its own (code %s) during %s; log:\n%s" % (
+        exited_early,
+        request.module.__name__,
+        handle.log_tail(),
+    )
+
+
+@pytest.fixture
+def pp_client(ppserver):
+    """A fully connected in-process ppft client, destroyed after the test."""
+    js = setup_or_fail(pphelpers.connect_client, ppserver)
+    yield js
+    pphelpers.close_client(js)
+

@@ -1,0 +1,314 @@
+"""Helpers shared by the compat tests: start/stop the server under test and
+connect real ppft clients to it.
+
+The server under test is chosen by ``PPSERVER_IMPL``:
+
+- ``rust`` (default): the binary at ``$PPSERVER_BIN`` (default
+  ``<repo>/target/release/ppserver``), run as
+  ``ppserver -i 127.0.0.1 -p PORT -s SECRET -w N --python <sys.executable>``.
+- ``python``: ppft's own network server, ``<sys.executable> -m ppft.server``,
+  used to check that the suite itself is right.
+
+``PPSERVER_DEBUG=1`` adds ``-d`` (debug log level) to the server's command line.
+
+Client families: the suite runs with whichever pp client this interpreter
+has, ``ppft`` (1.7.8, or 1.6.6.4, which also installs a ``pp`` package) or
+else pp 1.7.0's ``pp``: ``CLIENT`` is that module, ``FAMILY`` names it
+(``ppft-1.7.8``, ``ppft-1.6.6.4``, ``pp-1.7.0``) and ``CLIENT_VERSION`` is the
+version the server must advertise. The server's workers run with this same
+interpreter, so they are of the same family.
+"""
+
+import importlib
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+IMPL = os.environ.get("PPSERVER_IMPL", "rust").strip().lower()
+
+
+def _import_client():
+    for name in ("ppft", "pp"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+    raise ImportError("neither ppft nor pp is installed in %s" % sys.executable)
+
+
+# The pp client family under test: the ppft module, else pp 1.7.0's pp.
+CLIENT = _import_client()
+CLIENT_VERSION = CLIENT.__version__
+FAMILY = "%s-%s" % (CLIENT.__name__, CLIENT_VERSION)
+# The module the server's workers run (python -u -m ...).
+WORKER_MODULE = "ppft" if CLIENT.__name__ == "ppft" else "pp._worker"
+
+# Non-trivial secret with punctuation and a space, like pp's default secret.
+SECRET = "compat;secret 0f pp-tests"
+DEFAULT_WORKERS = 2
+
+STARTUP_TIMEOUT = 30.0  # seconds for the server to accept connections
+CONNECT_TIMEOUT = 60.0  # seconds for a ppft client to open all its connections
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+SCRIPT_TIMEOUT = 90.0  # seconds for a client subprocess to finish
+
+
+class SetupError(Exception):
+    """The server or a client could not be brought up; message says why."""
+
+
+def setup_or_fail(func, *args, **kwargs):
+    """Call func; turn a SetupError into a plain pytest failure (no traceback,
+    the message carries the server log)."""
+    import pytest
+
+    try:
+        return func(*args, **kwargs)
+    except SetupError as exc:
+        message = str(exc)
+    pytest.fail(message, pytrace=False)
+
+
+def rust_binary():
+    return Path(os.environ.get("PPSERVER_BIN", REPO / "target" / "release" / "ppserver"))
+
+
+def python_server_module():
+    """The module that runs the family's own Python ppserver."""
+    return "ppft.server" if CLIENT.__name__ == "ppft" else "pp.cli"
+
+
+def describe_impl():
+    if IMPL == "python":
+        impl = "python (%s -m %s)" % (sys.executable, python_server_module())
+    else:
+        impl = "rust (%s)" % rust_binary()
+    return "%s; clients and workers: %s" % (impl, FAMILY)
+
+
+@dataclass
+class ServerHandle:
+    """The running server under test."""
+
+    impl: str
+    host: str
+    port: int
+    secret: str
+    nworkers: int
+    proc: subprocess.Popen
+    log_path: Path
+    argv: list = field(default_factory=list)
+
+    @property
+    def id(self):
+        """The key ppft's client uses for this server in get_stats()."""
+        return "%s:%d" % (self.host, self.port)
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return "<cannot read server log: %s>" % exc
+
+    def log_tail(self, lines=80):
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_argv(host, port, secret, nworkers):
+    if IMPL == "python":
+        argv = [sys.executable, "-m", python_server_module()]
+        extra = []
+    else:
+        binary = rust_binary()
+        if not binary.exists():
+            raise SetupError(
+                "ppserver binary not found at %s (build it with `cargo build --release` "
+                "or set PPSERVER_BIN)" % binary
+            )
+        argv = [str(binary)]
+        extra = ["--python", sys.executable]
+    argv += ["-i", host, "-p", str(port), "-s", secret, "-w", str(nworkers)]
+    if os.environ.get("PPSERVER_DEBUG"):
+        argv.append("-d")
+    return argv + extra
+
+
+def start_server(nworkers, log_path, host="127.0.0.1", secret=SECRET, cwd=HERE,
+                 pythonpath=(HERE,)):
+    """Start the server under test and wait (bounded) until it accepts TCP
+    connections. Raises SetupError with the server's log if it never does.
+
+    By default the server runs in this directory with PYTHONPATH set to it.
+    Job functions that ppft's client finds in an importable module (anything
+    not defined in ``__main__``: these test modules, userclasses) are shipped
+    as ``from module import name``, not as source, so the workers must be able
+    to import this directory. ``pythonpath=None`` removes PYTHONPATH from the
+    server's environment entirely (ppft's client, run in the pytest process,
+    rewrites os.environ["PYTHONPATH"], which must not leak into the server).
+    """
+    port = free_port(host)
+    argv = server_argv(host, port, secret, nworkers)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+    with open(log_path, "wb") as logf:
+        logf.write(("$ %s\n" % shlex.join(argv)).encode())
+        logf.flush()
+        proc = subprocess.Popen(
+            argv,
+            cwd=str(cwd),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    handle = ServerHandle(IMPL, host, port, secret, nworkers, proc, Path(log_path), argv)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        code = proc.poll()
+        if code is not None:
+            error = "server exited with code %s before accepting connections" % code
+            break
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return handle
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            error = "server did not accept connections on %s within %.0f s" % (
+                handle.id,
+                STARTUP_TIMEOUT,
+            )
+            break
+        time.sleep(0.1)
+    stop_server(handle)
+    raise SetupError("%s\n--- server log (%s) ---\n%s" % (error, log_path, handle.log_tail()))
+
+
+def stop_server(handle):
+    """SIGTERM, then SIGKILL after STOP_GRACE; always reap. Then kill whatever
+    is left of the server's process group (its workers). Returns the exit code
+    the server had *before* we signalled it (None if it was still running)."""
+    proc = handle.proc
+    exited_early = proc.poll()
+    if exited_early is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return exited_early
+
+
+# --- ppft clients -------------------------------------------------------------
+
+
+def connect_client(server, secret=None, wait=True):
+    """Create an in-process client (``CLIENT``: ppft or pp) that uses only the
+    server under test (ncpus=0: no local workers).
+
+    With wait=True, block (bounded) until the client has opened its STAT
+    connection and all 2*nworkers EXEC connections, so tests start from a fully
+    connected client; raises SetupError otherwise.
+    """
+    js = CLIENT.Server(
+        ncpus=0,
+        ppservers=(server.id,),
+        secret=server.secret if secret is None else secret,
+    )
+    if wait:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        want = 2 * server.nworkers
+        while js.autopp_list.get(server.id, 0) < want:
+            if time.monotonic() > deadline:
+                have = js.autopp_list.get(server.id, 0)
+                close_client(js)
+                raise SetupError(
+                    "ppft client opened %d of %d EXEC connections to %s within %.0f s\n"
+                    "--- server log ---\n%s"
+                    % (have, want, server.id, CONNECT_TIMEOUT, server.log_tail())
+                )
+            time.sleep(0.05)
+    return js
+
+
+def _client_sockets(js):
+    """The client's TCP connections (ppft keeps them in name-mangled lists)."""
+    rworkers = list(getattr(js, "_Server__rworkers", []))
+    rworkers += list(getattr(js, "_Server__rworkers_reserved", []))
+    stats = getattr(js, "_Server__stats", {})
+    rworkers += [s.rworker for s in stats.values() if getattr(s, "rworker", None)]
+    return [getattr(r, "socket", None) for r in rworkers]
+
+
+def close_client(js):
+    """destroy() the client and close its sockets, so the server sees the
+    client go away instead of keeping idle connections until process exit
+    (ppft's destroy() leaves remote connections open)."""
+    try:
+        js.destroy()
+    finally:
+        for sock in _client_sockets(js):
+            if sock is None:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def run_client_script(name, *args):
+    """Start compat-tests/clients/<name> as a separate client process."""
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "clients" / name), *map(str, args)],
+        cwd=str(HERE),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_client_script(proc, timeout=SCRIPT_TIMEOUT):
+    """Wait (bounded) for a client script; returns (returncode, stdout, stderr).
+    A script that does not finish is killed and fails the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(
+            "client script %s did not finish within %s s\nstdout:\n%s\nstderr:\n%s"
+            % (shlex.join(proc.args), timeout, out, err)
+        )
+    return proc.returncode, out, err
