@@ -19,6 +19,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -33,7 +34,7 @@ use tokio::sync::watch;
 use crate::cache::WorkerCache;
 use crate::scheduler::{Job, Scheduler};
 use crate::stats::Stats;
-use crate::wire::{write_frame, write_frames, FrameReader};
+use crate::wire::{write_frame, write_frames, FrameReader, HEADER_LEN};
 
 /// How long a new worker may take to announce its pid (importing ppft and
 /// dill on a loaded machine can take seconds).
@@ -241,15 +242,14 @@ impl Worker {
     /// Runs one job.
     async fn run(&mut self, cache: &mut WorkerCache, job: &Job) -> Outcome {
         let package_frame = cache.frame_for(&job.package);
-        let sent = write_frames(&mut self.stdin, &[package_frame, &job.args]).await;
-        if let Err(e) = &sent {
-            if e.written == 0 {
-                // The pipe was closed before this job reached the worker.
-                return Outcome::NotStarted;
-            }
+        let written = match write_frames(&mut self.stdin, &[package_frame, &job.args]).await {
+            Ok(()) => 2 * HEADER_LEN + package_frame.len() + job.args.len(),
+            // The pipe was closed before this job reached the worker.
+            Err(e) if e.written == 0 => return Outcome::NotStarted,
             // The worker may still have answered: ppft's worker answers a
             // package it cannot load and exits before reading the args.
-        }
+            Err(e) => e.written,
+        };
         cache.insert(job.package.hash);
         match self.stdout.read_frame().await {
             Ok(Some(result)) => {
@@ -259,6 +259,10 @@ impl Worker {
                         .any(|w| w == FATAL_MARKER);
                 Outcome::Answered(result)
             }
+            // A worker killed while idle can take a job in the moment
+            // before its pipes close; if it never read a byte of it, the
+            // job did not start and must not be answered as if it crashed.
+            Ok(None) if unread_bytes(&self.stdin) >= written => Outcome::NotStarted,
             Ok(None) => Outcome::Died { refused: None },
             Err(e) => Outcome::Died {
                 refused: Some(e.to_string()),
@@ -281,6 +285,19 @@ impl Worker {
             Ok(status) => describe(status),
             Err(e) => format!("could not be reaped: {e}"),
         }
+    }
+}
+
+/// Bytes written into a pipe that its reader has not read yet (FIONREAD
+/// works on either end of a Linux pipe); 0 if it cannot be told.
+fn unread_bytes(pipe: &ChildStdin) -> usize {
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer we pass.
+    let rc = unsafe { nix::libc::ioctl(pipe.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
     }
 }
 
