@@ -213,6 +213,8 @@ impl Worker {
         else {
             return Err(io::Error::other("worker pipes missing"));
         };
+        widen_pipe(&stdin);
+        widen_pipe(&stdout);
         let mut w = Worker {
             pid: child.id().unwrap_or(0),
             child,
@@ -285,6 +287,16 @@ impl Worker {
             Ok(status) => describe(status),
             Err(e) => format!("could not be reaped: {e}"),
         }
+    }
+}
+
+/// Large job frames cross the worker pipes in 64 KiB steps by default, a
+/// wake-up of the worker (or of us) per step; a 1 MiB pipe makes that 16
+/// times fewer. Best effort: the system limit may be lower.
+fn widen_pipe(pipe: &impl AsRawFd) {
+    // SAFETY: F_SETPIPE_SZ takes an int and touches no memory of ours.
+    unsafe {
+        nix::libc::fcntl(pipe.as_raw_fd(), nix::libc::F_SETPIPE_SZ, 1 << 20);
     }
 }
 
