@@ -2,13 +2,17 @@
 # Usage: scripts/test.sh [pytest args]
 # Runs every test: formatting and lints, the Rust unit and integration
 # tests (including the fixture replay against the real binary), and the
-# compat suite with real ppft clients from PyPI against the release build.
+# compat suite with real clients from PyPI against the release build, once
+# per client family (ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0), each from its own
+# venv with pinned versions; the server's workers run with that venv too.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-echo "== setting up the compat venv (pinned ppft, dill, pytest)"
+echo "== setting up the compat venvs (pinned clients: ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0)"
 scripts/venv.sh compat-tests/.venv compat-tests/requirements.txt
+scripts/venv.sh compat-tests/.venv-ppft1664 compat-tests/requirements-ppft1664.txt
+scripts/venv.sh compat-tests/.venv-pp170 compat-tests/requirements-pp170.txt
 export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
 echo "== cargo fmt --check, clippy"
@@ -22,5 +26,14 @@ echo "== release build"
 cargo build --release --quiet
 export PPSERVER_BIN="$here/target/release/ppserver"
 
-echo "== compat suite (ppft 1.7.8 clients against target/release/ppserver)"
-"$PPSERVER_TEST_PYTHON" -m pytest compat-tests -q "$@"
+failed=()
+for family in "ppft 1.7.8:.venv" "ppft 1.6.6.4:.venv-ppft1664" "pp 1.7.0:.venv-pp170"; do
+    name=${family%%:*}
+    venv=compat-tests/${family#*:}
+    echo "== compat suite ($name clients and workers against target/release/ppserver)"
+    "$venv/bin/python" -m pytest compat-tests -q "$@" || failed+=("$name")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "== compat suite FAILED for: ${failed[*]}"
+    exit 1
+fi

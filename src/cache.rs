@@ -9,11 +9,15 @@
 //! frame as received, ready to be relayed to a worker that lacks it, and the
 //! 33-byte `H` frame for a worker that already holds it.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use md5::{Digest, Md5};
+
+/// Bytes of packages the server keeps; function packages are source text,
+/// usually kilobytes, so this holds tens of thousands.
+pub const PACKAGE_CACHE_BUDGET: usize = 256 << 20;
 
 /// The name pp gives a package: the hex md5 of its bytes.
 pub type PackageHash = [u8; 32];
@@ -54,7 +58,7 @@ impl Package {
     }
 }
 
-/// A client referred to a package this connection never sent (or that was
+/// A client referred to a package the server does not hold (never sent, or
 /// evicted); the connection cannot go on, because its job cannot be built.
 #[derive(Debug)]
 pub struct UnknownPackage(pub Bytes);
@@ -70,54 +74,75 @@ impl std::fmt::Display for UnknownPackage {
     }
 }
 
-/// The packages one client connection has sent, by hash.
+/// The packages clients have sent, by hash, shared by all connections.
 ///
-/// ppft's client keeps its send cache per connection, so a per-connection
-/// receive cache is always enough. It is bounded by bytes: past the budget
-/// it is cleared, and a later `H` for a dropped package closes the
-/// connection, which the client answers by reconnecting and resending the
-/// job with `N` (its built-in fault tolerance) rather than losing it.
+/// Shared like ppft's server's receive cache, because one client in the
+/// wild depends on it: pp 1.7.0's client keeps its send cache when it
+/// reconnects and goes on sending `H` for packages the new connection
+/// never carried (after a `-k` timeout, say). Unlike ppft's, it is bounded
+/// in bytes: past the budget the oldest packages are dropped, and a later
+/// `H` for one closes that connection, which ppft clients answer by
+/// reconnecting and resending the job with `N`.
 #[derive(Debug)]
-pub struct ConnCache {
-    /// Packages by hash.
-    packages: HashMap<PackageHash, Arc<Package>>,
-    /// Sum of [`Package::cost`] over `packages`.
-    bytes: usize,
-    /// Budget for `bytes`.
+pub struct PackageCache {
+    /// Guarded by a plain mutex: held for a map lookup or insert only.
+    inner: Mutex<CacheInner>,
+    /// Budget for `CacheInner::bytes`.
     budget: usize,
 }
 
-impl ConnCache {
+#[derive(Debug, Default)]
+struct CacheInner {
+    /// Packages by hash.
+    packages: HashMap<PackageHash, Arc<Package>>,
+    /// Hashes in insertion order, oldest first, for eviction.
+    order: VecDeque<PackageHash>,
+    /// Sum of [`Package::cost`] over `packages`.
+    bytes: usize,
+}
+
+impl PackageCache {
     /// An empty cache holding at most about `budget` bytes of packages.
     pub fn new(budget: usize) -> Self {
-        ConnCache {
-            packages: HashMap::new(),
-            bytes: 0,
+        PackageCache {
+            inner: Mutex::default(),
             budget,
         }
     }
 
-    /// Resolves a package frame from the client into a package.
-    pub fn receive(&mut self, frame: Bytes) -> Result<Arc<Package>, UnknownPackage> {
+    /// Resolves a package frame from a client into a package.
+    pub fn receive(&self, frame: Bytes) -> Result<Arc<Package>, UnknownPackage> {
         if frame.first() == Some(&b'H') {
             let hash: Option<&PackageHash> = frame[1..].try_into().ok();
+            let inner = self.lock();
             return hash
-                .and_then(|h| self.packages.get(h))
+                .and_then(|h| inner.packages.get(h))
                 .cloned()
                 .ok_or(UnknownPackage(frame));
         }
+        // Hash outside the lock: it is the only per-byte work here.
         let package = Arc::new(Package::from_new_frame(frame));
-        if let Some(old) = self.packages.get(&package.hash) {
-            // A client resending a package it already sent: keep one copy.
+        let mut inner = self.lock();
+        if let Some(old) = inner.packages.get(&package.hash) {
+            // Sent before (by this or another connection): keep one copy.
             return Ok(old.clone());
         }
-        if self.bytes + package.cost() > self.budget {
-            self.packages.clear();
-            self.bytes = 0;
+        inner.bytes += package.cost();
+        while inner.bytes > self.budget {
+            let Some(oldest) = inner.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = inner.packages.remove(&oldest) {
+                inner.bytes -= gone.cost();
+            }
         }
-        self.bytes += package.cost();
-        self.packages.insert(package.hash, package.clone());
+        inner.order.push_back(package.hash);
+        inner.packages.insert(package.hash, package.clone());
         Ok(package)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -154,7 +179,7 @@ mod tests {
 
     #[test]
     fn new_then_hit_resolve_to_the_same_package() {
-        let mut c = ConnCache::new(1 << 20);
+        let c = PackageCache::new(1 << 20);
         let p = c.receive(Bytes::from_static(b"Nhello")).unwrap();
         // md5(b"hello"), as Python's hashlib gives it.
         assert_eq!(&p.hash, b"5d41402abc4b2a76b9719d911017c592");
@@ -168,7 +193,7 @@ mod tests {
 
     #[test]
     fn unknown_or_malformed_hash_is_an_error() {
-        let mut c = ConnCache::new(1 << 20);
+        let c = PackageCache::new(1 << 20);
         assert!(c
             .receive(Bytes::from_static(b"H5d41402abc4b2a76b9719d911017c592"))
             .is_err());
@@ -178,7 +203,7 @@ mod tests {
 
     #[test]
     fn empty_or_odd_tag_counts_as_new_like_ppft() {
-        let mut c = ConnCache::new(1 << 20);
+        let c = PackageCache::new(1 << 20);
         let p = c.receive(Bytes::new()).unwrap();
         // md5(b"")
         assert_eq!(&p.hash, b"d41d8cd98f00b204e9800998ecf8427e");
@@ -187,18 +212,29 @@ mod tests {
     }
 
     #[test]
-    fn over_budget_the_cache_starts_afresh() {
-        let mut c = ConnCache::new(200);
+    fn over_budget_the_oldest_packages_go() {
+        let c = PackageCache::new(400);
         let a = c.receive(Bytes::from(vec![b'N'; 100])).unwrap();
-        let hit = a.hit_frame.clone();
-        assert!(c.receive(hit.clone()).is_ok());
-        c.receive(Bytes::from(vec![b'X'; 100])).unwrap();
-        assert!(c.receive(hit).is_err(), "evicted package is unknown");
+        let b = c.receive(Bytes::from(vec![b'M'; 101])).unwrap();
+        assert!(c.receive(a.hit_frame.clone()).is_ok());
+        c.receive(Bytes::from(vec![b'X'; 102])).unwrap();
+        assert!(c.receive(a.hit_frame.clone()).is_err(), "oldest evicted");
+        assert!(c.receive(b.hit_frame.clone()).is_ok(), "newer kept");
+    }
+
+    #[test]
+    fn a_package_from_one_connection_serves_another() {
+        // pp 1.7.0's client sends H on a fresh connection after reconnecting.
+        let c = std::sync::Arc::new(PackageCache::new(1 << 20));
+        let p = c.receive(Bytes::from_static(b"Nhello")).unwrap();
+        let other = c.clone();
+        let q = other.receive(p.hit_frame.clone()).unwrap();
+        assert!(Arc::ptr_eq(&p, &q));
     }
 
     #[test]
     fn worker_cache_picks_the_frame() {
-        let mut c = ConnCache::new(1 << 20);
+        let c = PackageCache::new(1 << 20);
         let p = c.receive(Bytes::from_static(b"Nhello")).unwrap();
         let mut w = WorkerCache::default();
         assert_eq!(w.frame_for(&p), &p.new_frame);

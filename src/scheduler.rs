@@ -177,9 +177,9 @@ fn pick(idle: &[IdleWorker], job: &Job) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::ConnCache;
+    use crate::cache::PackageCache;
 
-    fn job(cache: &mut ConnCache, pkg: &'static [u8]) -> (Job, oneshot::Receiver<Bytes>) {
+    fn job(cache: &PackageCache, pkg: &'static [u8]) -> (Job, oneshot::Receiver<Bytes>) {
         let (tx, rx) = oneshot::channel();
         let package = cache.receive(Bytes::from_static(pkg)).unwrap();
         (
@@ -197,9 +197,9 @@ mod tests {
     #[tokio::test]
     async fn queued_jobs_go_out_in_order() {
         let s = Scheduler::default();
-        let mut c = ConnCache::new(1 << 20);
-        let (a, _ra) = job(&mut c, b"Na");
-        let (b, _rb) = job(&mut c, b"Nb");
+        let c = PackageCache::new(1 << 20);
+        let (a, _ra) = job(&c, b"Na");
+        let (b, _rb) = job(&c, b"Nb");
         s.submit(a);
         s.submit(b);
         let (first, cache) = s.next_job(0, WorkerCache::default()).unwrap();
@@ -211,8 +211,8 @@ mod tests {
     #[tokio::test]
     async fn idle_worker_gets_the_job_at_once_and_cache_holder_is_preferred() {
         let s = Scheduler::default();
-        let mut c = ConnCache::new(1 << 20);
-        let (a, _ra) = job(&mut c, b"Na");
+        let c = PackageCache::new(1 << 20);
+        let (a, _ra) = job(&c, b"Na");
         let mut warm = WorkerCache::default();
         warm.insert(a.package.hash);
         // Slot 1 holds the package but went idle first; it still wins.
@@ -223,7 +223,7 @@ mod tests {
         assert!(cache.contains(&got.package.hash));
         assert_eq!(s.queued(), 0);
         // The other one is still idle and takes the next job.
-        let (b, _rb) = job(&mut c, b"Nb");
+        let (b, _rb) = job(&c, b"Nb");
         s.submit(b);
         assert_eq!(&w0.job().await.unwrap().0.package.new_frame[..], b"Nb");
     }
@@ -231,9 +231,9 @@ mod tests {
     #[tokio::test]
     async fn abandoned_queued_jobs_are_skipped() {
         let s = Scheduler::default();
-        let mut c = ConnCache::new(1 << 20);
-        let (a, ra) = job(&mut c, b"Na");
-        let (b, _rb) = job(&mut c, b"Nb");
+        let c = PackageCache::new(1 << 20);
+        let (a, ra) = job(&c, b"Na");
+        let (b, _rb) = job(&c, b"Nb");
         s.submit(a);
         s.submit(b);
         drop(ra);
@@ -244,9 +244,9 @@ mod tests {
     #[tokio::test]
     async fn a_withdrawn_worker_hands_back_its_job() {
         let s = Scheduler::default();
-        let mut c = ConnCache::new(1 << 20);
+        let c = PackageCache::new(1 << 20);
         let w = s.next_job(0, WorkerCache::default()).unwrap_err();
-        let (a, _ra) = job(&mut c, b"Na");
+        let (a, _ra) = job(&c, b"Na");
         s.submit(a);
         let back = w.withdraw().expect("job handed over before withdrawal");
         s.requeue_front(back);
@@ -256,7 +256,7 @@ mod tests {
         let (got, _) = w.unwrap();
         let w2 = s.next_job(1, WorkerCache::default()).unwrap_err();
         assert!(w2.withdraw().is_none());
-        let (b, _rb) = job(&mut c, b"Nb");
+        let (b, _rb) = job(&c, b"Nb");
         s.submit(b);
         assert_eq!(s.queued(), 1, "no live idle worker: queued");
         assert!(s.lock().idle.is_empty(), "the withdrawn entry was dropped");

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::cache::{PackageCache, PACKAGE_CACHE_BUDGET};
 use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::pool::{self, PoolContext, WorkerSpec};
@@ -157,6 +158,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         socket_timeout: cfg.socket_timeout,
         scheduler,
         stats,
+        packages: PackageCache::new(PACKAGE_CACHE_BUDGET),
         next_job_id: AtomicU64::new(0),
         clients: Default::default(),
     });

@@ -16,8 +16,8 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::auth;
-use crate::cache::{ConnCache, UnknownPackage};
+use crate::cache::{PackageCache, UnknownPackage};
 use crate::scheduler::{Job, Scheduler};
 use crate::stats::{format_seconds, Stats};
 use crate::wire::{write_frame, FrameError, FrameReader, QuickAck};
@@ -35,8 +35,6 @@ use crate::wire::{write_frame, FrameError, FrameReader, QuickAck};
 pub const PREAUTH_MAX_FRAME: usize = 4096;
 /// Time a peer gets to complete the handshake, connection type included.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Budget for the packages one connection may keep cached.
-const CONN_CACHE_BUDGET: usize = 256 << 20;
 
 /// What every session shares.
 #[derive(Debug)]
@@ -55,6 +53,8 @@ pub struct SessionContext {
     pub scheduler: Arc<Scheduler>,
     /// Job counters for STAT.
     pub stats: Arc<Stats>,
+    /// Function packages clients have sent.
+    pub packages: PackageCache,
     /// Source of job numbers for log lines.
     pub next_job_id: AtomicU64,
     /// Authenticated connections, for `-t`.
@@ -117,16 +117,34 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     let mut conn = FrameReader::new(stream, PREAUTH_MAX_FRAME);
     match serve(&mut conn, peer, ctx).await {
         Ok(()) => log::debug!("{peer}: connection closed"),
-        Err(SessionError::AuthFailed) => {
-            log::warn!("{peer}: authentication failed, connection closed")
-        }
+        Err(SessionError::AuthFailed) => warn_limited(format_args!(
+            "{peer}: authentication failed, connection closed"
+        )),
         Err(
             e
             @ (SessionError::Frame(FrameError::TooLarge { .. }) | SessionError::UnknownPackage(_)),
-        ) => {
-            log::warn!("{peer}: {e}; connection closed")
-        }
+        ) => warn_limited(format_args!("{peer}: {e}; connection closed")),
         Err(e) => log::debug!("{peer}: {e}; connection closed"),
+    }
+}
+
+/// Logs a warning about a misbehaving peer, at most about once a second;
+/// the rest go to debug. A client stuck in a reconnect loop (pp 1.7.0's
+/// after a lost connection, say) or a flood of bad logins must not bury
+/// the log.
+fn warn_limited(message: std::fmt::Arguments<'_>) {
+    static START: OnceLock<Instant> = OnceLock::new();
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    let now_ms = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now_ms >= last + 1000
+        && LAST_MS
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        log::warn!("{message}");
+    } else {
+        log::debug!("{message}");
     }
 }
 
@@ -210,12 +228,12 @@ async fn exec<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &SessionContext,
 ) -> Result<(), SessionError> {
     log::debug!("{peer}: EXEC connection");
-    let mut cache = ConnCache::new(CONN_CACHE_BUDGET);
     loop {
         let Some(package) = next_frame(conn, ctx, "a job").await? else {
             return Ok(());
         };
-        let package = cache
+        let package = ctx
+            .packages
             .receive(package)
             .map_err(SessionError::UnknownPackage)?;
         let Some(args) = next_frame(conn, ctx, "a job's arguments").await? else {

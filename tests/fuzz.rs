@@ -16,6 +16,7 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use ppserver::auth;
+use ppserver::cache::PackageCache;
 use ppserver::scheduler::Scheduler;
 use ppserver::session::{serve_stream, SessionContext};
 use ppserver::stats::Stats;
@@ -38,6 +39,7 @@ fn context(max_frame: usize) -> SessionContext {
         // session must still end when its peer goes away.
         scheduler: Arc::new(Scheduler::default()),
         stats: Arc::new(Stats::default()),
+        packages: PackageCache::new(1 << 20),
         next_job_id: AtomicU64::new(0),
         clients: Default::default(),
     }
