@@ -135,7 +135,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         loop {
             let missing = match decode(&mut self.buf, self.max)? {
-                Decoded::Frame(frame) => return Ok(Some(frame)),
+                Decoded::Frame(frame) => {
+                    if frame.len() >= EAGER_RESERVE {
+                        self.release_large_buffer();
+                    }
+                    return Ok(Some(frame));
+                }
                 Decoded::Incomplete { missing } => missing,
             };
             if self.buf.capacity() - self.buf.len() < missing {
@@ -152,6 +157,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
         }
+    }
+
+    /// A large frame shares its allocation with the read buffer; if the
+    /// buffer kept it, the next reserve would take the whole block back
+    /// once the frame is dropped, and a connection (or an idle worker)
+    /// would hold the memory of its largest frame for good. Moving the few
+    /// leftover bytes to a fresh buffer leaves the block to the frame
+    /// alone, freed with it.
+    fn release_large_buffer(&mut self) {
+        let mut fresh = BytesMut::with_capacity(self.buf.len().max(8 * 1024));
+        fresh.extend_from_slice(&self.buf);
+        self.buf = fresh;
     }
 
     /// Completes when the peer closes its side (or the stream fails), for
@@ -379,6 +396,26 @@ mod tests {
         assert_eq!(r.read_frame().await.unwrap().unwrap(), vec![1u8; 300]);
         assert_eq!(r.read_frame().await.unwrap().unwrap(), &b"x"[..]);
         assert!(r.read_frame().await.unwrap().is_none(), "clean EOF");
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_takes_its_memory_with_it() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let big = vec![3u8; 3 * EAGER_RESERVE];
+        tokio::spawn(async move {
+            a.write_all(&framed(&big)).await.unwrap();
+            a.write_all(&framed(b"small")).await.unwrap();
+        });
+        let mut r = FrameReader::new(b, 1 << 30);
+        let frame = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(frame.len(), 3 * EAGER_RESERVE);
+        drop(frame);
+        assert_eq!(r.read_frame().await.unwrap().unwrap(), &b"small"[..]);
+        assert!(
+            r.buffered_capacity() < EAGER_RESERVE,
+            "{}",
+            r.buffered_capacity()
+        );
     }
 
     #[tokio::test]

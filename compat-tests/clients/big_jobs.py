@@ -22,7 +22,10 @@ import random
 import sys
 import time
 
-import ppft as pp
+try:
+    import ppft as pp
+except ImportError:  # pp 1.7.0
+    import pp
 
 JOB_DEADLINE = 60.0  # seconds: a job with no answer by then is lost
 
