@@ -5,9 +5,13 @@
   compat-tests/ with PYTHONPATH=compat-tests/ (workers import job functions
   from the test modules: see pphelpers.start_server).
   A test module sets the worker count with ``PPSERVER_WORKERS = N``
-  (default 2).
+  (default 2) and can add flags with ``PPSERVER_FLAGS = (...)``.
 - ``pp_client``: a fully connected in-process ppft client, destroyed after
   the test (more: ``pphelpers.connect_client`` / ``close_client``).
+- ``launch``: ``launch(*flags, name=..., nworkers=1, **kw)`` starts the
+  server under test with any flags (pphelpers.start_server, without
+  PPSERVER_DEBUG's -d), every one stopped after the test; pids appended to
+  ``launch.workers`` are SIGKILLed then too, in case they outlived it.
 - ``@pytest.mark.better_than_ppft(reason=...)``: behaviour where the server
   under test is deliberately better than ppft's own; skipped for python.
 """
@@ -15,6 +19,7 @@
 import pytest
 
 import pphelpers
+import procs
 from pphelpers import IMPL, setup_or_fail
 
 if IMPL not in ("rust", "python"):
@@ -51,8 +56,9 @@ def ppserver(request, tmp_path_factory):
     (host, port, secret, nworkers, proc, log_path). Stops it afterwards and
     fails the module's teardown if the server had exited on its own."""
     nworkers = int(getattr(request.module, "PPSERVER_WORKERS", pphelpers.DEFAULT_WORKERS))
+    flags = getattr(request.module, "PPSERVER_FLAGS", ())
     logdir = tmp_path_factory.mktemp("ppserver-" + request.module.__name__)
-    handle = setup_or_fail(pphelpers.start_server, nworkers, logdir / "server.log")
+    handle = setup_or_fail(pphelpers.start_server, nworkers, logdir / "server.log", *flags)
     try:
         yield handle
     finally:
@@ -62,6 +68,29 @@ def ppserver(request, tmp_path_factory):
         request.module.__name__,
         handle.log_tail(),
     )
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """launch(*flags, **kw) -> a started server (pphelpers.start_server on a
+    free port of 127.0.0.1, one worker unless nworkers= says otherwise, log
+    tmp_path/NAME.log); stopped afterwards, and any worker pids noted in
+    `launch.workers` are killed if they outlived it."""
+    started = []
+
+    def start(*flags, name=None, nworkers=1, **kwargs):
+        name = name or "server%d" % len(started)
+        handle = setup_or_fail(pphelpers.start_server, nworkers, tmp_path / (name + ".log"),
+                               *flags, debug=False, **kwargs)
+        started.append(handle)
+        return handle
+
+    start.workers = []
+    yield start
+    for handle in started:
+        pphelpers.stop_server(handle)
+    for pid in start.workers:
+        procs.sigkill(pid)
 
 
 @pytest.fixture

@@ -1,15 +1,17 @@
-"""Helpers shared by the compat tests: start/stop the server under test and
-connect real ppft clients to it.
+"""Helpers shared by the compat tests: start/stop the server under test (any
+command line, one launcher) and connect real ppft clients to it.
 
 The server under test is chosen by ``PPSERVER_IMPL``:
 
 - ``rust`` (default): the binary at ``$PPSERVER_BIN`` (default
   ``<repo>/target/release/ppserver``), run as
-  ``ppserver -i 127.0.0.1 -p PORT -s SECRET -w N --python <sys.executable>``.
+  ``ppserver -i 127.0.0.1 -p PORT -w N -s SECRET --python <sys.executable>``.
 - ``python``: ppft's own network server, ``<sys.executable> -m ppft.server``,
   used to check that the suite itself is right.
 
-``PPSERVER_DEBUG=1`` adds ``-d`` (debug log level) to the server's command line.
+``PPSERVER_DEBUG=1`` adds ``-d`` (debug log level) to the command line of the
+servers start_server starts (not where a test passes debug=False, e.g. the
+tests of -d itself).
 
 Client families: the suite runs with whichever pp client this interpreter
 has, ``ppft`` (1.7.8, or 1.6.6.4, which also installs a ``pp`` package) or
@@ -20,16 +22,16 @@ interpreter, so they are of the same family.
 """
 
 import importlib
-
 import os
 import shlex
 import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import procs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -108,6 +110,7 @@ class ServerHandle:
     proc: subprocess.Popen
     log_path: Path
     argv: list = field(default_factory=list)
+    died_early: bool = False  # set by stop_server: had it exited by itself?
 
     @property
     def id(self):
@@ -130,84 +133,148 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def server_argv(host, port, secret, nworkers):
+def server_command(*flags, python=None):
+    """The server under test's command line with these flags: for ``rust``
+    the binary, then the flags, then ``--python <this interpreter>`` (so its
+    workers are of this client family); for ``python`` the family's own
+    Python ppserver with the flags."""
+    flags = [str(f) for f in flags]
     if IMPL == "python":
-        argv = [sys.executable, "-m", python_server_module()]
-        extra = []
+        return [python or sys.executable, "-m", python_server_module(), *flags]
+    binary = rust_binary()
+    if not binary.exists():
+        raise SetupError(
+            "ppserver binary not found at %s (build it with `cargo build --release` "
+            "or set PPSERVER_BIN)" % binary
+        )
+    return [str(binary), *flags, "--python", python or sys.executable]
+
+
+def server_env(extra=None, pythonpath=(HERE,)):
+    """The environment the suite runs servers in: PYTHONPATH = `pythonpath`
+    (default compat-tests/: workers import job functions from the test
+    modules; None or () removes it: ppft's client, run in the pytest process,
+    rewrites os.environ["PYTHONPATH"], which must not leak into the server),
+    no PPSERVER_SECRET, unbuffered Python output (so a Python server's
+    statistics reach the log), plus `extra` (a value of None removes that
+    variable)."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.pop("PPSERVER_SECRET", None)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+    env["PYTHONUNBUFFERED"] = "1"
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def launch(argv, log_path, *, port=None, host="127.0.0.1", secret=SECRET, nworkers=0,
+           env=None, cwd=HERE, wait=True):
+    """Start `argv` in its own session (process group), stdin from /dev/null,
+    stdout and stderr to log_path, whose first line is the command line with
+    `secret` masked (so tests can check that the server itself never logs
+    it). Environment: `env`, default server_env().
+
+    With wait=True, wait (bounded, STARTUP_TIMEOUT) until it accepts TCP
+    connections on host:port; if it exits or never does, stop it and raise
+    SetupError with its log. Returns a ServerHandle (stop it with
+    stop_server)."""
+    log_path = Path(log_path)
+    shown = ["***" if secret and a == secret else a for a in map(str, argv)]
+    with open(log_path, "wb") as logf:
+        logf.write(("$ %s\n" % shlex.join(shown)).encode())
+        logf.flush()
+        proc = subprocess.Popen(
+            argv,
+            cwd=str(cwd),
+            env=server_env() if env is None else env,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    handle = ServerHandle(IMPL, host, port or 0, secret, nworkers, proc, log_path, list(argv))
+    if wait:
+        wait_listening(handle)
+    return handle
+
+
+def wait_listening(handle, timeout=STARTUP_TIMEOUT):
+    """Wait (bounded) until the server accepts TCP connections on its
+    host:port. If it exits first or never does, stop it and raise SetupError
+    with the tail of its log."""
+
+    def state():
+        if handle.proc.poll() is not None:
+            return "exited"
+        try:
+            with socket.create_connection((handle.host, handle.port), timeout=1.0):
+                return "listening"
+        except OSError:
+            return None
+
+    found = procs.wait_until(state, timeout=timeout)
+    if found == "listening":
+        return handle
+    if found == "exited":
+        problem = "server exited with code %s before accepting connections" % (
+            handle.proc.returncode)
     else:
-        binary = rust_binary()
-        if not binary.exists():
-            raise SetupError(
-                "ppserver binary not found at %s (build it with `cargo build --release` "
-                "or set PPSERVER_BIN)" % binary
-            )
-        argv = [str(binary)]
-        extra = ["--python", sys.executable]
-    argv += ["-i", host, "-p", str(port), "-s", secret, "-w", str(nworkers)]
-    if os.environ.get("PPSERVER_DEBUG"):
-        argv.append("-d")
-    return argv + extra
+        problem = "server did not accept connections on %s within %.0f s" % (handle.id, timeout)
+    stop_server(handle)
+    raise SetupError("%s\n--- server log (%s) ---\n%s" % (problem, handle.log_path,
+                                                          handle.log_tail()))
 
 
-def start_server(nworkers, log_path, host="127.0.0.1", secret=SECRET, cwd=HERE,
-                 pythonpath=(HERE,)):
-    """Start the server under test and wait (bounded) until it accepts TCP
-    connections. Raises SetupError with the server's log if it never does.
+def start_server(nworkers, log_path, *flags, host="127.0.0.1", secret=SECRET,
+                 with_secret=True, debug=None, env=None, cwd=HERE, pythonpath=(HERE,),
+                 wait=True):
+    """Start the server under test on a free port of `host` with
+    ``-i HOST -p PORT -w NWORKERS [-s SECRET] [-d]`` and `flags`, and wait
+    (bounded) until it accepts TCP connections (see launch). Raises
+    SetupError with the server's log if it never does.
+
+    -d is added when `debug` is true, or when it is None (the default) and
+    ``PPSERVER_DEBUG`` is set; debug=False leaves it to `flags`.
+    with_secret=False leaves out ``-s`` (the secret then comes from a flag or
+    the environment; `secret` is still what clients should use).
 
     By default the server runs in this directory with PYTHONPATH set to it.
     Job functions that ppft's client finds in an importable module (anything
     not defined in ``__main__``: these test modules, userclasses) are shipped
     as ``from module import name``, not as source, so the workers must be able
     to import this directory. ``pythonpath=None`` removes PYTHONPATH from the
-    server's environment entirely (ppft's client, run in the pytest process,
-    rewrites os.environ["PYTHONPATH"], which must not leak into the server).
+    server's environment entirely (see server_env); `env` replaces the whole
+    environment.
     """
     port = free_port(host)
-    argv = server_argv(host, port, secret, nworkers)
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
-    with open(log_path, "wb") as logf:
-        logf.write(("$ %s\n" % shlex.join(argv)).encode())
-        logf.flush()
-        proc = subprocess.Popen(
-            argv,
-            cwd=str(cwd),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    handle = ServerHandle(IMPL, host, port, secret, nworkers, proc, Path(log_path), argv)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        code = proc.poll()
-        if code is not None:
-            error = "server exited with code %s before accepting connections" % code
-            break
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return handle
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            error = "server did not accept connections on %s within %.0f s" % (
-                handle.id,
-                STARTUP_TIMEOUT,
-            )
-            break
-        time.sleep(0.1)
-    stop_server(handle)
-    raise SetupError("%s\n--- server log (%s) ---\n%s" % (error, log_path, handle.log_tail()))
+    base = ["-i", host, "-p", port, "-w", nworkers]
+    if with_secret:
+        base += ["-s", secret]
+    if debug is None:
+        debug = bool(os.environ.get("PPSERVER_DEBUG"))
+    if debug and "-d" not in flags:
+        base.append("-d")
+    argv = server_command(*base, *flags)
+    if env is None:
+        env = server_env(pythonpath=pythonpath)
+    return launch(argv, log_path, port=port, host=host, secret=secret, nworkers=nworkers,
+                  env=env, cwd=cwd, wait=wait)
 
 
 def stop_server(handle):
     """SIGTERM, then SIGKILL after STOP_GRACE; always reap. Then kill whatever
-    is left of the server's process group (its workers). Returns the exit code
-    the server had *before* we signalled it (None if it was still running)."""
+    is left of the server's process group, and SIGKILL any of its workers
+    still around (our server puts each worker in its own process group, so
+    killpg on the server's group does not reach them; PDEATHSIG normally
+    does). Sets handle.died_early; returns the exit code the server had
+    *before* we signalled it (None if it was still running)."""
     proc = handle.proc
+    workers = procs.worker_pids(handle) if proc.poll() is None else set()
     exited_early = proc.poll()
     if exited_early is None:
         try:
@@ -223,6 +290,10 @@ def stop_server(handle):
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    handle.died_early = exited_early is not None
+    for pid in workers:
+        if procs.is_worker_cmdline(procs.cmdline(pid)):  # else gone (its pid maybe reused)
+            procs.sigkill(pid)
     return exited_early
 
 
@@ -243,18 +314,16 @@ def connect_client(server, secret=None, wait=True):
         secret=server.secret if secret is None else secret,
     )
     if wait:
-        deadline = time.monotonic() + CONNECT_TIMEOUT
         want = 2 * server.nworkers
-        while js.autopp_list.get(server.id, 0) < want:
-            if time.monotonic() > deadline:
-                have = js.autopp_list.get(server.id, 0)
-                close_client(js)
-                raise SetupError(
-                    "ppft client opened %d of %d EXEC connections to %s within %.0f s\n"
-                    "--- server log ---\n%s"
-                    % (have, want, server.id, CONNECT_TIMEOUT, server.log_tail())
-                )
-            time.sleep(0.05)
+        if not procs.wait_until(lambda: js.autopp_list.get(server.id, 0) >= want,
+                                timeout=CONNECT_TIMEOUT):
+            have = js.autopp_list.get(server.id, 0)
+            close_client(js)
+            raise SetupError(
+                "ppft client opened %d of %d EXEC connections to %s within %.0f s\n"
+                "--- server log ---\n%s"
+                % (have, want, server.id, CONNECT_TIMEOUT, server.log_tail())
+            )
     return js
 
 

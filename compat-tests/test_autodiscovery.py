@@ -28,8 +28,18 @@ from pathlib import Path
 
 import pytest
 
-import serverprocs as sp
-from pphelpers import HERE, SECRET, finish_client_script, free_port, stop_server
+from pphelpers import (
+    HERE,
+    SECRET,
+    STARTUP_TIMEOUT,
+    finish_client_script,
+    free_port,
+    launch,
+    server_command,
+    server_env,
+    stop_server,
+)
+from procs import exists, wait_until
 
 PREFIX = "pptest-"
 SERVER_ADDR = "192.0.2.1"
@@ -57,16 +67,6 @@ def _delete_namespace(name):
     _ip("netns", "del", name, check=False)
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale():
     """Namespaces with our prefix whose creating test process is gone."""
     for line in _ip("netns", "list", check=False).stdout.splitlines():
@@ -77,7 +77,7 @@ def _remove_stale():
             creator = int(name[len(PREFIX):].split("-")[0])
         except ValueError:
             continue
-        if not _alive(creator):
+        if not exists(creator):
             _delete_namespace(name)
 
 
@@ -142,12 +142,12 @@ def _bound(pid, proto, port, state=None):
 
 
 def _start_server(netns, port, tmp_path):
-    argv = Netns.exec(netns.server, sp.server_command(
+    argv = Netns.exec(netns.server, server_command(
         "-a", "-d", "-p", port, "-s", SECRET, "-w", WORKERS))
-    server = sp.launch(argv, tmp_path / "server.log", port=port, nworkers=WORKERS, wait=False)
-    listening = sp.wait_until(
+    server = launch(argv, tmp_path / "server.log", port=port, nworkers=WORKERS, wait=False)
+    listening = wait_until(
         lambda: server.proc.poll() is not None or _bound(server.proc.pid, "tcp", port, "0A"),
-        sp.STARTUP_TIMEOUT)
+        timeout=STARTUP_TIMEOUT)
     assert listening and server.proc.poll() is None, (
         "server in %s not listening\n%s" % (netns.server, server.log_tail()))
     return server
@@ -157,7 +157,7 @@ def _start_client(netns, port):
     script = HERE / "clients" / "discover_jobs.py"
     return subprocess.Popen(
         Netns.exec(netns.client, [sys.executable, script, port, SECRET, NJOBS]),
-        cwd=str(HERE), env=sp.server_env(), stdin=subprocess.DEVNULL,
+        cwd=str(HERE), env=server_env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -207,8 +207,8 @@ def test_server_started_later_is_found(netns, tmp_path):
     sniffer = subprocess.Popen(Netns.exec(netns.server, [sys.executable, "-c", SNIFFER, port]),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert sp.wait_until(lambda: _bound(sniffer.pid, "udp", port)
-                             or sniffer.poll() is not None), "probe did not start"
+        assert wait_until(lambda: _bound(sniffer.pid, "udp", port)
+                          or sniffer.poll() is not None, timeout=60), "probe did not start"
         client = _start_client(netns, port)
         out, err = sniffer.communicate(timeout=90)
     except subprocess.TimeoutExpired:

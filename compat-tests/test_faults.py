@@ -20,16 +20,9 @@ import pytest
 import faultjobs
 import ppwire
 from common_jobs import assert_all_workers_in_parallel
-from faulthelpers import (
-    Killer,
-    assert_died_text,
-    exec_session,
-    finished_within,
-    wait_for_pool,
-    wait_until,
-    worker_pids,
-)
+from faulthelpers import Killer, assert_died_text, exec_session, finished_within
 from pphelpers import finish_client_script, run_client_script
+from procs import wait_for_pool, wait_until, worker_pids
 
 PPSERVER_WORKERS = 3
 

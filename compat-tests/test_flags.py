@@ -1,12 +1,13 @@
 """Every ppserver flag, with real server processes and real clients.
 
-Each test starts its own server(s) on free ports of 127.0.0.1 (see
-serverprocs.py). Flags that ppft's own ppserver has (-t -k -P -f -d -r -n) are
-also checked against it with PPSERVER_IMPL=python; the others (-c, which needs
-configobj there, --secret-file, PPSERVER_SECRET, --python, --pp-version and
-the command-line checks) are ours alone. No wall-clock thresholds: waits are
-generous upper bounds, and the only time comparisons are lower bounds ("did
-not exit before -t seconds"), which a slow machine cannot break.
+Each test starts its own server(s) on free ports of 127.0.0.1 (conftest's
+``launch`` fixture, or pphelpers.launch). Flags that ppft's own ppserver has
+(-t -k -P -f -d -r -n) are also checked against it with PPSERVER_IMPL=python;
+the others (-c, which needs configobj there, --secret-file, PPSERVER_SECRET,
+--python, --pp-version and the command-line checks) are ours alone. No
+wall-clock thresholds: waits are generous upper bounds, and the only time
+comparisons are lower bounds ("did not exit before -t seconds"), which a slow
+machine cannot break.
 """
 
 import subprocess
@@ -21,34 +22,21 @@ import serverprocs as sp
 from pphelpers import (
     FAMILY,
     IMPL,
+    STARTUP_TIMEOUT,
     close_client,
     connect_client,
     free_port,
     rust_binary,
+    server_command,
+    server_env,
     setup_or_fail,
     stop_server,
 )
+from procs import wait_until
 
 ours_only = pytest.mark.skipif(
     IMPL == "python", reason="not a flag (or behaviour) of ppft's own ppserver"
 )
-
-
-@pytest.fixture
-def launch(tmp_path):
-    """launch(*flags, **kw): start the server under test with these flags
-    (see serverprocs.start); every server started is stopped afterwards."""
-    started = []
-
-    def start(*flags, **kwargs):
-        kwargs.setdefault("name", "server%d" % len(started))
-        handle = setup_or_fail(sp.start, tmp_path, *flags, **kwargs)
-        started.append(handle)
-        return handle
-
-    yield start
-    for handle in started:
-        stop_server(handle)
 
 
 def pid_and_square(x):
@@ -93,7 +81,7 @@ def _authenticated_stat(server):
     """Open and authenticate a STAT connection as soon as the server listens.
     Returns the socket, or None if the server exited (with code 0: it did
     what -t says) before it could be done."""
-    deadline = time.monotonic() + sp.STARTUP_TIMEOUT
+    deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             assert server.proc.returncode == 0, server.log_tail()
@@ -199,7 +187,7 @@ def test_P_writes_the_server_pid(launch, tmp_path):
     with the stop signals, test_signals.py)."""
     pid_file = tmp_path / "ppserver.pid"
     server = launch("-P", pid_file)
-    assert sp.wait_until(lambda: pid_file.exists() and pid_file.read_text().strip()), (
+    assert wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=60), (
         "no pid file\n%s" % server.log_tail())
     assert int(pid_file.read_text().strip()) == server.proc.pid
 
@@ -220,8 +208,8 @@ def test_f_custom_log_format(launch):
     format does."""
     server = launch("-d", "-f", "PPLOG %(levelname)s %(message)s")
     _some_traffic(server)
-    assert sp.wait_until(
-        lambda: any(line.startswith("PPLOG DEBUG ") for line in log_lines(server)), 30
+    assert wait_until(
+        lambda: any(line.startswith("PPLOG DEBUG ") for line in log_lines(server)), timeout=30
     ), server.log_tail()
     for line in log_lines(server):
         assert not any(mark in line for mark in DEFAULT_FORMAT_MARKS), line
@@ -230,7 +218,7 @@ def test_f_custom_log_format(launch):
 @ours_only
 def test_f_bad_format_is_refused(tmp_path):
     """-f with an unknown field exits non-zero naming -f, without a panic."""
-    argv = sp.server_command("-i", "127.0.0.1", "-p", free_port(), "-f", "%(bogus)s")
+    argv = server_command("-i", "127.0.0.1", "-p", free_port(), "-f", "%(bogus)s")
     assert_clean_failure(*sp.run_to_exit(argv), "-f")
 
 
@@ -241,7 +229,7 @@ def test_d_adds_debug_lines(launch):
     loud = launch("-d", name="loud")
     _some_traffic(quiet)
     _some_traffic(loud)
-    assert sp.wait_until(lambda: " - DEBUG - " in loud.log(), 30), loud.log_tail()
+    assert wait_until(lambda: " - DEBUG - " in loud.log(), timeout=30), loud.log_tail()
     assert " - DEBUG - " not in quiet.log(), quiet.log_tail()
 
 
@@ -270,9 +258,9 @@ def _config(tmp_path, port, pid_file, extra_general=""):
 
 
 def _launch_with_config(tmp_path, name, flags, port, secret, nworkers):
-    argv = sp.server_command(*flags)
-    return setup_or_fail(sp.launch, argv, tmp_path / (name + ".log"), port=port, secret=secret,
-                         nworkers=nworkers)
+    argv = server_command(*flags)
+    return setup_or_fail(pphelpers.launch, argv, tmp_path / (name + ".log"), port=port,
+                         secret=secret, nworkers=nworkers)
 
 
 @ours_only
@@ -292,7 +280,7 @@ def test_c_config_file_is_honoured(tmp_path):
             assert [js.submit(triple, (i,))() for i in range(6)] == [0, 3, 6, 9, 12, 15]
         finally:
             close_client(js)
-        assert sp.wait_until(lambda: pid_file.exists()), server.log_tail()
+        assert wait_until(lambda: pid_file.exists(), timeout=60), server.log_tail()
         assert int(pid_file.read_text().strip()) == server.proc.pid
         assert " - DEBUG - " in server.log(), "debug = true in the file was ignored"
     finally:
@@ -333,7 +321,7 @@ def test_c_later_flags_override_the_file(tmp_path):
 def test_c_invalid_value_is_refused(tmp_path, line, key):
     """A value that does not parse exits non-zero, naming the key."""
     conf = _config(tmp_path, free_port(), tmp_path / "x.pid", extra_general=line)
-    code, out, err = sp.run_to_exit(sp.server_command("-c", conf))
+    code, out, err = sp.run_to_exit(server_command("-c", conf))
     assert_clean_failure(code, out, err, key)
 
 
@@ -401,7 +389,7 @@ def test_secret_from_environment(launch):
     """PPSERVER_SECRET is the secret when no flag gives one."""
     secret = "secret from the environment"
     server = launch(with_secret=False, secret=secret,
-                    env=sp.server_env({"PPSERVER_SECRET": secret}))
+                    env=server_env({"PPSERVER_SECRET": secret}))
     _secret_works(server, secret)
 
 
@@ -433,7 +421,7 @@ def test_python_without_pp_says_what_to_install(tmp_path):
     bare = venv / "bin" / "python"
     for module in ("ppft", "pp"):
         probe = subprocess.run([str(bare), "-c", "import " + module], capture_output=True,
-                               env=sp.server_env(), timeout=60)
+                               env=server_env(), timeout=60)
         assert probe.returncode != 0, "the bare venv can import %s" % module
     for python in (bare, "/usr/bin/false"):
         argv = [str(rust_binary()), "-i", "127.0.0.1", "-p", str(free_port()), "--python",

@@ -21,20 +21,9 @@ import pytest
 
 import faultjobs
 import ppwire
-from faulthelpers import (
-    ExtraServer,
-    stat_fields,
-    exec_session,
-    fd_count,
-    fd_targets,
-    stat_roundtrip,
-    stop_server_and_workers,
-    start_server,
-    wait_for_pool,
-    wait_settled,
-    wait_until,
-)
-from pphelpers import close_client, connect_client, setup_or_fail
+from faulthelpers import ExtraServer, exec_session, stat_roundtrip
+from pphelpers import close_client, connect_client, setup_or_fail, start_server, stop_server
+from procs import fd_count, fd_targets, is_gone, wait_for_pool, wait_settled, wait_until
 
 FD_SLACK = 3
 CONNECTIONS = 1500
@@ -153,12 +142,6 @@ def test_no_process_or_fd_leak_after_restarts_and_kills(tmp_path):
             raise AssertionError("%s\nbefore: %s\nnow: %s" % (exc, before, fd_targets(pid)))
 
 
-def _dead(pid):
-    """Gone, or a zombie waiting for whoever adopted it."""
-    fields = stat_fields(pid)
-    return fields is None or fields[0] in ("Z", "X")
-
-
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_workers_do_not_outlive_the_server(tmp_path, how):
     """Stopping the server (SIGTERM), or killing it outright (SIGKILL), also
@@ -171,8 +154,8 @@ def test_workers_do_not_outlive_the_server(tmp_path, how):
         ppwire.send_job(sock, nap, (600,))
         server.proc.send_signal(how)
         server.proc.wait(timeout=30)
-        wait_until(lambda: all(_dead(w) for w in workers),
+        wait_until(lambda: all(is_gone(w) for w in workers),
                    "workers %s to end with the server" % sorted(workers), timeout=30)
         sock.close()
     finally:
-        stop_server_and_workers(server)
+        stop_server(server)

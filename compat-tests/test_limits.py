@@ -11,6 +11,7 @@ peers at most about once a second and the rest at debug level, and the
 tests look for the line about their own connection.
 """
 
+import contextlib
 import socket
 import time
 
@@ -19,31 +20,12 @@ import pytest
 import faultjobs
 import ppwire
 from common_jobs import assert_all_workers_in_parallel
-from faulthelpers import (
-    ExtraServer,
-    start_server,
-    stop_server_and_workers,
-    exec_session,
-    rss_kib,
-    server_alive,
-    stat_roundtrip,
-    status_kib,
-    wait_until,
-)
-from pphelpers import IMPL, close_client, connect_client, setup_or_fail
+from faulthelpers import ExtraServer, exec_session, server_alive, stat_roundtrip
+from pphelpers import close_client, connect_client
+from procs import rss_kib, status_kib, wait_until
 
 PPSERVER_WORKERS = 2
-
-@pytest.fixture(scope="module")
-def ppserver(tmp_path_factory):
-    """This module's server (overrides conftest's): the same, with -d."""
-    logdir = tmp_path_factory.mktemp("ppserver-test_limits")
-    handle = setup_or_fail(start_server, PPSERVER_WORKERS, logdir / "server.log", debug=True)
-    try:
-        yield handle
-    finally:
-        stop_server_and_workers(handle)
-    assert not handle.died_early, "server exited on its own; log:\n" + handle.log_tail()
+PPSERVER_FLAGS = ("-d",)  # conftest's ppserver for this module runs with -d
 
 
 HUGE = 2**62
@@ -73,12 +55,30 @@ def _others_still_work(server, pp_client, raw_exec):
     assert stat_roundtrip(server)[0] == server.nworkers
 
 
+@contextlib.contextmanager
+def _others_still_working(server, pp_client):
+    """Open a raw EXEC connection before the block (the misbehaviour), and
+    check _others_still_work after it."""
+    raw = exec_session(server)
+    try:
+        yield
+        _others_still_work(server, pp_client, raw)
+    finally:
+        raw.close()
+
+
+def _oversize_frame_logged(server, port):
+    """Ours logs a line naming the peer's port and the announced size."""
+    if server.impl == "rust":
+        wait_until(lambda: _log_line_about(server, port, str(HUGE)),
+                   "a log line about client port %d's oversize frame" % port, timeout=10)
+
+
 def test_huge_header_before_auth_closes_only_that_connection(pp_client, ppserver):
     """A 2**62-byte frame header in place of the answer to the nonce: that
     connection is closed (and, for ours, a log line names the peer); the
     server survives; other clients are unaffected."""
-    raw = exec_session(ppserver)
-    try:
+    with _others_still_working(ppserver, pp_client):
         sock = ppwire.connect(ppserver.host, ppserver.port)
         port = _port(sock)
         try:
@@ -88,12 +88,7 @@ def test_huge_header_before_auth_closes_only_that_connection(pp_client, ppserver
             assert ppwire.is_closed(sock), "server answered a 2**62-byte frame"
         finally:
             sock.close()
-        _others_still_work(ppserver, pp_client, raw)
-    finally:
-        raw.close()
-    if ppserver.impl == "rust":
-        wait_until(lambda: _log_line_about(ppserver, port, str(HUGE)),
-                   "a log line about client port %d's oversize frame" % port, timeout=10)
+    _oversize_frame_logged(ppserver, port)
 
 
 @pytest.mark.parametrize("where", ["EXEC package", "EXEC args", "STAT request"])
@@ -101,8 +96,7 @@ def test_huge_header_after_auth_closes_only_that_connection(pp_client, ppserver,
     """After authentication, a 2**62-byte header (as a job's package, as its
     arguments, or as a STAT request) closes that connection without the
     server trying to allocate it; the server and its other clients go on."""
-    raw = exec_session(ppserver)
-    try:
+    with _others_still_working(ppserver, pp_client):
         ctype = "STAT" if where.startswith("STAT") else "EXEC"
         sock = ppwire.open_session(ppserver.host, ppserver.port, ppserver.secret, ctype)
         port = _port(sock)
@@ -115,12 +109,7 @@ def test_huge_header_after_auth_closes_only_that_connection(pp_client, ppserver,
             assert ppwire.is_closed(sock), "server answered after a 2**62-byte frame"
         finally:
             sock.close()
-        _others_still_work(ppserver, pp_client, raw)
-    finally:
-        raw.close()
-    if ppserver.impl == "rust":
-        wait_until(lambda: _log_line_about(ppserver, port, str(HUGE)),
-                   "a log line about client port %d's oversize frame" % port, timeout=10)
+    _oversize_frame_logged(ppserver, port)
 
 
 BIG_ANNOUNCED = 512 << 20

@@ -14,36 +14,12 @@ import pytest
 
 import ppwire
 import serverprocs as sp
-from pphelpers import setup_or_fail, stop_server
+from procs import is_gone, live_children, wait_for_children, wait_until
 
 better_than_ppft = pytest.mark.better_than_ppft(
     reason="ppft's ppserver dies on SIGTERM/SIGINT/SIGKILL without stopping its workers "
     "or removing its pid file"
 )
-
-
-@pytest.fixture
-def launch(tmp_path):
-    """launch(*flags, **kw) -> a started server (see serverprocs.start);
-    stopped afterwards, and any worker pids noted in `launch.workers` are
-    killed if they outlived it."""
-    started = []
-
-    def start(*flags, **kwargs):
-        kwargs.setdefault("name", "server%d" % len(started))
-        handle = setup_or_fail(sp.start, tmp_path, *flags, **kwargs)
-        started.append(handle)
-        return handle
-
-    start.workers = []
-    yield start
-    for handle in started:
-        stop_server(handle)
-    for pid in start.workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _stats_rows(text):
@@ -72,8 +48,8 @@ def test_sigusr1_prints_the_statistics_table(launch):
 
     os.kill(server.proc.pid, signal.SIGUSR1)
     header = "job count | % of all jobs | job time sum | time per job | job server"
-    assert sp.wait_until(
-        lambda: header in server.log() and _stats_rows(server.log()), 60
+    assert wait_until(
+        lambda: header in server.log() and _stats_rows(server.log()), timeout=60
     ), "no statistics table after SIGUSR1\n%s" % server.log_tail()
     rows = _stats_rows(server.log())
     assert len(rows) == 1, rows
@@ -93,9 +69,9 @@ def test_stop_signal_stops_every_worker(launch, tmp_path, signame):
     file is gone."""
     pid_file = tmp_path / "ppserver.pid"
     server = launch("-P", pid_file, nworkers=3)
-    workers = sp.worker_pids(server, 3)
+    workers = wait_for_children(server, 3)
     launch.workers.extend(workers)
-    assert sp.wait_until(lambda: pid_file.exists()), server.log_tail()
+    assert wait_until(lambda: pid_file.exists(), timeout=60), server.log_tail()
 
     # A job that keeps its worker busy past any bounded wait below.
     busy, busy_worker = sp.start_marked_nap(server, tmp_path / "running")
@@ -111,9 +87,9 @@ def test_stop_signal_stops_every_worker(launch, tmp_path, signame):
     finally:
         busy.close()
     assert code == 0, "exit code %r after %s\n%s" % (code, signame, server.log_tail())
-    assert sp.wait_until(lambda: all(sp.is_gone(pid) for pid in workers)), (
+    assert wait_until(lambda: all(is_gone(pid) for pid in workers), timeout=60), (
         "workers still running after %s: %r\n%s"
-        % (signame, [p for p in workers if not sp.is_gone(p)], server.log_tail())
+        % (signame, [p for p in workers if not is_gone(p)], server.log_tail())
     )
     assert not pid_file.exists(), "pid file left behind after %s" % signame
 
@@ -124,15 +100,15 @@ def test_sigkill_takes_the_workers_along(launch, tmp_path):
     (they asked for PR_SET_PDEATHSIG), including one busy with a long job,
     which would not notice its closed stdin until the job ends."""
     server = launch(nworkers=2)
-    workers = sp.worker_pids(server, 2)
+    workers = wait_for_children(server, 2)
     launch.workers.extend(workers)
     busy, busy_worker = sp.start_marked_nap(server, tmp_path / "running")
     assert busy_worker in workers, (busy_worker, workers)
     try:
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
-        assert sp.wait_until(lambda: all(sp.is_gone(pid) for pid in workers)), (
-            "workers outlived the killed server: %r" % [p for p in workers if not sp.is_gone(p)]
+        assert wait_until(lambda: all(is_gone(pid) for pid in workers), timeout=60), (
+            "workers outlived the killed server: %r" % [p for p in workers if not is_gone(p)]
         )
     finally:
         busy.close()
@@ -142,9 +118,9 @@ def test_workers_are_the_servers_children(launch):
     """Sanity check of the process inspection the tests above rely on: a
     server with 3 workers has exactly 3 live children, which run jobs."""
     server = launch(nworkers=3)
-    workers = sp.worker_pids(server, 3)
+    workers = wait_for_children(server, 3)
     assert len(workers) == 3
-    assert sp.children(server.proc.pid) == workers
+    assert live_children(server.proc.pid) == workers
     pids = set()
     for _ in range(20):
         pids.add(sp.raw_job(server, "worker_pid", sp.PID_SOURCE, ())[0])

@@ -8,12 +8,12 @@ After each failure, N jobs must again run in parallel on N live workers.
 import os
 import signal
 import sys
-import time
 
 import pytest
 
 import ppwire
 from common_jobs import assert_all_workers_in_parallel
+from procs import exists, wait_until
 
 pytestmark = pytest.mark.better_than_ppft(
     reason="ppft's server does not replace dead workers; later jobs hang"
@@ -73,14 +73,7 @@ def test_worker_dying_mid_job_gets_an_answer_and_is_replaced(pp_client, ppserver
 def _wait_reaped(pid, timeout=30.0):
     """Wait until `pid` no longer exists at all: dead *and* reaped by its
     parent (a zombie still answers kill(pid, 0))."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_until(lambda: not exists(pid), timeout=timeout)
 
 
 def test_worker_killed_while_idle_is_replaced(pp_client, ppserver):

@@ -22,10 +22,7 @@ import random
 import sys
 import time
 
-try:
-    import ppft as pp
-except ImportError:  # pp 1.7.0
-    import pp
+from ppclient import connected_server, start_together
 
 JOB_DEADLINE = 60.0  # seconds: a job with no answer by then is lost
 
@@ -44,24 +41,11 @@ def payload(tag, i, size):
     return random.Random("%s-%d" % (tag, i)).randbytes(size)
 
 
-def wait_for(predicate, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit("timed out waiting for %s" % what)
-        time.sleep(0.02)
-
-
 def main():
     server_id, secret, tag, njobs, size, barrier, nclients = sys.argv[1:8]
     njobs, size, nclients = int(njobs), int(size), int(nclients)
-    js = pp.Server(ncpus=0, ppservers=(server_id,), secret=secret)
-    ncpus = lambda: js.get_stats()[server_id].ncpus if server_id in js.get_stats() else 0
-    wait_for(lambda: ncpus() and js.autopp_list.get(server_id, 0) >= 2 * ncpus(),
-             "the client to connect")
-    open(os.path.join(barrier, "ready-" + tag), "w").close()
-    wait_for(lambda: len([f for f in os.listdir(barrier) if f.startswith("ready-")]) >= nclients,
-             "the other clients")
+    js = connected_server(server_id, secret)
+    start_together(barrier, tag, nclients)
 
     expected, jobs = [], []
     for i in range(njobs):

@@ -13,10 +13,7 @@ import json
 import sys
 import time
 
-try:
-    import ppft as pp
-except ImportError:  # pp 1.7.0
-    import pp
+from ppclient import pp
 
 
 def cube(i):

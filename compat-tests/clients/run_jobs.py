@@ -13,14 +13,10 @@ correct.
 
 import json
 import math
-import os
 import sys
-import time
 
-try:
-    import ppft as pp
-except ImportError:  # pp 1.7.0
-    import pp
+from ppclient import connected_server, start_together
+
 try:
     from dill.source import importable
 except ImportError:  # pp 1.7.0 has no dill and always ships inspect's source
@@ -50,14 +46,6 @@ def work(tag, i):
     return tag, i, sum(x for x in range(2, 500 + i) if isprime(x)), os.getpid()
 
 
-def wait_for(predicate, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit("timed out waiting for %s" % what)
-        time.sleep(0.02)
-
-
 def main():
     # Self-check: this script is meant to exercise the source-shipping path.
     for func in (work, isprime) if importable else ():
@@ -67,14 +55,8 @@ def main():
 
     server_id, secret, tag, njobs, barrier, nclients = sys.argv[1:7]
     njobs, nclients = int(njobs), int(nclients)
-    js = pp.Server(ncpus=0, ppservers=(server_id,), secret=secret)
-    ncpus = lambda: js.get_stats()[server_id].ncpus if server_id in js.get_stats() else 0
-    wait_for(lambda: ncpus() and js.autopp_list.get(server_id, 0) >= 2 * ncpus(),
-             "the client to connect")
-
-    open(os.path.join(barrier, "ready-" + tag), "w").close()
-    wait_for(lambda: len([f for f in os.listdir(barrier) if f.startswith("ready-")]) >= nclients,
-             "the other clients")
+    js = connected_server(server_id, secret)
+    start_together(barrier, tag, nclients)
 
     jobs = [js.submit(work, (tag, i), (isprime,), ("math",)) for i in range(njobs)]
     results = [job() for job in jobs]

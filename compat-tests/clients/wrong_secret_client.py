@@ -12,10 +12,7 @@ import sys
 import threading
 import time
 
-try:
-    import ppft as pp
-except ImportError:  # pp 1.7.0
-    import pp
+from ppclient import pp
 
 
 def main():

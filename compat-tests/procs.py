@@ -1,0 +1,210 @@
+"""Look at processes from outside, through /proc, and wait (bounded) for
+things to happen: used by every test that watches the server's workers,
+fds or memory, and by the helpers that start and stop servers.
+
+Linux only: everything here reads /proc. Nothing here asserts timing: the
+waits are bounded only so that a server that never gets there fails the test
+instead of hanging it. Functions named for a pid take a pid; those named for
+a server take a pphelpers.ServerHandle (its .proc, .nworkers, .log_tail()).
+"""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+# `python -u -m MODULE`: the worker processes of every client family.
+WORKER_MODULES = ("ppft", "pp._worker")
+
+WAIT_TIMEOUT = 30.0  # default upper bound of wait_until, in seconds
+
+
+# --- bounded waits -------------------------------------------------------------
+
+
+def wait_until(probe, what=None, timeout=WAIT_TIMEOUT, interval=0.05):
+    """Call probe() until it returns something truthy, and return that.
+
+    After `timeout` seconds: with `what`, fail (AssertionError naming `what`
+    and the last value probe returned); without, return that last (falsy)
+    value, for ``assert wait_until(...), message``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            if what is None:
+                return value
+            raise AssertionError("%s (still not the case after %.0f s; last: %r)"
+                                 % (what, timeout, value))
+        time.sleep(interval)
+
+
+def wait_settled(probe, limit, what, timeout=WAIT_TIMEOUT):
+    """Wait until probe() <= limit (e.g. an fd count drifting back to its
+    baseline as the server notices closed connections); returns the value."""
+    seen = []
+
+    def ok():
+        seen.append(probe())
+        return seen[-1] <= limit
+
+    try:
+        wait_until(ok, "%s: want <= %s" % (what, limit), timeout, interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError("%s; last values %s" % (exc, seen[-10:])) from None
+    return seen[-1]
+
+
+# --- one process -----------------------------------------------------------------
+
+
+def stat_fields(pid):
+    """(state, ppid) of a process from /proc/<pid>/stat, or None if gone."""
+    try:
+        data = Path("/proc/%d/stat" % pid).read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2:].split()
+    return rest[0].decode(), int(rest[1])
+
+
+def exists(pid):
+    """True while `pid` exists at all (a zombie still exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sigkill(pid):
+    """SIGKILL `pid`; False if there was no such process."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def is_gone(pid):
+    """True if the process no longer runs: it does not exist, or it is dead
+    and waiting to be reaped (zombie)."""
+    fields = stat_fields(pid)
+    return fields is None or fields[0] in ("Z", "X")
+
+
+def cmdline(pid):
+    try:
+        raw = Path("/proc/%d/cmdline" % pid).read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def is_worker_cmdline(argv):
+    """`python -u -m ppft` (or pp._worker): a pp worker process."""
+    return "-m" in argv and argv.index("-m") + 1 < len(argv) and \
+        argv[argv.index("-m") + 1] in WORKER_MODULES
+
+
+def fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def fd_targets(pid):
+    """What the process's fds point at (for messages about a leak)."""
+    out = []
+    for fd in sorted(os.listdir("/proc/%d/fd" % pid), key=int):
+        try:
+            out.append("%s -> %s" % (fd, os.readlink("/proc/%d/fd/%s" % (pid, fd))))
+        except OSError:
+            pass
+    return out
+
+
+def status_kib(pid, field):
+    """A `kB` field of /proc/<pid>/status (VmRSS, VmSize, VmHWM...)."""
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_kib(pid):
+    return status_kib(pid, "VmRSS")
+
+
+# --- a process's children ------------------------------------------------------------
+
+
+def children(pid):
+    """{child pid: state letter} of every child of `pid`, zombies included.
+    (/proc/<pid>/task/*/children is not always compiled in: scan /proc.)"""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = stat_fields(int(entry))
+        if fields is not None and fields[1] == pid:
+            found[int(entry)] = fields[0]
+    return found
+
+
+def live_children(pid):
+    """Sorted pids of the live (not zombie) children of `pid`."""
+    return sorted(child for child, state in children(pid).items() if state != "Z")
+
+
+def zombie_children(pid):
+    return {child for child, state in children(pid).items() if state == "Z"}
+
+
+# --- a server's workers --------------------------------------------------------------
+
+
+def worker_pids(server):
+    """Live (not zombie) worker processes of the server."""
+    return {
+        pid
+        for pid, state in children(server.proc.pid).items()
+        if state != "Z" and is_worker_cmdline(cmdline(pid))
+    }
+
+
+def wait_for_children(server, count, timeout=WAIT_TIMEOUT):
+    """Wait (bounded) until the server has at least `count` live child
+    processes (its workers); returns their sorted pids."""
+    found = []
+
+    def enough():
+        found[:] = live_children(server.proc.pid)
+        return len(found) >= count
+
+    assert wait_until(enough, timeout=timeout), (
+        "server has children %r, expected %d workers\n%s" % (found, count, server.log_tail()))
+    return found
+
+
+def wait_for_pool(server, exclude=(), timeout=60.0):
+    """Wait until the server has exactly its nworkers live worker processes,
+    none of them in `exclude`, and no zombie children; return their pids."""
+    exclude = set(exclude)
+    last = {}
+
+    def probe():
+        pids = worker_pids(server)
+        last["pids"], last["zombies"] = pids, zombie_children(server.proc.pid)
+        return len(pids) == server.nworkers and not (pids & exclude) and not last["zombies"]
+
+    try:
+        wait_until(probe, "pool of %d workers (excluding %s)" % (server.nworkers, sorted(exclude)),
+                   timeout)
+    except AssertionError as exc:
+        raise AssertionError("%s; workers %s, zombies %s" % (
+            exc, sorted(last.get("pids", ())), sorted(last.get("zombies", ()))))
+    return last["pids"]
