@@ -128,13 +128,14 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Logs a warning about a misbehaving peer, at most about once a second;
-/// the rest go to debug. A client stuck in a reconnect loop (pp 1.7.0's
-/// after a lost connection, say) or a flood of bad logins must not bury
-/// the log.
+/// Logs a warning about a misbehaving peer, at most about once a second,
+/// saying how many were held back since; those go to debug. A client stuck
+/// in a reconnect loop or a flood of bad logins must not bury the log, but
+/// the count still shows how big the flood was.
 fn warn_limited(message: std::fmt::Arguments<'_>) {
     static START: OnceLock<Instant> = OnceLock::new();
     static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static HELD_BACK: AtomicU64 = AtomicU64::new(0);
     let now_ms = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
     let last = LAST_MS.load(Ordering::Relaxed);
     if now_ms >= last + 1000
@@ -142,8 +143,12 @@ fn warn_limited(message: std::fmt::Arguments<'_>) {
             .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
     {
-        log::warn!("{message}");
+        match HELD_BACK.swap(0, Ordering::Relaxed) {
+            0 => log::warn!("{message}"),
+            n => log::warn!("{message} ({n} similar warnings in the last seconds at debug level)"),
+        }
     } else {
+        HELD_BACK.fetch_add(1, Ordering::Relaxed);
         log::debug!("{message}");
     }
 }
