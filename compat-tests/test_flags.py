@@ -407,6 +407,24 @@ def test_pp_version_is_what_the_version_frame_says(launch):
         sock.close()
 
 
+@ours_only
+def test_jobs_are_answered_when_no_worker_can_start(launch, tmp_path):
+    """--worker-module naming a worker that exits at once: the server keeps
+    retrying it (with backoff) and, with no worker running, answers queued
+    jobs with None and a message instead of leaving the client waiting."""
+    fake = tmp_path / "brokenworker"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = %r\n" % pphelpers.CLIENT_VERSION)
+    (fake / "__main__.py").write_text("import sys\nsys.exit(3)\n")
+    server = launch("--worker-module", "brokenworker", nworkers=2, cwd=tmp_path,
+                    pythonpath=(tmp_path,))
+    for args in ((1, 2), (3, 4)):
+        result, out = sp.raw_job(server, "add", sp.ADD_SOURCE, args)
+        assert result is None, "a job ran although no worker could start"
+        assert "no worker process could be started" in out, out
+    assert server.proc.poll() is None, "the server gave up and exited"
+
+
 # --- refused command lines -------------------------------------------------------------
 
 

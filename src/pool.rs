@@ -45,6 +45,9 @@ const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// First and largest pause between attempts to start a worker that fails.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Failed starts in a row after which queued jobs are answered with an
+/// error if no worker at all is running (instead of waiting forever).
+const FAILED_STARTS_BEFORE_GIVING_UP: u32 = 3;
 /// How often a job whose worker was found dead before it started is retried
 /// on a fresh worker before the client is told.
 pub const MAX_START_ATTEMPTS: u8 = 3;
@@ -359,6 +362,8 @@ pub struct PoolContext {
 /// shutdown, then stops the worker and reaps it.
 pub async fn supervise(slot: usize, mut ctx: PoolContext) {
     let mut backoff = BACKOFF_START;
+    // Failed starts in a row.
+    let mut failures = 0;
     loop {
         let spawned = tokio::select! {
             w = Worker::spawn(&ctx.spec) => w,
@@ -367,6 +372,7 @@ pub async fn supervise(slot: usize, mut ctx: PoolContext) {
         let mut worker = match spawned {
             Ok(w) => {
                 backoff = BACKOFF_START;
+                failures = 0;
                 log::debug!("slot {slot}: worker pid {} ready", w.pid);
                 w
             }
@@ -376,6 +382,23 @@ pub async fn supervise(slot: usize, mut ctx: PoolContext) {
                     ctx.spec.python.display(),
                     ctx.spec.module
                 );
+                failures += 1;
+                if failures >= FAILED_STARTS_BEFORE_GIVING_UP {
+                    let text = format!(
+                        "ppserver: no worker process could be started ({} -u -m {}: {e}); \
+                         the job was not run\n",
+                        ctx.spec.python.display(),
+                        ctx.spec.module
+                    );
+                    let answered = ctx
+                        .scheduler
+                        .fail_queued_if_no_workers(&crate::pickle::none_with_text(&text));
+                    if answered > 0 {
+                        log::error!(
+                            "{answered} queued jobs answered with an error: no worker is running"
+                        );
+                    }
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = ctx.shutdown.wait_for(|&s| s) => return,
@@ -384,7 +407,10 @@ pub async fn supervise(slot: usize, mut ctx: PoolContext) {
                 continue;
             }
         };
+        let scheduler = ctx.scheduler.clone();
+        let live = scheduler.worker_up();
         let ended = serve(slot, &mut worker, &mut ctx).await;
+        drop(live);
         match ended {
             Ended::Shutdown => {
                 worker.stop(false).await;

@@ -8,6 +8,7 @@
 //! is idle.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -65,6 +66,19 @@ pub struct Scheduler {
     /// Guarded by a plain mutex: it is held for a few pointer moves, never
     /// across an await.
     state: Mutex<State>,
+    /// Worker processes up and running, for telling whether queued jobs
+    /// can still be run by anyone.
+    live_workers: AtomicUsize,
+}
+
+/// Counts a worker as live while it exists; see [`Scheduler::worker_up`].
+#[derive(Debug)]
+pub struct LiveWorker<'a>(&'a AtomicUsize);
+
+impl Drop for LiveWorker<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a worker waiting for a job holds: the receiving end, plus a way to
@@ -131,6 +145,29 @@ impl Scheduler {
         let (tx, rx) = oneshot::channel();
         st.idle.push(IdleWorker { slot, cache, tx });
         Err(Waiting { rx })
+    }
+
+    /// Counts a started worker as live until the guard drops.
+    pub fn worker_up(&self) -> LiveWorker<'_> {
+        self.live_workers.fetch_add(1, Ordering::Relaxed);
+        LiveWorker(&self.live_workers)
+    }
+
+    /// Answers every queued job with `answer` if no worker is running, so
+    /// clients of a server whose workers cannot start get an answer instead
+    /// of waiting forever. Returns how many jobs were answered.
+    pub fn fail_queued_if_no_workers(&self, answer: &Bytes) -> usize {
+        let mut st = self.lock();
+        if self.live_workers.load(Ordering::Relaxed) > 0 {
+            return 0;
+        }
+        let mut answered = 0;
+        for job in st.queue.drain(..) {
+            if job.reply.send(answer.clone()).is_ok() {
+                answered += 1;
+            }
+        }
+        answered
     }
 
     /// Number of jobs waiting for a worker.
@@ -226,6 +263,21 @@ mod tests {
         let (b, _rb) = job(&c, b"Nb");
         s.submit(b);
         assert_eq!(&w0.job().await.unwrap().0.package.new_frame[..], b"Nb");
+    }
+
+    #[tokio::test]
+    async fn queued_jobs_are_answered_when_no_worker_can_run_them() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let (a, ra) = job(&c, b"Na");
+        s.submit(a);
+        let up = s.worker_up();
+        let answer = Bytes::from_static(b"no workers");
+        assert_eq!(s.fail_queued_if_no_workers(&answer), 0, "a worker is up");
+        drop(up);
+        assert_eq!(s.fail_queued_if_no_workers(&answer), 1);
+        assert_eq!(ra.await.unwrap(), answer);
+        assert_eq!(s.queued(), 0);
     }
 
     #[tokio::test]
