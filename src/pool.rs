@@ -407,10 +407,7 @@ pub async fn supervise(slot: usize, mut ctx: PoolContext) {
                 continue;
             }
         };
-        let scheduler = ctx.scheduler.clone();
-        let live = scheduler.worker_up();
         let ended = serve(slot, &mut worker, &mut ctx).await;
-        drop(live);
         match ended {
             Ended::Shutdown => {
                 worker.stop(false).await;
@@ -470,6 +467,8 @@ enum Ended {
 
 /// Feeds jobs to one live worker until it must be replaced.
 async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended {
+    // The worker counts as live for exactly as long as it is served.
+    let _live = ctx.scheduler.worker_up();
     let mut cache = WorkerCache::default();
     loop {
         let (job, back) = match ctx.scheduler.next_job(slot, cache) {
