@@ -19,6 +19,14 @@ echo "== cargo fmt --check, clippy"
 cargo fmt --check
 cargo clippy --quiet --all-targets -- -D warnings
 
+echo "== cargo check for musl (glibc-only calls must stay gated)"
+if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
+    || rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1; then
+    cargo check --quiet --target x86_64-unknown-linux-musl
+else
+    echo "SKIPPED: the x86_64-unknown-linux-musl target cannot be installed here"
+fi
+
 echo "== cargo test"
 cargo test --quiet
 

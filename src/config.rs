@@ -20,6 +20,11 @@ pub const DEFAULT_PORT: u16 = 60000;
 /// enough for big numpy arguments, small enough that a bogus length is
 /// refused instead of exhausting memory.
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
+/// Bounds of `--max-frame-size`. Below 1 KiB no job fits; above 1 TiB no
+/// machine holds the frame, and a limit near `usize::MAX` would make
+/// length arithmetic overflow.
+pub const MIN_MAX_FRAME: usize = 1 << 10;
+pub const MAX_MAX_FRAME: usize = 1 << 40;
 /// Default cap on simultaneous client connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
@@ -99,7 +104,7 @@ impl Default for Config {
 }
 
 /// What the command line asks for.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Command {
     /// Run the server.
     Run(Box<Config>),
@@ -107,22 +112,102 @@ pub enum Command {
     Help,
 }
 
-/// A bad command line or config file, with a message that names the flag
-/// or key.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ConfigError(pub String);
+/// Where a setting came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A command-line flag, as typed (`-p`, `--max-frame-size`).
+    Flag(&'static str),
+    /// A key of the config file (`-c`).
+    Key {
+        path: PathBuf,
+        section: String,
+        key: String,
+        line: usize,
+    },
+}
 
-impl std::fmt::Display for ConfigError {
+impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Origin::Flag(flag) => f.write_str(flag),
+            Origin::Key {
+                path,
+                section,
+                key,
+                line,
+            } => write!(
+                f,
+                "[{section}] {key} (config file {}, line {line})",
+                path.display()
+            ),
+        }
     }
 }
 
-impl std::error::Error for ConfigError {}
+/// A bad command line or config file; every message names the flag, or
+/// the config file's key and line.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    Invalid {
+        /// Boxed: a config file key's origin is large, and errors are rare.
+        at: Box<Origin>,
+        value: String,
+        why: String,
+    },
+    /// A file named by `flag` (`-c`, `--secret-file`) cannot be read.
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The config file is not in configobj's INI syntax.
+    Syntax {
+        path: PathBuf,
+        source: inifile::SyntaxError,
+    },
+    /// The first line of `--secret-file` is empty.
+    EmptySecret { path: PathBuf },
+    /// An unknown flag, a flag without its value, or a stray argument.
+    Usage(lexopt::Error),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Invalid { at, value, why } => {
+                write!(f, "invalid value {value:?} for {at}: {why}")
+            }
+            ConfigError::Read { flag, path, source } => {
+                write!(f, "cannot read {} ({flag}): {source}", path.display())
+            }
+            ConfigError::Syntax { path, source } => {
+                write!(f, "config file {} (-c): {source}", path.display())
+            }
+            ConfigError::EmptySecret { path } => write!(
+                f,
+                "--secret-file {}: the first line is empty",
+                path.display()
+            ),
+            ConfigError::Usage(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { source, .. } => Some(source),
+            ConfigError::Syntax { source, .. } => Some(source),
+            ConfigError::Usage(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<lexopt::Error> for ConfigError {
     fn from(e: lexopt::Error) -> Self {
-        ConfigError(e.to_string())
+        ConfigError::Usage(e)
     }
 }
 
@@ -211,11 +296,15 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("network", "socket_timeout", Setting::SocketTimeout),
 ];
 
-fn invalid(name: &str, value: &str, why: &str) -> ConfigError {
-    ConfigError(format!("invalid value {value:?} for {name}: {why}"))
+fn invalid(at: &Origin, value: &str, why: &str) -> ConfigError {
+    ConfigError::Invalid {
+        at: Box::new(at.clone()),
+        value: value.to_string(),
+        why: why.to_string(),
+    }
 }
 
-fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError> {
+fn number<T: std::str::FromStr>(name: &Origin, value: &str) -> Result<T, ConfigError> {
     value
         .trim()
         .parse()
@@ -223,7 +312,7 @@ fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigErro
 }
 
 fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
-    name: &str,
+    name: &Origin,
     value: &str,
 ) -> Result<T, ConfigError> {
     let n: T = number(name, value)?;
@@ -233,13 +322,18 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
     Ok(n)
 }
 
-fn boolean(name: &str, value: &str) -> Result<bool, ConfigError> {
+fn boolean(name: &Origin, value: &str) -> Result<bool, ConfigError> {
     inifile::as_bool(value)
         .ok_or_else(|| invalid(name, value, "expected true/false, yes/no, on/off or 1/0"))
 }
 
 /// Sets one setting from text; `name` is the flag or key, for messages.
-fn apply(cfg: &mut Config, setting: Setting, name: &str, value: &str) -> Result<(), ConfigError> {
+fn apply(
+    cfg: &mut Config,
+    setting: Setting,
+    name: &Origin,
+    value: &str,
+) -> Result<(), ConfigError> {
     match setting {
         Setting::Secret => {
             cfg.secret = value.to_string();
@@ -293,17 +387,27 @@ fn apply(cfg: &mut Config, setting: Setting, name: &str, value: &str) -> Result<
 /// silently ignored.
 fn apply_file(cfg: &mut Config, path: &Path) -> Result<(), ConfigError> {
     let shown = path.display();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("cannot read config file {shown} (-c): {e}")))?;
-    let sections =
-        inifile::parse(&text).map_err(|e| ConfigError(format!("config file {shown}: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        flag: "-c",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let sections = inifile::parse(&text).map_err(|source| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        source,
+    })?;
     for (section, keys) in &sections {
         for (key, (value, line)) in keys {
             let known = FILE_KEYS.iter().find(|(s, k, _)| s == section && k == key);
             match known {
                 Some(&(_, _, setting)) => {
-                    let name = format!("[{section}] {key} (config file {shown}, line {line})");
-                    apply(cfg, setting, &name, value)?;
+                    let at = Origin::Key {
+                        path: path.to_path_buf(),
+                        section: section.clone(),
+                        key: key.clone(),
+                        line: *line,
+                    };
+                    apply(cfg, setting, &at, value)?;
                 }
                 None => cfg.notes.push(format!(
                     "config file {shown}, line {line}: unknown key [{section}] {key}, ignored"
@@ -316,8 +420,11 @@ fn apply_file(cfg: &mut Config, path: &Path) -> Result<(), ConfigError> {
 
 /// Reads a secret from the first line of a file.
 fn secret_from_file(path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("cannot read --secret-file {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        flag: "--secret-file",
+        path: path.to_path_buf(),
+        source,
+    })?;
     let secret = text
         .lines()
         .next()
@@ -325,18 +432,17 @@ fn secret_from_file(path: &Path) -> Result<String, ConfigError> {
         .trim_end_matches('\r')
         .to_string();
     if secret.is_empty() {
-        return Err(ConfigError(format!(
-            "--secret-file {}: the first line is empty",
-            path.display()
-        )));
+        return Err(ConfigError::EmptySecret {
+            path: path.to_path_buf(),
+        });
     }
     Ok(secret)
 }
 
-fn text(flag: &str, value: OsString) -> Result<String, ConfigError> {
+fn text(flag: &'static str, value: OsString) -> Result<String, ConfigError> {
     value
         .into_string()
-        .map_err(|v| ConfigError(format!("invalid value {v:?} for {flag}: not valid UTF-8")))
+        .map_err(|v| invalid(&Origin::Flag(flag), &v.to_string_lossy(), "not valid UTF-8"))
 }
 
 /// Parses the arguments after the program name; `PPSERVER_SECRET` is read
@@ -381,8 +487,8 @@ where
             }
             Short('f') => {
                 let fmt = text("-f", parser.value()?)?;
-                cfg.log_format = LogFormat::parse(&fmt)
-                    .map_err(|e| ConfigError(format!("invalid value for -f: {e}")))?;
+                cfg.log_format =
+                    LogFormat::parse(&fmt).map_err(|e| invalid(&Origin::Flag("-f"), &fmt, &e))?;
                 continue;
             }
             Long("secret-file") => {
@@ -402,7 +508,7 @@ where
                     })
                 {
                     return Err(invalid(
-                        "--worker-module",
+                        &Origin::Flag("--worker-module"),
                         &m,
                         "expected a Python module name such as ppft or pp._worker",
                     ));
@@ -413,22 +519,31 @@ where
             Long("pp-version") => {
                 let v = text("--pp-version", parser.value()?)?;
                 if v.is_empty() || !v.is_ascii() {
-                    return Err(invalid("--pp-version", &v, "must be non-empty ASCII"));
+                    return Err(invalid(
+                        &Origin::Flag("--pp-version"),
+                        &v,
+                        "must be non-empty ASCII",
+                    ));
                 }
                 cfg.pp_version = Some(v);
                 continue;
             }
             Long("max-frame-size") => {
                 let v = text("--max-frame-size", parser.value()?)?;
-                cfg.max_frame_size = number("--max-frame-size", &v)?;
-                if cfg.max_frame_size < 1024 {
-                    return Err(invalid("--max-frame-size", &v, "must be at least 1024"));
+                let at = Origin::Flag("--max-frame-size");
+                cfg.max_frame_size = number(&at, &v)?;
+                if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&cfg.max_frame_size) {
+                    return Err(invalid(
+                        &at,
+                        &v,
+                        &format!("must be from {MIN_MAX_FRAME} to {MAX_MAX_FRAME} bytes"),
+                    ));
                 }
                 continue;
             }
             Long("max-connections") => {
                 let v = text("--max-connections", parser.value()?)?;
-                cfg.max_connections = at_least_one("--max-connections", &v)?;
+                cfg.max_connections = at_least_one(&Origin::Flag("--max-connections"), &v)?;
                 continue;
             }
             Short('s') => ("-s", Setting::Secret),
@@ -440,17 +555,12 @@ where
             Short('t') => ("-t", Setting::IdleExit),
             Short('k') => ("-k", Setting::SocketTimeout),
             Short('P') => ("-P", Setting::PidFile),
-            Value(v) => {
-                return Err(ConfigError(format!(
-                    "unexpected argument {:?}",
-                    v.to_string_lossy()
-                )))
-            }
+            Value(v) => return Err(lexopt::Error::UnexpectedArgument(v).into()),
             _ => return Err(arg.unexpected().into()),
         };
         let (flag, setting) = setting;
         let value = text(flag, parser.value()?)?;
-        apply(&mut cfg, setting, flag, &value)?;
+        apply(&mut cfg, setting, &Origin::Flag(flag), &value)?;
     }
     if cfg.secret_is_default {
         if let Some(secret) = env_secret.filter(|s| !s.is_empty()) {
@@ -474,7 +584,7 @@ mod tests {
 
     fn err(args: &[&str]) -> String {
         match parse_args_with(args.iter().copied(), None) {
-            Err(e) => e.0,
+            Err(e) => e.to_string(),
             other => panic!("{args:?} should fail: {other:?}"),
         }
     }
@@ -532,8 +642,11 @@ mod tests {
 
     #[test]
     fn help() {
-        assert_eq!(parse_args_with(["-h"], None), Ok(Command::Help));
-        assert_eq!(parse_args_with(["--help"], None), Ok(Command::Help));
+        assert!(matches!(parse_args_with(["-h"], None), Ok(Command::Help)));
+        assert!(matches!(
+            parse_args_with(["--help"], None),
+            Ok(Command::Help)
+        ));
     }
 
     #[test]
@@ -549,6 +662,13 @@ mod tests {
         assert!(err(&["--bogus"]).contains("--bogus"));
         assert!(err(&["stray"]).contains("stray"));
         assert!(err(&["--max-frame-size", "10"]).contains("--max-frame-size"));
+        // Regression: accepted, then frame arithmetic overflowed.
+        assert!(err(&["--max-frame-size", "18446744073709551615"]).contains("--max-frame-size"));
+        assert!(err(&["--max-frame-size", "1099511627777"]).contains("--max-frame-size"));
+        assert_eq!(
+            run(&["--max-frame-size", "1099511627776"]).max_frame_size,
+            MAX_MAX_FRAME
+        );
         assert!(err(&["-t", "0"]).contains("-t"));
         assert!(err(&["-b", "nowhere"]).contains("-b"));
         assert!(err(&["-f", "%(bogus)s"]).contains("-f"));

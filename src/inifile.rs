@@ -10,12 +10,33 @@ use std::collections::BTreeMap;
 /// each key came from for error messages.
 pub type Sections = BTreeMap<String, BTreeMap<String, (String, usize)>>;
 
+/// A line that is not valid config-file syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl std::fmt::Display for SyntaxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+impl std::error::Error for SyntaxError {}
+
 /// Parses the text of a config file. Errors name the line.
-pub fn parse(text: &str) -> Result<Sections, String> {
+pub fn parse(text: &str) -> Result<Sections, SyntaxError> {
     let mut sections = Sections::new();
     let mut current: Option<String> = None;
     for (i, raw) in text.lines().enumerate() {
         let lineno = i + 1;
+        let err = |message: String| SyntaxError {
+            line: lineno,
+            message,
+        };
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
@@ -24,11 +45,11 @@ pub fn parse(text: &str) -> Result<Sections, String> {
             let name = strip_comment(rest)
                 .trim_end()
                 .strip_suffix(']')
-                .ok_or_else(|| format!("line {lineno}: section header without closing ']'"))?;
+                .ok_or_else(|| err("section header without closing ']'".into()))?;
             // configobj nests sections with [[sub]]; ppserver has none.
             let name = name.trim();
             if name.is_empty() || name.contains('[') || name.contains(']') {
-                return Err(format!("line {lineno}: bad section header {line:?}"));
+                return Err(err(format!("bad section header {line:?}")));
             }
             sections.entry(name.to_string()).or_default();
             current = Some(name.to_string());
@@ -36,15 +57,15 @@ pub fn parse(text: &str) -> Result<Sections, String> {
         }
         let (key, value) = line
             .split_once('=')
-            .ok_or_else(|| format!("line {lineno}: expected 'key = value', got {line:?}"))?;
+            .ok_or_else(|| err(format!("expected 'key = value', got {line:?}")))?;
         let key = key.trim();
         if key.is_empty() {
-            return Err(format!("line {lineno}: empty key"));
+            return Err(err("empty key".into()));
         }
         let section = current
             .as_ref()
-            .ok_or_else(|| format!("line {lineno}: {key:?} is outside any [section]"))?;
-        let value = unquote(value.trim()).map_err(|e| format!("line {lineno}: {e}"))?;
+            .ok_or_else(|| err(format!("{key:?} is outside any [section]")))?;
+        let value = unquote(value.trim()).map_err(err)?;
         if let Some(s) = sections.get_mut(section) {
             s.insert(key.to_string(), (value, lineno));
         }
@@ -111,10 +132,14 @@ mod tests {
 
     #[test]
     fn errors_name_the_line() {
-        assert!(parse("[general\nx=1").unwrap_err().contains("line 1"));
-        assert!(parse("x = 1").unwrap_err().contains("line 1"));
-        assert!(parse("[a]\njunk").unwrap_err().contains("line 2"));
-        assert!(parse("[a]\nx = \"open").unwrap_err().contains("line 2"));
+        assert_eq!(parse("[general\nx=1").unwrap_err().line, 1);
+        assert_eq!(parse("x = 1").unwrap_err().line, 1);
+        assert_eq!(parse("[a]\njunk").unwrap_err().line, 2);
+        let e = parse("[a]\nx = \"open").unwrap_err();
+        assert!(
+            e.to_string().starts_with("line 2: unterminated quote"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Map of the crate, in the order a job travels:
 //! - [`config`]: command line -> [`config::Config`];
 //! - [`server`]: startup checks, the listener, the accept loop, shutdown;
+//! - [`connections`]: the connection cap and the clients `-t` waits for;
 //! - [`session`]: one client connection: handshake ([`auth`]), then STAT or EXEC;
 //! - [`wire`]: the 8-byte-length frame, on sockets and worker pipes alike;
 //! - [`cache`]: the `N`/`H` function-package cache layer;
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod cache;
 pub mod config;
+mod connections;
 pub mod discovery;
 mod hex;
 pub mod inifile;

@@ -109,7 +109,9 @@ impl Drop for PidFile {
 /// raises its mmap threshold each time such a block is freed, so later ones
 /// come from the heap and their memory stays with the process after the
 /// job; fixing the threshold keeps every large frame in its own mapping,
-/// returned to the system when the frame is dropped.
+/// returned to the system when the frame is dropped. `mallopt` is glibc's;
+/// other C libraries (musl) have no such knob and keep their default.
+#[cfg(target_env = "gnu")]
 fn fixed_mmap_threshold() {
     // SAFETY: mallopt only changes allocator tuning; called before any
     // other thread exists.
@@ -117,6 +119,9 @@ fn fixed_mmap_threshold() {
         nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
+
+#[cfg(not(target_env = "gnu"))]
+fn fixed_mmap_threshold() {}
 
 /// Completes on SIGINT or SIGTERM.
 async fn stop_signal() {

@@ -8,15 +8,13 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cache::{PackageCache, PACKAGE_CACHE_BUDGET};
 use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::pool::{self, PoolContext, WorkerSpec};
@@ -36,21 +34,50 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the server could not start.
 #[derive(Debug)]
 pub enum StartError {
-    /// The worker interpreter cannot run the worker package.
-    Python(String),
-    /// The listening address is unusable.
-    Bind(String),
+    /// The worker interpreter cannot run the worker package; the message
+    /// says what to install.
+    Worker(String),
+    /// `-i` names no address.
+    Resolve { interface: String },
+    /// The listening socket cannot be set up on `addr`.
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// Autodiscovery (`-a`) was asked for on a listener that is not IPv4.
+    DiscoveryNeedsIpv4 { addr: SocketAddr },
+    /// The autodiscovery UDP port cannot be bound.
+    Discovery { port: u16, source: std::io::Error },
 }
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Python(m) | StartError::Bind(m) => f.write_str(m),
+            StartError::Worker(m) => f.write_str(m),
+            StartError::Resolve { interface } => {
+                write!(f, "cannot resolve interface {interface:?} (-i)")
+            }
+            StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            StartError::DiscoveryNeedsIpv4 { addr } => write!(
+                f,
+                "autodiscovery (-a) works over IPv4 broadcast, but the server listens on \
+                 {addr}; give -i an IPv4 address"
+            ),
+            StartError::Discovery { port, source } => {
+                write!(f, "cannot bind the autodiscovery UDP port {port}: {source}")
+            }
         }
     }
 }
 
-impl std::error::Error for StartError {}
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Bind { source, .. } | StartError::Discovery { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 /// A started server: listening, with its worker pool running.
 pub struct Server {
@@ -62,8 +89,6 @@ pub struct Server {
     workers: JoinSet<()>,
     /// Tells the supervisors to stop.
     stop: watch::Sender<bool>,
-    /// Caps simultaneous client connections.
-    connections: Arc<Semaphore>,
     /// `-t`: exit after this long without clients.
     idle_exit: Option<Duration>,
     /// Worker count, for the statistics table.
@@ -82,24 +107,23 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     };
     let (module, found) = pool::probe_worker(&cfg.python, &candidates, &pythonpath)
         .await
-        .map_err(StartError::Python)?;
+        .map_err(StartError::Worker)?;
     let version = cfg.pp_version.clone().unwrap_or(found.clone());
 
     let listener = bind(&cfg.interface, cfg.port).await?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| StartError::Bind(format!("cannot read the listening address: {e}")))?;
+    let local = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), cfg.port),
+        source,
+    })?;
     let discovery = if cfg.autodiscovery {
         let IpAddr::V4(ip) = local.ip() else {
-            return Err(StartError::Bind(
-                "autodiscovery (-a) works over IPv4 broadcast; give -i an IPv4 address".into(),
-            ));
+            return Err(StartError::DiscoveryNeedsIpv4 { addr: local });
         };
-        let d = Discovery::bind(ip, local.port(), cfg.broadcast).map_err(|e| {
-            StartError::Bind(format!(
-                "cannot bind the autodiscovery UDP port {}: {e}",
-                local.port()
-            ))
+        let d = Discovery::bind(ip, local.port(), cfg.broadcast).map_err(|source| {
+            StartError::Discovery {
+                port: local.port(),
+                source,
+            }
         })?;
         Some(d)
     } else {
@@ -150,24 +174,12 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         }
     );
 
-    let ctx = Arc::new(SessionContext {
-        version,
-        secret: cfg.secret.clone(),
-        workers: cfg.workers,
-        max_frame: cfg.max_frame_size,
-        socket_timeout: cfg.socket_timeout,
-        scheduler,
-        stats,
-        packages: PackageCache::new(PACKAGE_CACHE_BUDGET),
-        next_job_id: AtomicU64::new(0),
-        clients: Default::default(),
-    });
+    let ctx = Arc::new(SessionContext::new(cfg, version, scheduler, stats));
     Ok(Server {
         listener,
         ctx,
         workers,
         stop,
-        connections: Arc::new(Semaphore::new(cfg.max_connections)),
         idle_exit: cfg.idle_exit,
         workers_count: cfg.workers,
         discovery,
@@ -181,8 +193,10 @@ async fn bind(interface: &str, port: u16) -> Result<TcpListener, StartError> {
         Ok(mut addrs) => addrs.next(),
         Err(_) => None,
     }
-    .ok_or_else(|| StartError::Bind(format!("cannot resolve interface {interface:?} (-i)")))?;
-    let fail = |e: std::io::Error| StartError::Bind(format!("cannot listen on {addr}: {e}"));
+    .ok_or_else(|| StartError::Resolve {
+        interface: interface.to_string(),
+    })?;
+    let fail = |source| StartError::Bind { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -223,14 +237,14 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                    let Some(admitted) = self.ctx.connections.admit() else {
                         log::warn!("{peer}: too many connections (--max-connections); closed");
                         continue;
                     };
                     let ctx = self.ctx.clone();
                     tokio::spawn(async move {
                         session::run(stream, peer, ctx).await;
-                        drop(permit);
+                        drop(admitted);
                     });
                 }
                 Err(e) => {
@@ -265,12 +279,9 @@ async fn idle_exit(limit: Option<Duration>, ctx: Arc<SessionContext>) {
     let check = limit.min(Duration::from_secs(1));
     loop {
         tokio::time::sleep(check).await;
-        if ctx.clients.count.load(Ordering::Relaxed) == 0 {
-            let idle = ctx.clients.idle_since();
-            if idle.elapsed() >= limit {
-                log::info!("no client connections for {limit:?} (-t): exiting");
-                return;
-            }
+        if ctx.connections.idle_for().is_some_and(|idle| idle >= limit) {
+            log::info!("no client connections for {limit:?} (-t): exiting");
+            return;
         }
     }
 }
@@ -282,50 +293,4 @@ fn print_stats(ctx: &SessionContext, workers: usize) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{table}");
     let _ = out.flush();
-}
-
-/// Connected clients, for `-t`.
-#[derive(Debug)]
-pub struct Clients {
-    /// Authenticated connections open now.
-    pub count: std::sync::atomic::AtomicUsize,
-    /// When the count last changed (or the server started).
-    changed: std::sync::Mutex<Instant>,
-}
-
-impl Default for Clients {
-    fn default() -> Self {
-        Clients {
-            count: Default::default(),
-            changed: std::sync::Mutex::new(Instant::now()),
-        }
-    }
-}
-
-impl Clients {
-    /// Counts a client connected until the guard drops.
-    pub fn connected(&self) -> ClientGuard<'_> {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.touch();
-        ClientGuard(self)
-    }
-
-    fn touch(&self) {
-        *self.changed.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-    }
-
-    fn idle_since(&self) -> Instant {
-        *self.changed.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// See [`Clients::connected`].
-#[derive(Debug)]
-pub struct ClientGuard<'a>(&'a Clients);
-
-impl Drop for ClientGuard<'_> {
-    fn drop(&mut self) {
-        self.0.touch();
-        self.0.count.fetch_sub(1, Ordering::Relaxed);
-    }
 }

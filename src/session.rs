@@ -25,10 +25,12 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::auth;
-use crate::cache::{PackageCache, UnknownPackage};
+use crate::cache::{PackageCache, UnknownPackage, PACKAGE_CACHE_BUDGET};
+use crate::config::Config;
+use crate::connections::Connections;
 use crate::scheduler::{Job, Scheduler};
 use crate::stats::{format_seconds, Stats};
-use crate::wire::{write_frame, FrameError, FrameReader, QuickAck};
+use crate::wire::{Connection, FrameError, QuickAck};
 
 /// Largest frame accepted before the client has authenticated: the answer
 /// is 40 bytes and the connection type 4.
@@ -40,33 +42,62 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct SessionContext {
     /// The version string sent first.
-    pub version: String,
+    pub(crate) version: String,
     /// The shared secret.
-    pub secret: String,
+    secret: String,
     /// Workers in the pool, as told to STAT connections.
-    pub workers: usize,
+    workers: usize,
     /// Limit on frames after authentication.
-    pub max_frame: usize,
+    max_frame: usize,
     /// How long a connection may wait for the client's next frame.
-    pub socket_timeout: Duration,
+    socket_timeout: Duration,
     /// Where jobs go.
-    pub scheduler: Arc<Scheduler>,
+    pub(crate) scheduler: Arc<Scheduler>,
     /// Job counters for STAT.
-    pub stats: Arc<Stats>,
+    pub(crate) stats: Arc<Stats>,
     /// Function packages clients have sent.
-    pub packages: PackageCache,
+    packages: PackageCache,
     /// Source of job numbers for log lines.
-    pub next_job_id: AtomicU64,
-    /// Authenticated connections, for `-t`.
-    pub clients: crate::server::Clients,
+    next_job_id: AtomicU64,
+    /// The connection cap and the clients `-t` watches.
+    pub(crate) connections: Connections,
+}
+
+impl SessionContext {
+    /// The shared state for sessions of a server configured by `cfg` that
+    /// advertises `version` and hands jobs to `scheduler`.
+    pub fn new(
+        cfg: &Config,
+        version: String,
+        scheduler: Arc<Scheduler>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        SessionContext {
+            version,
+            secret: cfg.secret.clone(),
+            workers: cfg.workers,
+            max_frame: cfg.max_frame_size,
+            socket_timeout: cfg.socket_timeout,
+            scheduler,
+            stats,
+            packages: PackageCache::new(PACKAGE_CACHE_BUDGET),
+            next_job_id: AtomicU64::new(0),
+            connections: Connections::new(cfg.max_connections),
+        }
+    }
 }
 
 /// Why a session ended early.
 #[derive(Debug)]
 enum SessionError {
+    /// A frame could not be read (too large, cut off, or the read failed).
     Frame(FrameError),
+    /// A write failed.
     Io(std::io::Error),
+    /// The peer sent nothing for too long while `.0` was expected.
     Timeout(&'static str),
+    /// The peer closed the connection cleanly where `.0` was expected.
+    Closed(&'static str),
     AuthFailed,
     UnknownType(String),
     UnknownPackage(UnknownPackage),
@@ -79,6 +110,7 @@ impl std::fmt::Display for SessionError {
             SessionError::Frame(e) => write!(f, "{e}"),
             SessionError::Io(e) => write!(f, "{e}"),
             SessionError::Timeout(what) => write!(f, "timed out waiting for {what}"),
+            SessionError::Closed(what) => write!(f, "peer closed the connection before {what}"),
             SessionError::AuthFailed => write!(f, "authentication failed"),
             SessionError::UnknownType(t) => write!(f, "unknown connection type {t:?}"),
             SessionError::UnknownPackage(e) => write!(f, "{e}"),
@@ -100,7 +132,7 @@ impl From<std::io::Error> for SessionError {
 }
 
 /// Serves one accepted TCP connection until it ends.
-pub async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) {
+pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) {
     // Answers go out as single writes; Nagle would only delay them.
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(&stream).set_tcp_quickack(true);
@@ -114,15 +146,19 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     ctx: &SessionContext,
 ) {
-    let mut conn = FrameReader::new(stream, PREAUTH_MAX_FRAME);
-    match serve(&mut conn, peer, ctx).await {
+    let mut session = Session {
+        conn: Connection::new(stream, PREAUTH_MAX_FRAME),
+        peer,
+        ctx,
+    };
+    match session.run().await {
         Ok(()) => log::debug!("{peer}: connection closed"),
         Err(SessionError::AuthFailed) => warn_limited(format_args!(
             "{peer}: authentication failed, connection closed"
         )),
         Err(
-            e
-            @ (SessionError::Frame(FrameError::TooLarge { .. }) | SessionError::UnknownPackage(_)),
+            e @ SessionError::Frame(FrameError::TooLarge { .. } | FrameError::Unsolicited { .. })
+            | e @ SessionError::UnknownPackage(_),
         ) => warn_limited(format_args!("{peer}: {e}; connection closed")),
         Err(e) => log::debug!("{peer}: {e}; connection closed"),
     }
@@ -153,121 +189,275 @@ fn warn_limited(message: std::fmt::Arguments<'_>) {
     }
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut FrameReader<S>,
+/// One client connection and what it shares with the others.
+struct Session<'a, S> {
+    /// The client's socket and its read buffer.
+    conn: Connection<S>,
+    /// Who the client is, for log lines.
     peer: SocketAddr,
-    ctx: &SessionContext,
-) -> Result<(), SessionError> {
-    let kind = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(conn, ctx))
-        .await
-        .map_err(|_| SessionError::Timeout("the handshake"))??;
-    conn.set_max(ctx.max_frame);
-    let _client = ctx.clients.connected();
-    match &kind[..] {
-        b"STAT" => stat(conn, peer, ctx).await,
-        b"EXEC" => exec(conn, peer, ctx).await,
-        other => Err(SessionError::UnknownType(
-            String::from_utf8_lossy(&other[..other.len().min(16)]).into_owned(),
-        )),
-    }
+    /// The server's shared state.
+    ctx: &'a SessionContext,
 }
 
-/// Version, nonce, answer check, `OK`; returns the connection type.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut FrameReader<S>,
-    ctx: &SessionContext,
-) -> Result<Bytes, SessionError> {
-    write_frame(conn.get_mut(), ctx.version.as_bytes()).await?;
-    let nonce = auth::nonce().map_err(SessionError::Random)?;
-    write_frame(conn.get_mut(), &nonce).await?;
-    let expected = auth::expected_answer(&nonce, ctx.secret.as_bytes());
-    let answer = conn
-        .read_frame()
-        .await?
-        .ok_or(SessionError::Timeout("the answer"))?;
-    if !auth::answer_matches(&expected, &answer) {
-        // Best effort: the client may already be gone.
-        let _ = write_frame(conn.get_mut(), b"FAILED").await;
-        return Err(SessionError::AuthFailed);
-    }
-    write_frame(conn.get_mut(), b"OK").await?;
-    conn.read_frame()
-        .await?
-        .ok_or(SessionError::Timeout("the connection type"))
-}
-
-/// Reads the client's next frame within the socket timeout.
-async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut FrameReader<S>,
-    ctx: &SessionContext,
-    what: &'static str,
-) -> Result<Option<Bytes>, SessionError> {
-    match tokio::time::timeout(ctx.socket_timeout, conn.read_frame()).await {
-        Ok(frame) => Ok(frame?),
-        Err(_) => Err(SessionError::Timeout(what)),
-    }
-}
-
-async fn stat<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut FrameReader<S>,
-    peer: SocketAddr,
-    ctx: &SessionContext,
-) -> Result<(), SessionError> {
-    log::debug!("{peer}: STAT connection");
-    // ppft's server zeroes its job time when a STAT connection opens, so a
-    // client sees the time spent since it connected. Keeping a baseline per
-    // connection gives each client that answer without resetting it under
-    // the other clients.
-    let baseline = ctx.stats.job_seconds();
-    write_frame(conn.get_mut(), ctx.workers.to_string().as_bytes()).await?;
-    while next_frame(conn, ctx, "a STAT request").await?.is_some() {
-        let secs = format_seconds(ctx.stats.job_seconds() - baseline);
-        write_frame(conn.get_mut(), secs.as_bytes()).await?;
-    }
-    Ok(())
-}
-
-async fn exec<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut FrameReader<S>,
-    peer: SocketAddr,
-    ctx: &SessionContext,
-) -> Result<(), SessionError> {
-    log::debug!("{peer}: EXEC connection");
-    loop {
-        let Some(package) = next_frame(conn, ctx, "a job").await? else {
-            return Ok(());
-        };
-        let package = ctx
-            .packages
-            .receive(package)
-            .map_err(SessionError::UnknownPackage)?;
-        let Some(args) = next_frame(conn, ctx, "a job's arguments").await? else {
-            log::debug!("{peer}: closed between a job's package and its arguments");
-            return Ok(());
-        };
-        let id = ctx.next_job_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, result) = oneshot::channel();
-        ctx.scheduler.submit(Job {
-            id,
-            package,
-            args,
-            reply,
-            attempts: 0,
-        });
-        log::trace!("{peer}: job {id} submitted");
-        let result = tokio::select! {
-            r = result => r,
-            _ = conn.closed() => {
-                // Dropping the receiver marks the job abandoned: a queued
-                // job is skipped, a running one has its result discarded.
-                log::debug!("{peer}: client left while job {id} was pending");
-                return Ok(());
-            }
-        };
-        match result {
-            Ok(frame) => write_frame(conn.get_mut(), &frame).await?,
-            // The pool dropped the job: the server is shutting down.
-            Err(_) => return Ok(()),
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
+    /// The handshake, then the connection's type until the client leaves.
+    async fn run(&mut self) -> Result<(), SessionError> {
+        let kind = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake())
+            .await
+            .map_err(|_| SessionError::Timeout("the handshake"))??;
+        self.conn.set_max(self.ctx.max_frame);
+        let _client = self.ctx.connections.client();
+        match &kind[..] {
+            b"STAT" => self.stat().await,
+            b"EXEC" => self.exec().await,
+            other => Err(SessionError::UnknownType(
+                String::from_utf8_lossy(&other[..other.len().min(16)]).into_owned(),
+            )),
         }
+    }
+
+    /// Version, nonce, answer check, `OK`; returns the connection type.
+    async fn handshake(&mut self) -> Result<Bytes, SessionError> {
+        self.conn.write_frame(self.ctx.version.as_bytes()).await?;
+        let nonce = auth::nonce().map_err(SessionError::Random)?;
+        self.conn.write_frame(&nonce).await?;
+        let expected = auth::expected_answer(&nonce, self.ctx.secret.as_bytes());
+        let answer = self
+            .conn
+            .read_frame()
+            .await?
+            .ok_or(SessionError::Closed("answering the nonce"))?;
+        if !auth::answer_matches(&expected, &answer) {
+            // Best effort: the client may already be gone.
+            let _ = self.conn.write_frame(b"FAILED").await;
+            return Err(SessionError::AuthFailed);
+        }
+        self.conn.write_frame(b"OK").await?;
+        self.conn
+            .read_frame()
+            .await?
+            .ok_or(SessionError::Closed("naming the connection type"))
+    }
+
+    /// Reads the client's next frame within the socket timeout.
+    async fn next_frame(&mut self, what: &'static str) -> Result<Option<Bytes>, SessionError> {
+        match tokio::time::timeout(self.ctx.socket_timeout, self.conn.read_frame()).await {
+            Ok(frame) => Ok(frame?),
+            Err(_) => Err(SessionError::Timeout(what)),
+        }
+    }
+
+    async fn stat(&mut self) -> Result<(), SessionError> {
+        log::debug!("{}: STAT connection", self.peer);
+        // ppft's server zeroes its job time when a STAT connection opens, so
+        // a client sees the time spent since it connected. Keeping a
+        // baseline per connection gives each client that answer without
+        // resetting it under the other clients.
+        let baseline = self.ctx.stats.job_seconds();
+        self.conn
+            .write_frame(self.ctx.workers.to_string().as_bytes())
+            .await?;
+        while self.next_frame("a STAT request").await?.is_some() {
+            let secs = format_seconds(self.ctx.stats.job_seconds() - baseline);
+            self.conn.write_frame(secs.as_bytes()).await?;
+        }
+        Ok(())
+    }
+
+    async fn exec(&mut self) -> Result<(), SessionError> {
+        let peer = self.peer;
+        log::debug!("{peer}: EXEC connection");
+        loop {
+            let Some(package) = self.next_frame("a job").await? else {
+                return Ok(());
+            };
+            let package = self
+                .ctx
+                .packages
+                .receive(package)
+                .map_err(SessionError::UnknownPackage)?;
+            let Some(args) = self.next_frame("a job's arguments").await? else {
+                log::debug!("{peer}: closed between a job's package and its arguments");
+                return Ok(());
+            };
+            let id = self.ctx.next_job_id.fetch_add(1, Ordering::Relaxed);
+            let (reply, result) = oneshot::channel();
+            self.ctx.scheduler.submit(Job {
+                id,
+                package,
+                args,
+                reply,
+                attempts: 0,
+            });
+            log::trace!("{peer}: job {id} submitted");
+            let result = tokio::select! {
+                // A result that is ready is written even if the client's
+                // EOF arrived with it: the client may only have closed its
+                // sending side, and the answer is owed.
+                biased;
+                r = result => r,
+                closed = self.conn.closed() => {
+                    closed?;
+                    // Dropping the receiver marks the job abandoned: a
+                    // queued job is skipped, a running one has its result
+                    // discarded.
+                    log::debug!("{peer}: client left while job {id} was pending");
+                    return Ok(());
+                }
+            };
+            match result {
+                Ok(frame) => self.conn.write_frame(&frame).await?,
+                // The pool dropped the job: the server is shutting down.
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::WorkerCache;
+    use crate::wire::{encode_frame, FrameReader};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    fn context() -> SessionContext {
+        let cfg = Config {
+            secret: "s".into(),
+            workers: 2,
+            ..Config::default()
+        };
+        SessionContext::new(
+            &cfg,
+            "1.7.8".into(),
+            Arc::new(Scheduler::default()),
+            Arc::new(Stats::default()),
+        )
+    }
+
+    fn session(stream: DuplexStream, ctx: &SessionContext) -> Session<'_, DuplexStream> {
+        Session {
+            conn: Connection::new(stream, PREAUTH_MAX_FRAME),
+            peer: "127.0.0.1:9".parse().unwrap(),
+            ctx,
+        }
+    }
+
+    /// Plays the client's side of the handshake with secret `s`.
+    async fn log_in(client: &mut FrameReader<DuplexStream>, kind: &[u8]) {
+        assert_eq!(client.read_frame().await.unwrap().unwrap(), &b"1.7.8"[..]);
+        let nonce = client.read_frame().await.unwrap().unwrap();
+        let answer = auth::expected_answer(&nonce, b"s");
+        crate::wire::write_frame(client.get_mut(), &answer)
+            .await
+            .unwrap();
+        assert_eq!(client.read_frame().await.unwrap().unwrap(), &b"OK"[..]);
+        crate::wire::write_frame(client.get_mut(), kind)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_is_not_reported_as_a_timeout() {
+        // Regression: EOF during the handshake was logged as "timed out
+        // waiting for the answer".
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            client.read_frame().await.unwrap();
+            client.read_frame().await.unwrap();
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (err, ()) = tokio::join!(served, client_side);
+        let err = err.unwrap_err();
+        assert!(matches!(err, SessionError::Closed(_)), "{err:?}");
+        assert!(!err.to_string().contains("timed out"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_ready_result_wins_over_the_eof_that_came_with_it() {
+        // Regression: the result and the client's EOF raced in an unbiased
+        // select!, so a result ready together with the EOF was dropped
+        // about half the time. Twenty rounds make a lost result certain
+        // enough to be caught.
+        for round in 0..20 {
+            let ctx = context();
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let mut client = FrameReader::new(client, 1 << 20);
+            let served = async { session(server, &ctx).run().await };
+            let client_side = async {
+                log_in(&mut client, b"EXEC").await;
+                let mut job = encode_frame(b"Npackage");
+                job.extend(encode_frame(b"args"));
+                client.get_mut().write_all(&job).await.unwrap();
+                // No worker serves this scheduler: the job stays queued
+                // while the session waits for its result.
+                while ctx.scheduler.queued() == 0 {
+                    tokio::task::yield_now().await;
+                }
+                let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+                // Both become ready before the session runs again.
+                job.reply.send(Bytes::from_static(b"result")).unwrap();
+                client.get_mut().shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                client.get_mut().read_to_end(&mut rest).await.unwrap();
+                rest
+            };
+            let (ended, rest) = tokio::join!(served, client_side);
+            assert!(ended.is_ok(), "round {round}: {ended:?}");
+            assert_eq!(rest, encode_frame(b"result"), "round {round}");
+        }
+    }
+
+    #[tokio::test]
+    async fn eof_before_the_result_means_the_client_left() {
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let mut job = encode_frame(b"Npackage");
+            job.extend(encode_frame(b"args"));
+            client.get_mut().write_all(&job).await.unwrap();
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+        assert_eq!(ctx.scheduler.queued(), 1);
+        assert!(
+            ctx.scheduler.next_job(0, WorkerCache::default()).is_err(),
+            "the abandoned job is dropped, not run"
+        );
+    }
+
+    #[tokio::test]
+    async fn sending_while_waiting_is_reported_as_such() {
+        // Regression: an over-long send while waiting for a result was
+        // logged as "client left".
+        let ctx = SessionContext {
+            max_frame: 1024,
+            ..context()
+        };
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let mut job = encode_frame(b"Npackage");
+            job.extend(encode_frame(b"args"));
+            job.extend([0u8; 4096]);
+            client.get_mut().write_all(&job).await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(
+            matches!(
+                ended,
+                Err(SessionError::Frame(FrameError::Unsolicited { .. }))
+            ),
+            "{ended:?}"
+        );
     }
 }

@@ -2,9 +2,18 @@
 //! bytes. The same framing is spoken on client sockets and on worker pipes,
 //! so the reader and writer here are generic over any async byte stream.
 //!
-//! Decoding is split from I/O: [`decode`] only looks at a buffer, and
-//! [`FrameReader`] owns the stream and the buffer. Payloads come out as
-//! [`Bytes`] cut from the read buffer, so relaying them costs no copy.
+//! Decoding is split from I/O: [`decode`] only looks at a buffer;
+//! [`FrameReader`] owns a stream and its read buffer (a worker's stdout),
+//! and [`Connection`] adds the writes for a two-way stream (a client
+//! socket). Payloads come out as [`Bytes`] cut from the read buffer, so
+//! relaying them costs no copy.
+//!
+//! The reader is written by hand rather than taken from tokio-util's
+//! `LengthDelimitedCodec`: that codec reserves the whole announced length
+//! as soon as it reads a header, which lets a peer make the server allocate
+//! up to the frame limit by sending 8 bytes; here the buffer grows with the
+//! bytes that actually arrive. Lengths come from peers, so every sum of a
+//! length and anything else is checked.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -24,6 +33,9 @@ pub enum FrameError {
     TooLarge { announced: u64, max: usize },
     /// The stream ended in the middle of a frame.
     Truncated,
+    /// The peer kept sending while it should have been waiting for an
+    /// answer, more than a whole frame's worth (see [`Connection::closed`]).
+    Unsolicited { buffered: usize },
     /// The underlying read failed.
     Io(io::Error),
 }
@@ -35,12 +47,23 @@ impl std::fmt::Display for FrameError {
                 write!(f, "frame of {announced} bytes announced, limit is {max}")
             }
             FrameError::Truncated => write!(f, "connection closed in the middle of a frame"),
+            FrameError::Unsolicited { buffered } => write!(
+                f,
+                "peer sent {buffered} bytes while it should have been waiting for an answer"
+            ),
             FrameError::Io(e) => write!(f, "{e}"),
         }
     }
 }
 
-impl std::error::Error for FrameError {}
+impl std::error::Error for FrameError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FrameError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<io::Error> for FrameError {
     fn from(e: io::Error) -> Self {
@@ -73,9 +96,11 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Decoded, FrameError> {
     if announced > max as u64 {
         return Err(FrameError::TooLarge { announced, max });
     }
-    // Fits in usize: it is at most `max`.
-    let len = announced as usize;
-    let total = HEADER_LEN + len;
+    // Both conversions and the sum are checked: `max` may be as large as
+    // usize allows, and a frame that cannot be addressed is too large.
+    let too_large = || FrameError::TooLarge { announced, max };
+    let len = usize::try_from(announced).map_err(|_| too_large())?;
+    let total = HEADER_LEN.checked_add(len).ok_or_else(too_large)?;
     if buf.len() < total {
         return Ok(Decoded::Incomplete {
             missing: total - buf.len(),
@@ -83,6 +108,16 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Decoded, FrameError> {
     }
     buf.advance(HEADER_LEN);
     Ok(Decoded::Frame(buf.split_to(len).freeze()))
+}
+
+/// The bytes of one frame carrying `payload`: header and payload. Answers
+/// go out through [`write_frames`] without this copy; this is for building
+/// test input and transcripts.
+pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
+    v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
 }
 
 /// Below this, a frame's buffer is reserved in one go; above it the buffer
@@ -170,23 +205,60 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         fresh.extend_from_slice(&self.buf);
         self.buf = fresh;
     }
+}
 
-    /// Completes when the peer closes its side (or the stream fails), for
-    /// noticing that a client went away while its job runs. Bytes that
-    /// arrive meanwhile are kept for the next [`FrameReader::read_frame`].
-    /// A peer that sends more than a maximal frame while it should be
-    /// waiting is breaking the protocol; that ends the wait with an error
-    /// rather than growing the buffer without bound.
-    pub async fn closed(&mut self) -> io::Result<()> {
+/// A two-way framed stream: a client connection. Owns the stream and its
+/// read buffer; answers are written on the same stream.
+#[derive(Debug)]
+pub struct Connection<S> {
+    /// The stream and the bytes read from it but not yet handed out.
+    reader: FrameReader<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// A connection that accepts payloads up to `max` bytes.
+    pub fn new(stream: S, max: usize) -> Self {
+        Connection {
+            reader: FrameReader::new(stream, max),
+        }
+    }
+
+    /// See [`FrameReader::set_max`].
+    pub fn set_max(&mut self, max: usize) {
+        self.reader.set_max(max);
+    }
+
+    /// See [`FrameReader::buffered_capacity`].
+    pub fn buffered_capacity(&self) -> usize {
+        self.reader.buffered_capacity()
+    }
+
+    /// See [`FrameReader::read_frame`].
+    pub async fn read_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        self.reader.read_frame().await
+    }
+
+    /// Writes one frame; see [`write_frame`].
+    pub async fn write_frame(&mut self, payload: &[u8]) -> io::Result<()> {
+        write_frame(&mut self.reader.inner, payload).await
+    }
+
+    /// Completes with `Ok` when the peer closes its side, for noticing that
+    /// a client went away while its job runs. Bytes that arrive meanwhile
+    /// are kept for the next [`Connection::read_frame`]. A peer that sends
+    /// more than a maximal frame while it should be waiting is breaking the
+    /// protocol: that ends the wait with [`FrameError::Unsolicited`] rather
+    /// than growing the buffer without bound.
+    pub async fn closed(&mut self) -> Result<(), FrameError> {
+        let r = &mut self.reader;
         loop {
-            if self.buf.len() >= HEADER_LEN + self.max {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "peer kept sending while it should wait for an answer",
-                ));
+            if r.buf.len() >= HEADER_LEN.saturating_add(r.max) {
+                return Err(FrameError::Unsolicited {
+                    buffered: r.buf.len(),
+                });
             }
-            self.buf.reserve(4096);
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            r.buf.reserve(4096);
+            if r.inner.read_buf(&mut r.buf).await? == 0 {
                 return Ok(());
             }
         }
@@ -318,15 +390,9 @@ impl AsyncWrite for QuickAck {
 mod tests {
     use super::*;
 
-    fn framed(payload: &[u8]) -> Vec<u8> {
-        let mut v = (payload.len() as u64).to_be_bytes().to_vec();
-        v.extend_from_slice(payload);
-        v
-    }
-
     #[test]
     fn partial_header_and_partial_payload_are_incomplete() {
-        let bytes = framed(b"hello");
+        let bytes = encode_frame(b"hello");
         for cut in 0..bytes.len() {
             let mut buf = BytesMut::from(&bytes[..cut]);
             match decode(&mut buf, 100).unwrap() {
@@ -346,9 +412,9 @@ mod tests {
 
     #[test]
     fn back_to_back_frames_come_out_in_order() {
-        let mut bytes = framed(b"one");
-        bytes.extend(framed(b""));
-        bytes.extend(framed(b"three"));
+        let mut bytes = encode_frame(b"one");
+        bytes.extend(encode_frame(b""));
+        bytes.extend(encode_frame(b"three"));
         let mut buf = BytesMut::from(&bytes[..]);
         assert_eq!(
             decode(&mut buf, 10).unwrap(),
@@ -373,20 +439,69 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Exactly at the limit is fine.
-        let mut buf = BytesMut::from(&framed(&[7u8; 16])[..]);
+        let mut buf = BytesMut::from(&encode_frame(&[7u8; 16])[..]);
         assert!(matches!(decode(&mut buf, 16), Ok(Decoded::Frame(_))));
-        let mut buf = BytesMut::from(&framed(&[7u8; 17])[..]);
+        let mut buf = BytesMut::from(&encode_frame(&[7u8; 17])[..]);
         assert!(matches!(
             decode(&mut buf, 16),
             Err(FrameError::TooLarge { .. })
         ));
     }
 
+    #[test]
+    fn max_frame_size_of_usize_max_does_not_overflow() {
+        // Regression: `HEADER_LEN + len` overflowed when the limit was
+        // usize::MAX and a peer announced a length near it.
+        for announced in [u64::MAX, u64::MAX - 7] {
+            let mut buf = BytesMut::from(&announced.to_be_bytes()[..]);
+            match decode(&mut buf, usize::MAX) {
+                Err(FrameError::TooLarge { .. }) => {}
+                other => panic!("{announced}: {other:?}"),
+            }
+        }
+        // The largest frame whose end can be addressed is only incomplete.
+        let mut buf = BytesMut::from(&(u64::MAX - 8).to_be_bytes()[..]);
+        assert!(matches!(
+            decode(&mut buf, usize::MAX),
+            Ok(Decoded::Incomplete { .. })
+        ));
+        let mut buf = BytesMut::from(&encode_frame(b"ok")[..]);
+        assert_eq!(
+            decode(&mut buf, usize::MAX).unwrap(),
+            Decoded::Frame(Bytes::from_static(b"ok"))
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_with_a_usize_max_limit_does_not_overflow() {
+        // Regression: `HEADER_LEN + self.max` overflowed in `closed()`.
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"early bytes").await.unwrap();
+        drop(a);
+        let mut c = Connection::new(b, usize::MAX);
+        assert!(c.closed().await.is_ok());
+        assert_eq!(
+            c.read_frame().await.unwrap_err().to_string(),
+            FrameError::Truncated.to_string()
+        );
+    }
+
+    #[tokio::test]
+    async fn sending_past_a_whole_frame_while_waiting_is_reported() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&[0u8; 3000]).await.unwrap();
+        let mut c = Connection::new(b, 1024);
+        assert!(matches!(
+            c.closed().await,
+            Err(FrameError::Unsolicited { buffered }) if buffered >= 1024 + HEADER_LEN
+        ));
+    }
+
     #[tokio::test]
     async fn reader_reassembles_frames_split_across_reads() {
         let (mut a, b) = tokio::io::duplex(64);
-        let mut bytes = framed(&[1u8; 300]);
-        bytes.extend(framed(b"x"));
+        let mut bytes = encode_frame(&[1u8; 300]);
+        bytes.extend(encode_frame(b"x"));
         tokio::spawn(async move {
             for chunk in bytes.chunks(7) {
                 a.write_all(chunk).await.unwrap();
@@ -403,8 +518,8 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(1 << 16);
         let big = vec![3u8; 3 * EAGER_RESERVE];
         tokio::spawn(async move {
-            a.write_all(&framed(&big)).await.unwrap();
-            a.write_all(&framed(b"small")).await.unwrap();
+            a.write_all(&encode_frame(&big)).await.unwrap();
+            a.write_all(&encode_frame(b"small")).await.unwrap();
         });
         let mut r = FrameReader::new(b, 1 << 30);
         let frame = r.read_frame().await.unwrap().unwrap();
@@ -421,7 +536,7 @@ mod tests {
     #[tokio::test]
     async fn eof_inside_a_frame_is_an_error() {
         let (mut a, b) = tokio::io::duplex(64);
-        a.write_all(&framed(b"abcdef")[..10]).await.unwrap();
+        a.write_all(&encode_frame(b"abcdef")[..10]).await.unwrap();
         drop(a);
         let mut r = FrameReader::new(b, 1000);
         assert!(matches!(r.read_frame().await, Err(FrameError::Truncated)));

@@ -7,7 +7,6 @@
 //! many more (`PROPTEST_CASES`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,33 +15,29 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use ppserver::auth;
-use ppserver::cache::PackageCache;
+use ppserver::config::Config;
 use ppserver::scheduler::Scheduler;
 use ppserver::session::{serve_stream, SessionContext};
 use ppserver::stats::Stats;
-use ppserver::wire::{decode, write_frame, Decoded, FrameReader, HEADER_LEN};
-
-fn framed(payload: &[u8]) -> Vec<u8> {
-    let mut v = (payload.len() as u64).to_be_bytes().to_vec();
-    v.extend_from_slice(payload);
-    v
-}
+use ppserver::wire::{
+    decode, encode_frame as framed, write_frame, Decoded, FrameReader, HEADER_LEN,
+};
 
 fn context(max_frame: usize) -> SessionContext {
-    SessionContext {
-        version: "1.7.8".into(),
+    let cfg = Config {
         secret: "s".into(),
         workers: 2,
-        max_frame,
-        socket_timeout: Duration::from_secs(3600),
-        // No workers serve this scheduler: jobs stay queued, and the
-        // session must still end when its peer goes away.
-        scheduler: Arc::new(Scheduler::default()),
-        stats: Arc::new(Stats::default()),
-        packages: PackageCache::new(1 << 20),
-        next_job_id: AtomicU64::new(0),
-        clients: Default::default(),
-    }
+        max_frame_size: max_frame,
+        ..Config::default()
+    };
+    // No workers serve this scheduler: jobs stay queued, and the session
+    // must still end when its peer goes away.
+    SessionContext::new(
+        &cfg,
+        "1.7.8".into(),
+        Arc::new(Scheduler::default()),
+        Arc::new(Stats::default()),
+    )
 }
 
 fn runtime() -> tokio::runtime::Runtime {
