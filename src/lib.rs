@@ -8,7 +8,8 @@
 //! - [`wire`]: the 8-byte-length frame, on sockets and worker pipes alike;
 //! - [`cache`]: the `N`/`H` function-package cache layer;
 //! - [`scheduler`]: jobs from every connection -> free workers;
-//! - [`pool`]: worker processes: spawn, handshake, run jobs, replace the dead;
+//! - [`pool`]: one supervisor per slot: feeds a worker jobs, replaces the dead;
+//! - [`worker`]: one worker process: spawn, handshake, run a job, stop and reap;
 //! - [`stats`]: job counts and times; [`pickle`]: the failure result we write;
 //! - [`discovery`]: UDP autodiscovery (`-a`);
 //! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
@@ -28,3 +29,4 @@ pub mod server;
 pub mod session;
 pub mod stats;
 pub mod wire;
+pub mod worker;

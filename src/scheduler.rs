@@ -38,6 +38,13 @@ impl Job {
     pub fn is_abandoned(&self) -> bool {
         self.reply.is_closed()
     }
+
+    /// Answers the job with `(None, text)`, which a pp client shows as a
+    /// failed job with `text` as its output. A client that went away needs
+    /// no answer, so a closed reply channel is not an error.
+    pub(crate) fn fail(self, text: &str) {
+        let _ = self.reply.send(crate::pickle::none_with_text(text));
+    }
 }
 
 /// A worker waiting for a job. It lends its cache to the scheduler so the
@@ -278,6 +285,21 @@ mod tests {
         assert_eq!(s.fail_queued_if_no_workers(&answer), 1);
         assert_eq!(ra.await.unwrap(), answer);
         assert_eq!(s.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_job_is_answered_with_none_and_the_text() {
+        let c = PackageCache::new(1 << 20);
+        let (a, ra) = job(&c, b"Na");
+        a.fail("worker died\n");
+        assert_eq!(
+            ra.await.unwrap(),
+            crate::pickle::none_with_text("worker died\n")
+        );
+        // Nobody is waiting any more: failing it is quietly nothing.
+        let (b, rb) = job(&c, b"Nb");
+        drop(rb);
+        b.fail("too late");
     }
 
     #[tokio::test]

@@ -17,10 +17,11 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::discovery::Discovery;
-use crate::pool::{self, PoolContext, WorkerSpec};
+use crate::pool::{self, PoolContext};
 use crate::scheduler::Scheduler;
 use crate::session::{self, SessionContext};
 use crate::stats::Stats;
+use crate::worker::{self, WorkerSpec};
 
 /// Listen backlog; ppft's 5 drops connections when many clients start at
 /// once.
@@ -100,12 +101,12 @@ pub struct Server {
 /// Checks the interpreter, binds, and starts the workers.
 pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
-    let pythonpath = pool::worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
+    let pythonpath = worker::worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
     let candidates: Vec<&str> = match &cfg.worker_module {
         Some(m) => vec![m.as_str()],
-        None => pool::WORKER_MODULES.to_vec(),
+        None => worker::WORKER_MODULES.to_vec(),
     };
-    let (module, found) = pool::probe_worker(&cfg.python, &candidates, &pythonpath)
+    let (module, found) = worker::probe_worker(&cfg.python, &candidates, &pythonpath)
         .await
         .map_err(StartError::Worker)?;
     let version = cfg.pp_version.clone().unwrap_or(found.clone());

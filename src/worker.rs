@@ -1,0 +1,368 @@
+//! One worker process: spawned, handshaken, given jobs one at a time, and
+//! stopped and reaped.
+//!
+//! A worker is `<python> -u -m ppft` speaking the worker side of the
+//! protocol over its stdin/stdout, with the same framing as the sockets:
+//!
+//! 1. worker -> server: its pid, as a decimal string;
+//! 2. server -> worker: the pickle protocol number, as a decimal string;
+//! 3. per job: the package through the per-worker `N`/`H` cache, then the
+//!    pickled args; the worker answers with the pickled `(result, stdout)`.
+//!
+//! Workers get `PR_SET_PDEATHSIG` so they die with the server even if the
+//! server is killed, and their own process group so a Ctrl-C in the
+//! server's terminal reaches only the server, which then stops them itself.
+//! Deciding what to do when a worker fails is [`crate::pool`]'s business.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::cache::WorkerCache;
+use crate::scheduler::Job;
+use crate::wire::{write_frame, write_frames, FrameReader, HEADER_LEN};
+
+/// How long a new worker may take to announce its pid (importing ppft and
+/// dill on a loaded machine can take seconds).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// After a worker's stdout closes, how long it may take to exit by itself
+/// before it is killed.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
+/// ppft's worker prints this when it cannot go on (e.g. a package it cannot
+/// unpickle), sends that last result and exits; spotting it lets the slot be
+/// refilled before another job is handed to a dying process.
+const FATAL_MARKER: &[u8] = b"A fatal error has occured during the function execution";
+/// Only results this small are searched for [`FATAL_MARKER`]: a fatal
+/// result holds a traceback, never bulk data.
+const FATAL_SCAN_LIMIT: usize = 64 * 1024;
+/// Kept in a file of its own so it reads (and can be tried) as Python.
+const PROBE_SCRIPT: &str = include_str!("worker_probe.py");
+
+/// How to start a worker.
+#[derive(Debug)]
+pub(crate) struct WorkerSpec {
+    /// The interpreter.
+    pub(crate) python: PathBuf,
+    /// Module run with `-m`.
+    pub(crate) module: String,
+    /// Pickle protocol announced in the handshake.
+    pub(crate) proto: i32,
+    /// `PYTHONPATH` for the worker: the caller's, then the server's cwd.
+    pub(crate) pythonpath: OsString,
+    /// Largest result frame accepted from a worker.
+    pub(crate) max_frame: usize,
+    /// Replace the worker after every job (`-r`).
+    pub(crate) restart: bool,
+}
+
+/// `PYTHONPATH` for workers: the inherited entries, then the server's
+/// working directory, without duplicates. pp workers import user modules
+/// named in job packages relative to where the server was started.
+pub(crate) fn worker_pythonpath(inherited: Option<&OsStr>, cwd: &Path) -> OsString {
+    let mut parts: Vec<PathBuf> = inherited
+        .map(|p| {
+            std::env::split_paths(p)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !parts.iter().any(|p| p == cwd) {
+        parts.push(cwd.to_path_buf());
+    }
+    std::env::join_paths(parts).unwrap_or_else(|_| cwd.as_os_str().to_owned())
+}
+
+/// Worker modules tried, in order, when none is chosen: ppft's worker, then
+/// pp 1.7's. (ppft also installs a `pp` shim, but it has no `_worker`.)
+pub(crate) const WORKER_MODULES: &[&str] = &["ppft", "pp._worker"];
+
+/// Finds which of `candidates` the interpreter can run as a worker, and the
+/// `__version__` of its package (what clients compare against). This is
+/// also the startup check that the worker package is installed at all.
+pub(crate) async fn probe_worker(
+    python: &Path,
+    candidates: &[&str],
+    pythonpath: &OsStr,
+) -> Result<(String, String), String> {
+    let run = Command::new(python)
+        .arg("-c")
+        .arg(PROBE_SCRIPT)
+        .args(candidates)
+        .env("PYTHONPATH", pythonpath)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let shown = python.display();
+    let out = match tokio::time::timeout(STARTUP_TIMEOUT, run).await {
+        Err(_) => return Err(format!("{shown} did not answer within {STARTUP_TIMEOUT:?}")),
+        Ok(Err(e)) => {
+            return Err(format!(
+                "cannot run the worker interpreter {shown} (--python): {e}"
+            ))
+        }
+        Ok(Ok(out)) => out,
+    };
+    let answer = String::from_utf8_lossy(&out.stdout);
+    match answer.trim().split_once(' ') {
+        Some((module, version)) if out.status.success() && !version.is_empty() => {
+            if !version.is_ascii() {
+                return Err(format!("{module}'s __version__ is not ASCII: {version:?}"));
+            }
+            Ok((module.to_string(), version.to_string()))
+        }
+        _ => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().last().unwrap_or("").trim();
+            Err(format!(
+                "the worker interpreter {shown} cannot import {}{}; install ppft with: \
+                 {shown} -m pip install ppft==1.7.8 dill  (or choose another with --python)",
+                candidates.join(" or "),
+                if last.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({last})")
+                },
+            ))
+        }
+    }
+}
+
+/// How a job ended on a worker.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The worker answered; the frame goes to the client as is.
+    Answered(Bytes),
+    /// The worker was gone before it got the job.
+    NotStarted,
+    /// The worker died while it had the job, or sent an answer that was
+    /// refused (the reason says why).
+    Died {
+        /// Why the answer was refused; `None` if the worker just died.
+        refused: Option<String>,
+    },
+}
+
+/// A running worker process.
+pub(crate) struct Worker {
+    /// The process; dropping it kills it (`kill_on_drop`).
+    child: Child,
+    /// Jobs go in here.
+    stdin: ChildStdin,
+    /// Results come out here.
+    stdout: FrameReader<ChildStdout>,
+    /// The pid the worker announced, for log lines.
+    pub(crate) pid: u32,
+    /// Set when the worker's last answer said it is about to exit.
+    pub(crate) exiting: bool,
+}
+
+impl Worker {
+    /// Starts a worker and completes its handshake.
+    pub(crate) async fn spawn(spec: &WorkerSpec) -> io::Result<Worker> {
+        let mut cmd = Command::new(&spec.python);
+        cmd.arg("-u")
+            .arg("-m")
+            .arg(&spec.module)
+            .env("PYTHONPATH", &spec.pythonpath)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let parent = nix::unistd::getpid();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (prctl, getppid); it allocates
+        // nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+                // The server may have died between fork and prctl.
+                if nix::unistd::getppid() != parent {
+                    return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(io::Error::other("worker pipes missing"));
+        };
+        widen_pipe(&stdin);
+        widen_pipe(&stdout);
+        let mut w = Worker {
+            pid: child.id().unwrap_or(0),
+            child,
+            stdin,
+            stdout: FrameReader::new(stdout, spec.max_frame),
+            exiting: false,
+        };
+        tokio::spawn(drain_stderr(w.pid, stderr));
+        let hello = tokio::time::timeout(STARTUP_TIMEOUT, w.stdout.read_frame()).await;
+        let announced = match hello {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => return Err(io::Error::other("worker exited during startup")),
+            Ok(Err(e)) => return Err(io::Error::other(format!("worker startup: {e}"))),
+            Err(_) => return Err(io::Error::other("worker did not start in time")),
+        };
+        let pid = std::str::from_utf8(&announced)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .ok_or_else(|| io::Error::other("worker announced no pid"))?;
+        if pid != w.pid {
+            log::debug!("worker pid {} announced pid {pid}", w.pid);
+        }
+        write_frame(&mut w.stdin, spec.proto.to_string().as_bytes()).await?;
+        Ok(w)
+    }
+
+    /// Runs one job.
+    pub(crate) async fn run(&mut self, cache: &mut WorkerCache, job: &Job) -> Outcome {
+        let package_frame = cache.frame_for(&job.package);
+        let written = match write_frames(&mut self.stdin, &[package_frame, &job.args]).await {
+            Ok(()) => 2 * HEADER_LEN + package_frame.len() + job.args.len(),
+            // The pipe was closed before this job reached the worker.
+            Err(e) if e.written == 0 => return Outcome::NotStarted,
+            // The worker may still have answered: ppft's worker answers a
+            // package it cannot load and exits before reading the args.
+            Err(e) => e.written,
+        };
+        cache.insert(job.package.hash);
+        match self.stdout.read_frame().await {
+            Ok(Some(result)) => {
+                self.exiting = result.len() <= FATAL_SCAN_LIMIT
+                    && result
+                        .windows(FATAL_MARKER.len())
+                        .any(|w| w == FATAL_MARKER);
+                Outcome::Answered(result)
+            }
+            // A worker killed while idle can take a job in the moment
+            // before its pipes close; if it never read a byte of it, the
+            // job did not start and must not be answered as if it crashed.
+            Ok(None) if unread_bytes(&self.stdin) >= written => Outcome::NotStarted,
+            Ok(None) => Outcome::Died { refused: None },
+            Err(e) => Outcome::Died {
+                refused: Some(e.to_string()),
+            },
+        }
+    }
+
+    /// Watches a worker that has no job. It has nothing to say, so this
+    /// completes only when it died (EOF), broke the framing, or wrote a
+    /// frame anyway; true for the last, the one case worth a warning.
+    /// Safe to cancel in a `select!`: a partly read frame stays buffered.
+    pub(crate) async fn watch_idle(&mut self) -> bool {
+        matches!(self.stdout.read_frame().await, Ok(Some(_)))
+    }
+
+    /// Ends the worker and reaps it; says how it ended. A worker whose
+    /// stdout already closed gets a moment to exit by itself, so the exit
+    /// code or signal reported is its own, not ours.
+    pub(crate) async fn stop(mut self, graceful: bool) -> String {
+        drop(self.stdin);
+        if graceful {
+            if let Ok(Ok(status)) = tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
+                return describe(status);
+            }
+        }
+        let _ = self.child.start_kill();
+        match self.child.wait().await {
+            Ok(status) => describe(status),
+            Err(e) => format!("could not be reaped: {e}"),
+        }
+    }
+}
+
+/// Large job frames cross the worker pipes in 64 KiB steps by default, a
+/// wake-up of the worker (or of us) per step; a 1 MiB pipe makes that 16
+/// times fewer. Best effort: the system limit may be lower.
+fn widen_pipe(pipe: &impl AsRawFd) {
+    // SAFETY: F_SETPIPE_SZ takes an int and touches no memory of ours.
+    unsafe {
+        nix::libc::fcntl(pipe.as_raw_fd(), nix::libc::F_SETPIPE_SZ, 1 << 20);
+    }
+}
+
+/// Bytes written into a pipe that its reader has not read yet (FIONREAD
+/// works on either end of a Linux pipe); 0 if it cannot be told.
+fn unread_bytes(pipe: &ChildStdin) -> usize {
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer we pass.
+    let rc = unsafe { nix::libc::ioctl(pipe.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// "exit code 3" or "killed by signal 9 (SIGKILL)".
+fn describe(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        format!("exit code {code}")
+    } else if let Some(sig) = status.signal() {
+        match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("killed by signal {sig} ({s})"),
+            Err(_) => format!("killed by signal {sig}"),
+        }
+    } else {
+        status.to_string()
+    }
+}
+
+/// Reads whatever a worker writes to stderr so it can never block on a full
+/// pipe; logs it at debug level.
+async fn drain_stderr(pid: u32, mut stderr: tokio::process::ChildStderr) {
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = stderr.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        if log::log_enabled!(log::Level::Debug) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            log::debug!("worker pid {pid} stderr: {}", text.trim_end());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pythonpath_keeps_inherited_entries_first_and_adds_cwd_once() {
+        let cwd = Path::new("/srv/app");
+        assert_eq!(worker_pythonpath(None, cwd), OsString::from("/srv/app"));
+        assert_eq!(
+            worker_pythonpath(Some(OsStr::new("/a:/b")), cwd),
+            OsString::from("/a:/b:/srv/app")
+        );
+        assert_eq!(
+            worker_pythonpath(Some(OsStr::new("/srv/app:/a")), cwd),
+            OsString::from("/srv/app:/a")
+        );
+        assert_eq!(
+            worker_pythonpath(Some(OsStr::new("")), cwd),
+            OsString::from("/srv/app")
+        );
+    }
+
+    #[test]
+    fn exit_statuses_are_described() {
+        assert_eq!(describe(ExitStatus::from_raw(3 << 8)), "exit code 3");
+        assert_eq!(
+            describe(ExitStatus::from_raw(9)),
+            "killed by signal 9 (SIGKILL)"
+        );
+    }
+}
