@@ -17,12 +17,12 @@ pub const DEFAULT_SECRET: &str = "epo20pdosl;dksldkmm";
 
 /// Nonce length. ppft sends 16 letters (about 91 bits); 24 give more than
 /// 128 bits and every client accepts any ASCII string.
-pub const NONCE_LEN: usize = 24;
+pub(crate) const NONCE_LEN: usize = 24;
 
 const LETTERS: &[u8; 52] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
 
 /// A fresh nonce of ASCII letters drawn from the OS random source.
-pub fn nonce() -> Result<[u8; NONCE_LEN], getrandom::Error> {
+pub(crate) fn nonce() -> Result<[u8; NONCE_LEN], getrandom::Error> {
     let mut out = [0u8; NONCE_LEN];
     let mut filled = 0;
     let mut pool = [0u8; 64];
@@ -54,7 +54,7 @@ pub fn expected_answer(nonce: &[u8], secret: &[u8]) -> [u8; 40] {
 
 /// Compares a client's answer with the expected one in time that does not
 /// depend on where they differ, so the answer cannot be guessed byte by byte.
-pub fn answer_matches(expected: &[u8; 40], got: &[u8]) -> bool {
+pub(crate) fn answer_matches(expected: &[u8; 40], got: &[u8]) -> bool {
     if got.len() != expected.len() {
         return false;
     }

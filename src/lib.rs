@@ -1,5 +1,8 @@
 //! A drop-in replacement for the Parallel Python (pp/ppft) network server.
 //!
+//! Only what the binary and the integration tests use is public: the
+//! config, the server, a session over any stream, and the frame codec.
+//!
 //! Map of the crate, in the order a job travels:
 //! - [`config`]: command line -> [`config::Config`];
 //! - [`server`]: startup checks, the listener, the accept loop, shutdown;
@@ -15,18 +18,18 @@
 //! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
 
 pub mod auth;
-pub mod cache;
+mod cache;
 pub mod config;
 mod connections;
-pub mod discovery;
+mod discovery;
 mod hex;
-pub mod inifile;
+mod inifile;
 pub mod logfmt;
-pub mod pickle;
-pub mod pool;
+mod pickle;
+mod pool;
 pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod stats;
 pub mod wire;
-pub mod worker;
+mod worker;

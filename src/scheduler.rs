@@ -19,7 +19,7 @@ use crate::cache::{Package, WorkerCache};
 /// One job: a function package, its pickled arguments, and where its result
 /// goes.
 #[derive(Debug)]
-pub struct Job {
+pub(crate) struct Job {
     /// Number for log lines.
     pub id: u64,
     /// The function package (shared with the connection's cache).
@@ -35,7 +35,7 @@ pub struct Job {
 
 impl Job {
     /// Whether anyone still waits for this job's result.
-    pub fn is_abandoned(&self) -> bool {
+    pub(crate) fn is_abandoned(&self) -> bool {
         self.reply.is_closed()
     }
 
@@ -80,7 +80,7 @@ pub struct Scheduler {
 
 /// Counts a worker as live while it exists; see [`Scheduler::worker_up`].
 #[derive(Debug)]
-pub struct LiveWorker<'a>(&'a AtomicUsize);
+pub(crate) struct LiveWorker<'a>(&'a AtomicUsize);
 
 impl Drop for LiveWorker<'_> {
     fn drop(&mut self) {
@@ -91,20 +91,20 @@ impl Drop for LiveWorker<'_> {
 /// What a worker waiting for a job holds: the receiving end, plus a way to
 /// get a job back if the worker has to give up before starting it.
 #[derive(Debug)]
-pub struct Waiting {
+pub(crate) struct Waiting {
     rx: oneshot::Receiver<(Job, WorkerCache)>,
 }
 
 impl Waiting {
     /// Waits for a job. `None` means the scheduler dropped the entry, which
     /// only happens when the server shuts down.
-    pub async fn job(&mut self) -> Option<(Job, WorkerCache)> {
+    pub(crate) async fn job(&mut self) -> Option<(Job, WorkerCache)> {
         (&mut self.rx).await.ok()
     }
 
     /// Withdraws from the idle list (e.g. because the worker died) and
     /// returns a job that was handed over in the meantime, so it is not lost.
-    pub fn withdraw(mut self) -> Option<Job> {
+    pub(crate) fn withdraw(mut self) -> Option<Job> {
         self.rx.close();
         self.rx.try_recv().ok().map(|(job, _)| job)
     }
@@ -118,7 +118,7 @@ impl Scheduler {
     }
 
     /// Submits a job: to an idle worker if there is one, else to the queue.
-    pub fn submit(&self, job: Job) {
+    pub(crate) fn submit(&self, job: Job) {
         let mut st = self.lock();
         if let Some(job) = hand_to_idle(&mut st, job) {
             st.queue.push_back(job);
@@ -128,7 +128,7 @@ impl Scheduler {
     /// Puts back a job that was taken but never started (its worker turned
     /// out to be dead): to an idle worker, else at the head of the queue, so
     /// it keeps its turn.
-    pub fn requeue_front(&self, job: Job) {
+    pub(crate) fn requeue_front(&self, job: Job) {
         let mut st = self.lock();
         if let Some(job) = hand_to_idle(&mut st, job) {
             st.queue.push_front(job);
@@ -137,7 +137,11 @@ impl Scheduler {
 
     /// A worker asks for its next job: the oldest queued job still wanted
     /// by its client, or else it goes on the idle list.
-    pub fn next_job(&self, slot: usize, cache: WorkerCache) -> Result<(Job, WorkerCache), Waiting> {
+    pub(crate) fn next_job(
+        &self,
+        slot: usize,
+        cache: WorkerCache,
+    ) -> Result<(Job, WorkerCache), Waiting> {
         let mut st = self.lock();
         while let Some(job) = st.queue.pop_front() {
             if job.is_abandoned() {
@@ -155,7 +159,7 @@ impl Scheduler {
     }
 
     /// Counts a started worker as live until the guard drops.
-    pub fn worker_up(&self) -> LiveWorker<'_> {
+    pub(crate) fn worker_up(&self) -> LiveWorker<'_> {
         self.live_workers.fetch_add(1, Ordering::Relaxed);
         LiveWorker(&self.live_workers)
     }
@@ -163,7 +167,7 @@ impl Scheduler {
     /// Answers every queued job with `answer` if no worker is running, so
     /// clients of a server whose workers cannot start get an answer instead
     /// of waiting forever. Returns how many jobs were answered.
-    pub fn fail_queued_if_no_workers(&self, answer: &Bytes) -> usize {
+    pub(crate) fn fail_queued_if_no_workers(&self, answer: &Bytes) -> usize {
         let mut st = self.lock();
         if self.live_workers.load(Ordering::Relaxed) > 0 {
             return 0;
@@ -178,13 +182,14 @@ impl Scheduler {
     }
 
     /// Number of jobs waiting for a worker.
-    pub fn queued(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
         self.lock().queue.len()
     }
 
     /// Drops every idle entry and queued job: on shutdown, waiting workers
     /// wake up with nothing and sessions see their reply channel close.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut st = self.lock();
         st.idle.clear();
         st.queue.clear();

@@ -31,7 +31,7 @@ impl Default for Stats {
 
 /// Counts a job as running while it lives.
 #[derive(Debug)]
-pub struct Running<'a>(&'a AtomicUsize);
+pub(crate) struct Running<'a>(&'a AtomicUsize);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
@@ -41,14 +41,14 @@ impl Drop for Running<'_> {
 
 impl Stats {
     /// Marks a job as running until the guard is dropped.
-    pub fn running(&self) -> Running<'_> {
+    pub(crate) fn running(&self) -> Running<'_> {
         self.running.fetch_add(1, Ordering::Relaxed);
         Running(&self.running)
     }
 
     /// ppft's statistics table, as `print_stats()` prints it, for SIGUSR1.
     /// The server's own workers are its one "local" node.
-    pub fn table(&self, workers: usize) -> String {
+    pub(crate) fn table(&self, workers: usize) -> String {
         let jobs = self.jobs();
         let secs = self.job_seconds();
         let mut out = String::from("Job execution statistics:\n");
@@ -72,19 +72,19 @@ impl Stats {
     }
 
     /// Counts one finished job that took `took`.
-    pub fn record_job(&self, took: Duration) {
+    pub(crate) fn record_job(&self, took: Duration) {
         self.jobs.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.job_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     /// Number of finished jobs.
-    pub fn jobs(&self) -> u64 {
+    pub(crate) fn jobs(&self) -> u64 {
         self.jobs.load(Ordering::Relaxed)
     }
 
     /// Total job time so far, in seconds.
-    pub fn job_seconds(&self) -> f64 {
+    pub(crate) fn job_seconds(&self) -> f64 {
         self.job_nanos.load(Ordering::Relaxed) as f64 / 1e9
     }
 }
@@ -92,7 +92,7 @@ impl Stats {
 /// Formats seconds the way Python's `str(float)` does for the values that
 /// occur here, always with a decimal point (`0.0`, `12.5`), since clients
 /// parse it with `float()` and people read it in logs.
-pub fn format_seconds(secs: f64) -> String {
+pub(crate) fn format_seconds(secs: f64) -> String {
     format!("{:?}", secs.max(0.0))
 }
 
