@@ -1,4 +1,4 @@
-"""Raw pp wire helpers for protocol-level tests (see shared/PROTOCOL.md).
+"""Raw pp wire helpers for protocol-level tests (see docs/protocol.md).
 
 Every message is one frame: an 8-byte big-endian unsigned length, then the
 payload. These helpers speak that framing over a plain TCP socket, without the

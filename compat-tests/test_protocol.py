@@ -1,4 +1,4 @@
-"""Raw-socket checks of the wire protocol (shared/PROTOCOL.md), without the
+"""Raw-socket checks of the wire protocol (docs/protocol.md), without the
 ppft client: handshake frames, the STAT loop, the N/H package cache on EXEC
 connections, and where workers find modules."""
 
