@@ -728,6 +728,13 @@ mod tests {
     #[test]
     fn config_file_bad_value_names_key_and_line() {
         let path = temp_file("b.conf", "[general]\nworkers = many\n");
+        match parse_args_with(["-c", path.to_str().unwrap()], None) {
+            Err(ConfigError::Invalid { at, .. }) => assert!(
+                matches!(*at, Origin::Key { ref key, line: 2, .. } if key == "workers"),
+                "{at:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
         let e = err(&["-c", path.to_str().unwrap()]);
         assert!(
             e.contains("[general] workers") && e.contains("line 2"),

@@ -193,9 +193,7 @@ fn start_server(fixture: &Fixture, python: &Path, log: &Path) -> (ServerGuard, T
 
 fn send_frame(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
     // One write per frame: header and payload in one segment.
-    let mut frame = (payload.len() as u64).to_be_bytes().to_vec();
-    frame.extend_from_slice(payload);
-    stream.write_all(&frame)
+    stream.write_all(&ppserver::wire::encode_frame(payload))
 }
 
 fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
