@@ -44,14 +44,20 @@ pub struct Config {
     pub workers: usize,
     /// Replace each worker after every job (`-r`).
     pub restart: bool,
-    /// Pickle protocol the workers use for results (`-n`).
-    pub proto: i32,
+    /// Pickle protocol the workers use for results (`-n`); `None` until
+    /// the worker package is known: ppft's server defaults to 2, pp
+    /// 1.7.0's to 4 (see [`Config::settle_for_worker`]).
+    pub proto: Option<i32>,
     /// How long a client connection may sit idle between jobs (`-k`).
     pub socket_timeout: Duration,
     /// Exit after this long without any client connection (`-t`).
     pub idle_exit: Option<Duration>,
     /// Debug logging (`-d`).
     pub debug: bool,
+    /// Info logging (the startup line) even when stderr is a pipe (`-v`).
+    pub verbose: bool,
+    /// Errors only (`-q`, pp 1.7.0's flag); wins over `-v` and `-d`.
+    pub quiet: bool,
     /// Python logging format for log lines (`-f`).
     pub log_format: LogFormat,
     /// Answer UDP autodiscovery and announce the server (`-a`).
@@ -60,6 +66,13 @@ pub struct Config {
     pub broadcast: Ipv4Addr,
     /// File the server's pid is written to while it runs (`-P`).
     pub pid_file: Option<PathBuf>,
+    /// File holding `host:port`, written once the server listens and a
+    /// worker is up, removed when it stops (`--ready-file`).
+    pub ready_file: Option<PathBuf>,
+    /// `PP_SECRET` from the environment: pp 1.7.0's server and clients read
+    /// it, so it is the secret when the workers are pp 1.7.0's and nothing
+    /// else gave one. ppft and pathos clients never read it.
+    pub pp_secret: Option<String>,
     /// Interpreter that runs the workers (`--python`).
     pub python: PathBuf,
     /// Python module run as the worker (`python -u -m MODULE`); `None`
@@ -85,14 +98,18 @@ impl Default for Config {
             secret_is_default: true,
             workers: num_cpus::get().max(1),
             restart: false,
-            proto: 2,
+            proto: None,
             socket_timeout: Duration::from_secs(3600),
             idle_exit: None,
             debug: false,
+            verbose: false,
+            quiet: false,
             log_format: LogFormat::parse(DEFAULT_FORMAT).expect("default format parses"),
             autodiscovery: false,
             broadcast: Ipv4Addr::BROADCAST,
             pid_file: None,
+            ready_file: None,
+            pp_secret: None,
             python: PathBuf::from("python3"),
             worker_module: None,
             pp_version: None,
@@ -215,20 +232,27 @@ impl From<lexopt::Error> for ConfigError {
 pub fn usage() -> String {
     format!(
         "Parallel Python Network Server (ppserver {version}, Rust)
-Usage: ppserver [-hdar] [-f format] [-n proto] [-c config_path] [-i interface]
+Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [-b broadcast] [-p port] [-w nworkers] [-s secret] [-t seconds]
                 [-k seconds] [-P pid_file] [--secret-file PATH] [--python PATH]
                 [--worker-module MODULE] [--pp-version X]
                 [--max-frame-size BYTES] [--max-connections N]
+                [--ready-file PATH]
 
 Options:
 -h                 : this help message
 -d                 : set log level to debug
+-q                 : quiet: log errors only (wins over -d and -v)
+-v, --verbose      : log the startup line and other info even when stderr is
+                     a pipe (default: info on a terminal or file; only
+                     warnings and errors when stderr is a pipe or socket, so
+                     launchers such as pathos see nothing at startup)
 -f format          : log format (Python logging style; default
                      \"{default_format}\")
 -a                 : enable auto-discovery service
 -r                 : restart worker process after each task completion
--n proto           : protocol number for pickle module (default 2)
+-n proto           : protocol number for pickle module (default 2; 4 with
+                     pp 1.7.0 workers, as pp 1.7.0's server)
 -c path            : path to config file ([general] and [network] sections;
                      flags after -c override it)
 -i interface       : interface to listen (default 0.0.0.0)
@@ -250,9 +274,14 @@ Options:
 --max-frame-size N : largest message accepted from an authenticated client,
                      in bytes (default {max_frame})
 --max-connections N: most client connections at once (default {max_conn})
+--ready-file PATH  : once listening with a worker up, write host:port to PATH
+                     (atomically); removed when the server stops (default:
+                     none)
 
-Environment: PPSERVER_SECRET is the secret when none is given otherwise.
-To print server stats send SIGUSR1 to its main process.
+Environment: PPSERVER_SECRET is the secret when none is given otherwise;
+after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).
+SIGUSR1 prints the job statistics; SIGTERM, SIGINT and SIGHUP stop the server
+(SIGHUP stays ignored if it was ignored at start, as under nohup).
 Clients must run the pp version the server advertises and use its secret.
 Due to the security concerns always use a non-trivial secret key.",
         version = env!("CARGO_PKG_VERSION"),
@@ -272,6 +301,9 @@ enum Setting {
     Proto,
     Restart,
     PidFile,
+    Quiet,
+    Verbose,
+    ReadyFile,
     Autodiscovery,
     Interface,
     Broadcast,
@@ -288,6 +320,9 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "proto", Setting::Proto),
     ("general", "restart", Setting::Restart),
     ("general", "pid_file", Setting::PidFile),
+    ("general", "quiet", Setting::Quiet),
+    ("general", "verbose", Setting::Verbose),
+    ("general", "ready_file", Setting::ReadyFile),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
@@ -350,7 +385,7 @@ fn apply(
                     "pickle protocols are 0 to 5 (or -1 for the highest)",
                 ));
             }
-            cfg.proto = proto;
+            cfg.proto = Some(proto);
         }
         Setting::Restart => cfg.restart = boolean(name, value)?,
         Setting::PidFile => {
@@ -358,6 +393,14 @@ fn apply(
                 return Err(invalid(name, value, "empty path"));
             }
             cfg.pid_file = Some(PathBuf::from(value));
+        }
+        Setting::Quiet => cfg.quiet = boolean(name, value)?,
+        Setting::Verbose => cfg.verbose = boolean(name, value)?,
+        Setting::ReadyFile => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty path"));
+            }
+            cfg.ready_file = Some(PathBuf::from(value));
         }
         Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
         Setting::Interface => {
@@ -445,18 +488,38 @@ fn text(flag: &'static str, value: OsString) -> Result<String, ConfigError> {
         .map_err(|v| invalid(&Origin::Flag(flag), &v.to_string_lossy(), "not valid UTF-8"))
 }
 
-/// Parses the arguments after the program name; `PPSERVER_SECRET` is read
-/// from the environment.
+/// The environment variables the server reads.
+#[derive(Debug, Default, Clone)]
+pub struct Env {
+    /// `PPSERVER_SECRET`: the secret when no flag or config key gives one.
+    pub ppserver_secret: Option<String>,
+    /// `PP_SECRET`: pp 1.7.0's variable; see [`Config::pp_secret`].
+    pub pp_secret: Option<String>,
+}
+
+impl Env {
+    /// The process's environment.
+    pub fn from_process() -> Env {
+        let var = |name| std::env::var(name).ok().filter(|s: &String| !s.is_empty());
+        Env {
+            ppserver_secret: var("PPSERVER_SECRET"),
+            pp_secret: var("PP_SECRET"),
+        }
+    }
+}
+
+/// Parses the arguments after the program name, with the process's
+/// environment.
 pub fn parse_args<I>(args: I) -> Result<Command, ConfigError>
 where
     I: IntoIterator,
     I::Item: Into<OsString>,
 {
-    parse_args_with(args, std::env::var("PPSERVER_SECRET").ok())
+    parse_args_with(args, &Env::from_process())
 }
 
-/// [`parse_args`] with the environment's secret passed in, for tests.
-pub fn parse_args_with<I>(args: I, env_secret: Option<String>) -> Result<Command, ConfigError>
+/// [`parse_args`] with the environment passed in, for tests.
+pub fn parse_args_with<I>(args: I, env: &Env) -> Result<Command, ConfigError>
 where
     I: IntoIterator,
     I::Item: Into<OsString>,
@@ -470,6 +533,22 @@ where
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('d') => {
                 cfg.debug = true;
+                continue;
+            }
+            Short('v') | Long("verbose") => {
+                cfg.verbose = true;
+                continue;
+            }
+            Short('q') | Long("quiet") => {
+                cfg.quiet = true;
+                continue;
+            }
+            Long("ready-file") => {
+                let path = PathBuf::from(parser.value()?);
+                if path.as_os_str().is_empty() {
+                    return Err(invalid(&Origin::Flag("--ready-file"), "", "empty path"));
+                }
+                cfg.ready_file = Some(path);
                 continue;
             }
             Short('r') => {
@@ -563,12 +642,52 @@ where
         apply(&mut cfg, setting, &Origin::Flag(flag), &value)?;
     }
     if cfg.secret_is_default {
-        if let Some(secret) = env_secret.filter(|s| !s.is_empty()) {
+        if let Some(secret) = env.ppserver_secret.clone() {
             cfg.secret = secret;
             cfg.secret_is_default = false;
         }
     }
+    cfg.pp_secret = env.pp_secret.clone();
     Ok(Command::Run(Box::new(cfg)))
+}
+
+/// The worker module of pp 1.7.0, whose server defaults differ from ppft's.
+pub const PP170_WORKER: &str = "pp._worker";
+
+impl Config {
+    /// Fills in the defaults that depend on the worker package, once the
+    /// probe has found it: pp 1.7.0's server pickles with protocol 4 and
+    /// reads `PP_SECRET` (after `PPSERVER_SECRET`); ppft's uses 2 and
+    /// ignores `PP_SECRET`, since ppft and pathos clients never read it.
+    pub fn settle_for_worker(&mut self, module: &str) {
+        let pp170 = module == PP170_WORKER;
+        if self.proto.is_none() {
+            self.proto = Some(if pp170 { 4 } else { 2 });
+        }
+        if pp170 && self.secret_is_default {
+            if let Some(secret) = self.pp_secret.clone() {
+                self.secret = secret;
+                self.secret_is_default = false;
+            }
+        }
+    }
+
+    /// The log level: `-q` errors only; `-d` debug; `-v` info. Otherwise
+    /// info on a terminal or a file, and only warnings when stderr is a
+    /// pipe or socket: launchers such as pathos read that pipe and wait
+    /// for it to close if anything appears at startup, as ppft's server
+    /// prints nothing there.
+    pub fn log_level(&self, stderr_is_pipe: bool) -> log::LevelFilter {
+        if self.quiet {
+            log::LevelFilter::Error
+        } else if self.debug {
+            log::LevelFilter::Debug
+        } else if self.verbose || !stderr_is_pipe {
+            log::LevelFilter::Info
+        } else {
+            log::LevelFilter::Warn
+        }
+    }
 }
 
 #[cfg(test)]
@@ -576,14 +695,14 @@ mod tests {
     use super::*;
 
     fn run(args: &[&str]) -> Config {
-        match parse_args_with(args.iter().copied(), None) {
+        match parse_args_with(args.iter().copied(), &Env::default()) {
             Ok(Command::Run(c)) => *c,
             other => panic!("{args:?}: {other:?}"),
         }
     }
 
     fn err(args: &[&str]) -> String {
-        match parse_args_with(args.iter().copied(), None) {
+        match parse_args_with(args.iter().copied(), &Env::default()) {
             Err(e) => e.to_string(),
             other => panic!("{args:?} should fail: {other:?}"),
         }
@@ -596,7 +715,7 @@ mod tests {
         assert_eq!(c.interface, "0.0.0.0");
         assert_eq!(c.secret, DEFAULT_SECRET);
         assert!(c.secret_is_default);
-        assert_eq!(c.proto, 2);
+        assert_eq!(c.proto, None, "settled by the worker package");
         assert_eq!(c.socket_timeout, Duration::from_secs(3600));
         assert!(c.workers >= 1);
     }
@@ -622,7 +741,7 @@ mod tests {
         assert_eq!(c.secret, "x y");
         assert!(!c.secret_is_default);
         assert_eq!(c.interface, "127.0.0.1");
-        assert_eq!(c.proto, 4);
+        assert_eq!(c.proto, Some(4));
         assert_eq!(c.socket_timeout, Duration::from_secs(5));
     }
 
@@ -642,9 +761,12 @@ mod tests {
 
     #[test]
     fn help() {
-        assert!(matches!(parse_args_with(["-h"], None), Ok(Command::Help)));
         assert!(matches!(
-            parse_args_with(["--help"], None),
+            parse_args_with(["-h"], &Env::default()),
+            Ok(Command::Help)
+        ));
+        assert!(matches!(
+            parse_args_with(["--help"], &Env::default()),
             Ok(Command::Help)
         ));
     }
@@ -717,7 +839,7 @@ mod tests {
         assert_eq!(c.workers, 3, "file overrides flags before -c");
         assert_eq!(c.port, 62000, "flags after -c override the file");
         assert!(c.debug && c.restart && c.autodiscovery);
-        assert_eq!(c.proto, 4);
+        assert_eq!(c.proto, Some(4));
         assert_eq!(c.interface, "127.0.0.1");
         assert_eq!(c.idle_exit, Some(Duration::from_secs(9)));
         assert_eq!(c.socket_timeout, Duration::from_secs(8));
@@ -728,7 +850,7 @@ mod tests {
     #[test]
     fn config_file_bad_value_names_key_and_line() {
         let path = temp_file("b.conf", "[general]\nworkers = many\n");
-        match parse_args_with(["-c", path.to_str().unwrap()], None) {
+        match parse_args_with(["-c", path.to_str().unwrap()], &Env::default()) {
             Err(ConfigError::Invalid { at, .. }) => assert!(
                 matches!(*at, Origin::Key { ref key, line: 2, .. } if key == "workers"),
                 "{at:?}"
@@ -749,16 +871,89 @@ mod tests {
         let c = run(&["--secret-file", p]);
         assert_eq!(c.secret, "s3cret");
         assert!(!c.secret_is_default);
-        let from_env =
-            |args: &[&str]| match parse_args_with(args.iter().copied(), Some("envsecret".into())) {
-                Ok(Command::Run(c)) => c.secret,
-                other => panic!("{other:?}"),
-            };
+        let from_env = |args: &[&str]| match parse_args_with(
+            args.iter().copied(),
+            &Env {
+                ppserver_secret: Some("envsecret".into()),
+                pp_secret: None,
+            },
+        ) {
+            Ok(Command::Run(c)) => c.secret,
+            other => panic!("{other:?}"),
+        };
         assert_eq!(from_env(&[]), "envsecret");
         assert_eq!(
             from_env(&["-s", "flag"]),
             "flag",
             "a flag beats the environment"
         );
+    }
+
+    #[test]
+    fn quiet_verbose_and_the_log_level() {
+        use log::LevelFilter::*;
+        let level = |args: &[&str], pipe| run(args).log_level(pipe);
+        assert_eq!(level(&[], false), Info, "terminal or file: startup line");
+        assert_eq!(level(&[], true), Warn, "launcher's pipe: silent start");
+        assert_eq!(level(&["-v"], true), Info);
+        assert_eq!(level(&["--verbose"], true), Info);
+        assert_eq!(level(&["-d"], true), Debug);
+        assert_eq!(level(&["-q"], false), Error);
+        assert_eq!(level(&["-q", "-v", "-d"], false), Error, "-q wins");
+        assert_eq!(level(&["--quiet"], false), Error);
+        let path = temp_file("q.conf", "[general]\nquiet = yes\nverbose = no\n");
+        assert_eq!(level(&["-c", path.to_str().unwrap()], false), Error);
+        let path = temp_file("v.conf", "[general]\nverbose = true\n");
+        assert_eq!(level(&["-c", path.to_str().unwrap()], true), Info);
+    }
+
+    #[test]
+    fn ready_file_flag_and_key() {
+        assert_eq!(
+            run(&["--ready-file", "/run/pp.ready"]).ready_file,
+            Some(PathBuf::from("/run/pp.ready"))
+        );
+        let path = temp_file("r.conf", "[general]\nready_file = /tmp/r\n");
+        assert_eq!(
+            run(&["-c", path.to_str().unwrap()]).ready_file,
+            Some(PathBuf::from("/tmp/r"))
+        );
+        assert!(err(&["--ready-file", ""]).contains("--ready-file"));
+    }
+
+    #[test]
+    fn pp170_workers_read_pp_secret_and_pickle_with_protocol_4() {
+        let parse = |args: &[&str], env: Env| match parse_args_with(args.iter().copied(), &env) {
+            Ok(Command::Run(c)) => *c,
+            other => panic!("{other:?}"),
+        };
+        let pp = |secret: &str| Env {
+            ppserver_secret: None,
+            pp_secret: Some(secret.into()),
+        };
+        // ppft workers: PP_SECRET is not ours to read; protocol 2.
+        let mut c = parse(&[], pp("shared"));
+        c.settle_for_worker("ppft");
+        assert_eq!(c.secret, DEFAULT_SECRET);
+        assert!(c.secret_is_default);
+        assert_eq!(c.proto, Some(2));
+        // pp 1.7.0 workers: PP_SECRET, protocol 4.
+        let mut c = parse(&[], pp("shared"));
+        c.settle_for_worker(PP170_WORKER);
+        assert_eq!(c.secret, "shared");
+        assert!(!c.secret_is_default);
+        assert_eq!(c.proto, Some(4));
+        // PPSERVER_SECRET and flags come first; -n is kept.
+        let both = Env {
+            ppserver_secret: Some("ours".into()),
+            pp_secret: Some("shared".into()),
+        };
+        let mut c = parse(&["-n", "3"], both);
+        c.settle_for_worker(PP170_WORKER);
+        assert_eq!(c.secret, "ours");
+        assert_eq!(c.proto, Some(3));
+        let mut c = parse(&["-s", "flag"], pp("shared"));
+        c.settle_for_worker(PP170_WORKER);
+        assert_eq!(c.secret, "flag");
     }
 }

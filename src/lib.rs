@@ -14,7 +14,9 @@
 //! - [`pool`]: one supervisor per slot: feeds a worker jobs, replaces the dead;
 //! - [`worker`]: one worker process: spawn, handshake, run a job, stop and reap;
 //! - [`stats`]: job counts and times; [`pickle`]: the failure result we write;
+//! - [`ratelimit`]: warnings about peers, limited so floods cannot bury the log;
 //! - [`discovery`]: UDP autodiscovery (`-a`);
+//! - [`runfiles`]: the pid file (`-P`) and ready file (`--ready-file`);
 //! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
 
 pub mod auth;
@@ -27,6 +29,8 @@ mod inifile;
 pub mod logfmt;
 mod pickle;
 mod pool;
+mod ratelimit;
+pub mod runfiles;
 pub mod scheduler;
 pub mod server;
 pub mod session;

@@ -6,11 +6,11 @@
 //! so workers must be forked by a thread that lives as long as the server.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ppserver::config::{self, Command};
 use ppserver::logfmt::LogFormat;
+use ppserver::runfiles::RunFile;
 
 fn main() -> ExitCode {
     fixed_mmap_threshold();
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cfg.debug, cfg.log_format.clone());
+    init_logging(cfg.log_level(stderr_is_pipe()), cfg.log_format.clone());
     for note in &cfg.notes {
         log::warn!("{note}");
     }
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             }
         };
         let _pid_file = match &cfg.pid_file {
-            Some(path) => match PidFile::create(path) {
+            Some(path) => match RunFile::pid(path) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     log::error!("cannot write the pid file {} (-P): {e}", path.display());
@@ -63,14 +63,23 @@ fn main() -> ExitCode {
     })
 }
 
-/// Log lines to stderr in a Python logging format (`-f`, default ppft's).
-/// Info is on by default so the startup line is seen; `-d` adds debug.
-fn init_logging(debug: bool, format: LogFormat) {
-    let level = if debug {
-        log::LevelFilter::Debug
-    } else {
-        log::LevelFilter::Info
-    };
+/// Whether stderr is a pipe or a socket: a launcher (pathos, ssh) reading
+/// it, rather than a terminal or a log file.
+fn stderr_is_pipe() -> bool {
+    use nix::sys::stat::{fstat, SFlag};
+    match fstat(nix::libc::STDERR_FILENO) {
+        Ok(st) => {
+            let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+            kind == SFlag::S_IFIFO || kind == SFlag::S_IFSOCK
+        }
+        // No stderr at all: nothing to keep quiet for.
+        Err(_) => false,
+    }
+}
+
+/// Log lines to stderr in a Python logging format (`-f`, default ppft's),
+/// at the level [`config::Config::log_level`] chose.
+fn init_logging(level: log::LevelFilter, format: LogFormat) {
     env_logger::Builder::new()
         .filter_level(level)
         .format(move |buf, record| {
@@ -84,25 +93,6 @@ fn init_logging(debug: bool, format: LogFormat) {
             writeln!(buf, "{line}")
         })
         .init();
-}
-
-/// The `-P` pid file: written once the server is up, removed when it stops
-/// (this guard's drop), as ppft does.
-struct PidFile(PathBuf);
-
-impl PidFile {
-    fn create(path: &Path) -> std::io::Result<PidFile> {
-        std::fs::write(path, format!("{}\n", std::process::id()))?;
-        Ok(PidFile(path.to_path_buf()))
-    }
-}
-
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            log::warn!("cannot remove the pid file {}: {e}", self.0.display());
-        }
-    }
 }
 
 /// Large job frames (megabytes) are allocated and freed all the time. glibc
@@ -123,9 +113,13 @@ fn fixed_mmap_threshold() {
 #[cfg(not(target_env = "gnu"))]
 fn fixed_mmap_threshold() {}
 
-/// Completes on SIGINT or SIGTERM.
+/// Completes on SIGINT, SIGTERM or SIGHUP. SIGHUP means the terminal or
+/// ssh session that started the server went away: stop cleanly (workers
+/// stopped, pid file removed, exit 0) rather than die where we stand. A
+/// server started with SIGHUP ignored (`nohup`) keeps ignoring it.
 async fn stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
+    let hup_ignored = hangup_ignored();
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
@@ -133,8 +127,27 @@ async fn stop_signal() {
         log::error!("cannot install signal handlers; stop the server with SIGKILL");
         return std::future::pending().await;
     };
+    let mut hup = if hup_ignored {
+        None
+    } else {
+        signal(SignalKind::hangup())
+            .map_err(|e| log::warn!("cannot handle SIGHUP: {e}"))
+            .ok()
+    };
     tokio::select! {
         _ = int.recv() => log::info!("SIGINT received"),
         _ = term.recv() => log::info!("SIGTERM received"),
+        Some(()) = async { hup.as_mut()?.recv().await } => log::info!("SIGHUP received"),
+    }
+}
+
+/// Whether SIGHUP was ignored when the server started (as `nohup` does).
+fn hangup_ignored() -> bool {
+    // SAFETY: a null new action only reads the current disposition into
+    // `old`, a plain C struct that a zeroed value initialises.
+    unsafe {
+        let mut old: nix::libc::sigaction = std::mem::zeroed();
+        nix::libc::sigaction(nix::libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == nix::libc::SIG_IGN
     }
 }

@@ -76,6 +76,8 @@ pub struct Scheduler {
     /// Worker processes up and running, for telling whether queued jobs
     /// can still be run by anyone.
     live_workers: AtomicUsize,
+    /// Woken when a worker comes up, for [`Scheduler::wait_for_worker`].
+    worker_started: tokio::sync::Notify,
 }
 
 /// Counts a worker as live while it exists; see [`Scheduler::worker_up`].
@@ -161,7 +163,23 @@ impl Scheduler {
     /// Counts a started worker as live until the guard drops.
     pub(crate) fn worker_up(&self) -> LiveWorker<'_> {
         self.live_workers.fetch_add(1, Ordering::Relaxed);
+        self.worker_started.notify_waiters();
         LiveWorker(&self.live_workers)
+    }
+
+    /// Completes once at least one worker is up (at once if one is).
+    pub(crate) async fn wait_for_worker(&self) {
+        loop {
+            // Registered before the check, so a worker that comes up in
+            // between still wakes us.
+            let started = self.worker_started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            if self.live_workers.load(Ordering::Relaxed) > 0 {
+                return;
+            }
+            started.await;
+        }
     }
 
     /// Answers every queued job with `answer` if no worker is running, so
@@ -275,6 +293,20 @@ mod tests {
         let (b, _rb) = job(&c, b"Nb");
         s.submit(b);
         assert_eq!(&w0.job().await.unwrap().0.package.new_frame[..], b"Nb");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_worker_ends_when_one_comes_up() {
+        let s = Arc::new(Scheduler::default());
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move { s.wait_for_worker().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let _up = s.worker_up();
+        waiter.await.unwrap();
+        s.wait_for_worker().await;
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::pool::{self, PoolContext};
+use crate::runfiles::RunFile;
 use crate::scheduler::Scheduler;
 use crate::session::{self, SessionContext};
 use crate::stats::Stats;
@@ -96,10 +98,18 @@ pub struct Server {
     workers_count: usize,
     /// The autodiscovery service, if `-a`.
     discovery: Option<Discovery>,
+    /// `--ready-file`: written once a worker is up.
+    ready_file: Option<PathBuf>,
+    /// The default secret is in use and the warning about it is still
+    /// owed: it is held back until the first client connects when stderr
+    /// is a launcher's pipe, since the server prints nothing at startup
+    /// there.
+    warn_default_secret: bool,
 }
 
 /// Checks the interpreter, binds, and starts the workers.
 pub async fn start(cfg: &Config) -> Result<Server, StartError> {
+    let mut cfg = cfg.clone();
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
     let pythonpath = worker::worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
     let candidates: Vec<&str> = match &cfg.worker_module {
@@ -110,6 +120,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         .await
         .map_err(StartError::Worker)?;
     let version = cfg.pp_version.clone().unwrap_or(found.clone());
+    cfg.settle_for_worker(&module);
 
     let listener = bind(&cfg.interface, cfg.port).await?;
     let local = listener.local_addr().map_err(|source| StartError::Bind {
@@ -137,7 +148,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let spec = Arc::new(WorkerSpec {
         python: cfg.python.clone(),
         module: module.clone(),
-        proto: cfg.proto,
+        proto: cfg.proto.unwrap_or(2),
         pythonpath,
         max_frame: cfg.max_frame_size,
         restart: cfg.restart,
@@ -153,11 +164,9 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         workers.spawn(pool::supervise(slot, pctx));
     }
 
-    if cfg.secret_is_default {
-        log::warn!(
-            "no secret given (-s): using pp's public default secret; anyone who can reach \
-             this port can run code here"
-        );
+    let warn_default_secret = cfg.secret_is_default && !log::log_enabled!(log::Level::Info);
+    if cfg.secret_is_default && !warn_default_secret {
+        warn_default_secret_now();
     }
     log::info!(
         "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}",
@@ -175,7 +184,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         }
     );
 
-    let ctx = Arc::new(SessionContext::new(cfg, version, scheduler, stats));
+    let ctx = Arc::new(SessionContext::new(&cfg, version, scheduler, stats));
     Ok(Server {
         listener,
         ctx,
@@ -184,7 +193,16 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         idle_exit: cfg.idle_exit,
         workers_count: cfg.workers,
         discovery,
+        ready_file: cfg.ready_file.clone(),
+        warn_default_secret,
     })
+}
+
+fn warn_default_secret_now() {
+    log::warn!(
+        "no secret given (-s): using pp's public default secret; anyone who can reach \
+         this port can run code here"
+    );
 }
 
 /// Binds the listening socket: SO_REUSEADDR like ppft (a restarted server
@@ -226,9 +244,20 @@ impl Server {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
                 .map_err(|e| log::warn!("cannot handle SIGUSR1: {e}"))
                 .ok();
+        let mut ready_file = None;
+        let ready_path = self.ready_file.take();
+        let mut ready_pending = ready_path.is_some();
+        let scheduler = self.ctx.scheduler.clone();
+        let worker_up = scheduler.wait_for_worker();
+        tokio::pin!(worker_up);
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
+                () = &mut worker_up, if ready_pending => {
+                    ready_pending = false;
+                    ready_file = self.write_ready_file(ready_path.as_deref());
+                    continue;
+                }
                 _ = &mut shutdown => break,
                 _ = &mut idle_exit => break,
                 Some(()) = async { usr1.as_mut()?.recv().await } => {
@@ -238,6 +267,9 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    if std::mem::take(&mut self.warn_default_secret) {
+                        warn_default_secret_now();
+                    }
                     let Some(admitted) = self.ctx.connections.admit() else {
                         log::warn!("{peer}: too many connections (--max-connections); closed");
                         continue;
@@ -254,6 +286,9 @@ impl Server {
                 }
             }
         }
+        // A launcher waiting on the ready file must not see a server that
+        // is going away as ready.
+        drop(ready_file);
         log::info!("shutting down: stopping workers");
         if let Some(d) = discovery {
             d.abort();
@@ -267,6 +302,28 @@ impl Server {
             .is_err()
         {
             log::error!("workers did not stop within {STOP_TIMEOUT:?}");
+        }
+    }
+}
+
+impl Server {
+    /// Writes the ready file; a failure is logged and the server goes on,
+    /// since it serves clients all the same.
+    fn write_ready_file(&self, path: Option<&std::path::Path>) -> Option<RunFile> {
+        let path = path?;
+        let local = self.listener.local_addr().ok()?;
+        match RunFile::ready(path, local) {
+            Ok(f) => {
+                log::debug!("ready: wrote {}", path.display());
+                Some(f)
+            }
+            Err(e) => {
+                log::error!(
+                    "cannot write the ready file {} (--ready-file): {e}",
+                    path.display()
+                );
+                None
+            }
         }
     }
 }

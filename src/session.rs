@@ -16,8 +16,8 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,6 +28,7 @@ use crate::auth;
 use crate::cache::{PackageCache, UnknownPackage, PACKAGE_CACHE_BUDGET};
 use crate::config::Config;
 use crate::connections::Connections;
+use crate::ratelimit::{warn_limited, PerAddress};
 use crate::scheduler::{Job, Scheduler};
 use crate::stats::{format_seconds, Stats};
 use crate::wire::{Connection, FrameError, QuickAck};
@@ -37,6 +38,11 @@ use crate::wire::{Connection, FrameError, QuickAck};
 pub const PREAUTH_MAX_FRAME: usize = 4096;
 /// Time a peer gets to complete the handshake, connection type included.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often one client host is warned about for a version mismatch.
+const MISMATCH_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+/// What [`SessionError::Closed`] names when a peer leaves without
+/// answering the nonce: how a pp client of another version behaves.
+const BEFORE_ANSWER: &str = "answering the nonce";
 
 /// What every session shares.
 #[derive(Debug)]
@@ -61,6 +67,8 @@ pub struct SessionContext {
     next_job_id: AtomicU64,
     /// The connection cap and the clients `-t` watches.
     pub(crate) connections: Connections,
+    /// Limits the version-mismatch warning to one per client host.
+    mismatch_warnings: PerAddress,
 }
 
 impl SessionContext {
@@ -83,6 +91,7 @@ impl SessionContext {
             packages: PackageCache::new(PACKAGE_CACHE_BUDGET),
             next_job_id: AtomicU64::new(0),
             connections: Connections::new(cfg.max_connections),
+            mismatch_warnings: PerAddress::new(MISMATCH_WARNING_INTERVAL),
         }
     }
 }
@@ -153,6 +162,19 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     };
     match session.run().await {
         Ok(()) => log::debug!("{peer}: connection closed"),
+        // A pp client compares the version first and, when it differs,
+        // logs an error on its side and closes without a word; the server
+        // is the only place its operator may look.
+        Err(SessionError::Closed(BEFORE_ANSWER)) if ctx.mismatch_warnings.allow(peer.ip()) => {
+            log::warn!(
+                "{peer}: closed the connection on receiving the version ({:?}) without \
+                 answering: most likely a pp client of another version; clients require \
+                 exactly {:?} (install the same pp/ppft version on both sides, or set \
+                 --pp-version)",
+                ctx.version,
+                ctx.version
+            )
+        }
         Err(SessionError::AuthFailed) => warn_limited(format_args!(
             "{peer}: authentication failed, connection closed"
         )),
@@ -161,31 +183,6 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
             | e @ SessionError::UnknownPackage(_),
         ) => warn_limited(format_args!("{peer}: {e}; connection closed")),
         Err(e) => log::debug!("{peer}: {e}; connection closed"),
-    }
-}
-
-/// Logs a warning about a misbehaving peer, at most about once a second,
-/// saying how many were held back since; those go to debug. A client stuck
-/// in a reconnect loop or a flood of bad logins must not bury the log, but
-/// the count still shows how big the flood was.
-fn warn_limited(message: std::fmt::Arguments<'_>) {
-    static START: OnceLock<Instant> = OnceLock::new();
-    static LAST_MS: AtomicU64 = AtomicU64::new(0);
-    static HELD_BACK: AtomicU64 = AtomicU64::new(0);
-    let now_ms = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1000;
-    let last = LAST_MS.load(Ordering::Relaxed);
-    if now_ms >= last + 1000
-        && LAST_MS
-            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        match HELD_BACK.swap(0, Ordering::Relaxed) {
-            0 => log::warn!("{message}"),
-            n => log::warn!("{message} ({n} similar warnings in the last seconds at debug level)"),
-        }
-    } else {
-        HELD_BACK.fetch_add(1, Ordering::Relaxed);
-        log::debug!("{message}");
     }
 }
 
@@ -226,7 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .conn
             .read_frame()
             .await?
-            .ok_or(SessionError::Closed("answering the nonce"))?;
+            .ok_or(SessionError::Closed(BEFORE_ANSWER))?;
         if !auth::answer_matches(&expected, &answer) {
             // Best effort: the client may already be gone.
             let _ = self.conn.write_frame(b"FAILED").await;
