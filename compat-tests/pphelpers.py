@@ -155,12 +155,13 @@ def server_env(extra=None, pythonpath=(HERE,)):
     (default compat-tests/: workers import job functions from the test
     modules; None or () removes it: ppft's client, run in the pytest process,
     rewrites os.environ["PYTHONPATH"], which must not leak into the server),
-    no PPSERVER_SECRET, unbuffered Python output (so a Python server's
+    no PPSERVER_SECRET nor PP_SECRET, unbuffered Python output (so a Python server's
     statistics reach the log), plus `extra` (a value of None removes that
     variable)."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     env.pop("PPSERVER_SECRET", None)
+    env.pop("PP_SECRET", None)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
     env["PYTHONUNBUFFERED"] = "1"
@@ -170,6 +171,12 @@ def server_env(extra=None, pythonpath=(HERE,)):
         else:
             env[key] = value
     return env
+
+
+def default_sighup():
+    """Run in a server's child before exec: SIGHUP at its default, so the
+    server handles it whether or not the suite itself runs under nohup."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def launch(argv, log_path, *, port=None, host="127.0.0.1", secret=SECRET, nworkers=0,
@@ -196,6 +203,7 @@ def launch(argv, log_path, *, port=None, host="127.0.0.1", secret=SECRET, nworke
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=default_sighup,
         )
     handle = ServerHandle(IMPL, host, port or 0, secret, nworkers, proc, log_path, list(argv))
     if wait:

@@ -17,7 +17,7 @@ import serverprocs as sp
 from procs import is_gone, live_children, wait_for_children, wait_until
 
 better_than_ppft = pytest.mark.better_than_ppft(
-    reason="ppft's ppserver dies on SIGTERM/SIGINT/SIGKILL without stopping its workers "
+    reason="ppft's ppserver dies on SIGTERM/SIGINT/SIGHUP/SIGKILL without stopping its workers "
     "or removing its pid file"
 )
 
@@ -62,9 +62,10 @@ def test_sigusr1_prints_the_statistics_table(launch):
 
 
 @better_than_ppft
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_stop_signal_stops_every_worker(launch, tmp_path, signame):
-    """SIGTERM or SIGINT, with a client connected and a job running: the
+    """SIGTERM, SIGINT or SIGHUP (the terminal or ssh session that started
+    it went away), with a client connected and a job running: the
     server exits 0, none of its 3 workers is left running, and the -P pid
     file is gone."""
     pid_file = tmp_path / "ppserver.pid"
