@@ -10,6 +10,7 @@
 //! - [`pool`]: worker processes: spawn, handshake, run jobs, replace the dead;
 //! - [`stats`]: job counts and times; [`pickle`]: the failure result we write;
 //! - [`discovery`]: UDP autodiscovery (`-a`);
+//! - [`logsink`]: stderr and stdout, written by threads: a full pipe never stalls the server;
 //! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
 
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod discovery;
 mod hex;
 pub mod inifile;
 pub mod logfmt;
+pub mod logsink;
 pub mod pickle;
 pub mod pool;
 pub mod scheduler;

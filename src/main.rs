@@ -5,12 +5,18 @@
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked a worker exits,
 //! so workers must be forked by a thread that lives as long as the server.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use ppserver::config::{self, Command};
 use ppserver::logfmt::LogFormat;
+use ppserver::logsink;
+
+/// How long exit waits for queued log lines (and a statistics table) to be
+/// written: plenty for an output someone reads, and a pipe nobody reads
+/// cannot hold the exit up for longer.
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     fixed_mmap_threshold();
@@ -40,7 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let server = match ppserver::server::start(&cfg).await {
             Ok(s) => s,
             Err(e) => {
@@ -60,10 +66,14 @@ fn main() -> ExitCode {
         };
         server.run(stop_signal()).await;
         ExitCode::SUCCESS
-    })
+    });
+    logsink::flush_outputs(EXIT_FLUSH);
+    code
 }
 
-/// Log lines to stderr in a Python logging format (`-f`, default ppft's).
+/// Log lines to stderr in a Python logging format (`-f`, default ppft's),
+/// through [`logsink`]'s writer thread, so a stderr nobody reads drops
+/// lines instead of stopping the server.
 /// Info is on by default so the startup line is seen; `-d` adds debug.
 fn init_logging(debug: bool, format: LogFormat) {
     let level = if debug {
@@ -71,19 +81,9 @@ fn init_logging(debug: bool, format: LogFormat) {
     } else {
         log::LevelFilter::Info
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format(move |buf, record| {
-            let mut line = String::with_capacity(128);
-            format.render(
-                &mut line,
-                record.level(),
-                record.args(),
-                std::time::SystemTime::now(),
-            );
-            writeln!(buf, "{line}")
-        })
-        .init();
+    if let Err(e) = logsink::Logger::install(level, format) {
+        eprintln!("ppserver: cannot set up logging: {e}");
+    }
 }
 
 /// The `-P` pid file: written once the server is up, removed when it stops
