@@ -17,6 +17,7 @@
 //! - [`ratelimit`]: warnings about peers, limited so floods cannot bury the log;
 //! - [`discovery`]: UDP autodiscovery (`-a`);
 //! - [`runfiles`]: the pid file (`-P`) and ready file (`--ready-file`);
+//! - [`logsink`]: stderr and stdout, written by threads: a full pipe never stalls the server;
 //! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
 
 pub mod auth;
@@ -27,6 +28,7 @@ mod discovery;
 mod hex;
 mod inifile;
 pub mod logfmt;
+pub mod logsink;
 mod pickle;
 mod pool;
 mod ratelimit;

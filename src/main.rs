@@ -5,12 +5,18 @@
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked a worker exits,
 //! so workers must be forked by a thread that lives as long as the server.
 
-use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use ppserver::config::{self, Command};
 use ppserver::logfmt::LogFormat;
+use ppserver::logsink;
 use ppserver::runfiles::RunFile;
+
+/// How long exit waits for queued log lines (and a statistics table) to be
+/// written: plenty for an output someone reads, and a pipe nobody reads
+/// cannot hold the exit up for longer.
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     fixed_mmap_threshold();
@@ -40,7 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let server = match ppserver::server::start(&cfg).await {
             Ok(s) => s,
             Err(e) => {
@@ -60,7 +66,9 @@ fn main() -> ExitCode {
         };
         server.run(stop_signal()).await;
         ExitCode::SUCCESS
-    })
+    });
+    logsink::flush_outputs(EXIT_FLUSH);
+    code
 }
 
 /// Whether stderr is a pipe or a socket: a launcher (pathos, ssh) reading
@@ -78,21 +86,13 @@ fn stderr_is_pipe() -> bool {
 }
 
 /// Log lines to stderr in a Python logging format (`-f`, default ppft's),
-/// at the level [`config::Config::log_level`] chose.
+/// at the level [`config::Config::log_level`] chose, through [`logsink`]'s
+/// writer thread, so a stderr nobody reads drops lines instead of stopping
+/// the server.
 fn init_logging(level: log::LevelFilter, format: LogFormat) {
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format(move |buf, record| {
-            let mut line = String::with_capacity(128);
-            format.render(
-                &mut line,
-                record.level(),
-                record.args(),
-                std::time::SystemTime::now(),
-            );
-            writeln!(buf, "{line}")
-        })
-        .init();
+    if let Err(e) = logsink::Logger::install(level, format) {
+        eprintln!("ppserver: cannot set up logging: {e}");
+    }
 }
 
 /// Large job frames (megabytes) are allocated and freed all the time. glibc

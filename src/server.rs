@@ -346,9 +346,5 @@ async fn idle_exit(limit: Option<Duration>, ctx: Arc<SessionContext>) {
 
 /// SIGUSR1: ppft's statistics table on stdout.
 fn print_stats(ctx: &SessionContext, workers: usize) {
-    use std::io::Write;
-    let table = ctx.stats.table(workers);
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{table}");
-    let _ = out.flush();
+    crate::logsink::stdout().send(ctx.stats.table(workers));
 }
