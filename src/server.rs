@@ -23,7 +23,7 @@ use crate::runfiles::RunFile;
 use crate::scheduler::Scheduler;
 use crate::session::{self, SessionContext};
 use crate::stats::Stats;
-use crate::worker::{self, WorkerSpec};
+use crate::worker::{self, ProbeError, WorkerSpec};
 
 /// Listen backlog; ppft's 5 drops connections when many clients start at
 /// once.
@@ -37,9 +37,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the server could not start.
 #[derive(Debug)]
 pub enum StartError {
-    /// The worker interpreter cannot run the worker package; the message
-    /// says what to install.
-    Worker(String),
+    /// The worker interpreter cannot run the worker package.
+    Worker(ProbeError),
     /// `-i` names no address.
     Resolve { interface: String },
     /// The listening socket cannot be set up on `addr`.
@@ -56,7 +55,7 @@ pub enum StartError {
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Worker(m) => f.write_str(m),
+            StartError::Worker(e) => write!(f, "{e}"),
             StartError::Resolve { interface } => {
                 write!(f, "cannot resolve interface {interface:?} (-i)")
             }
@@ -76,6 +75,7 @@ impl std::fmt::Display for StartError {
 impl std::error::Error for StartError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
+            StartError::Worker(e) => Some(e),
             StartError::Bind { source, .. } | StartError::Discovery { source, .. } => Some(source),
             _ => None,
         }

@@ -91,7 +91,7 @@ pub(crate) async fn probe_worker(
     python: &Path,
     candidates: &[&str],
     pythonpath: &OsStr,
-) -> Result<(String, String), String> {
+) -> Result<(String, String), ProbeError> {
     let run = Command::new(python)
         .arg("-c")
         .arg(PROBE_SCRIPT)
@@ -100,37 +100,98 @@ pub(crate) async fn probe_worker(
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
-    let shown = python.display();
+    let python = python.to_path_buf();
     let out = match tokio::time::timeout(STARTUP_TIMEOUT, run).await {
-        Err(_) => return Err(format!("{shown} did not answer within {STARTUP_TIMEOUT:?}")),
-        Ok(Err(e)) => {
-            return Err(format!(
-                "cannot run the worker interpreter {shown} (--python): {e}"
-            ))
-        }
+        Err(_) => return Err(ProbeError::Timeout { python }),
+        Ok(Err(source)) => return Err(ProbeError::Run { python, source }),
         Ok(Ok(out)) => out,
     };
     let answer = String::from_utf8_lossy(&out.stdout);
     match answer.trim().split_once(' ') {
         Some((module, version)) if out.status.success() && !version.is_empty() => {
             if !version.is_ascii() {
-                return Err(format!("{module}'s __version__ is not ASCII: {version:?}"));
+                return Err(ProbeError::NonAscii {
+                    module: module.to_string(),
+                    version: version.to_string(),
+                });
             }
             Ok((module.to_string(), version.to_string()))
         }
         _ => {
             let err = String::from_utf8_lossy(&out.stderr);
-            let last = err.lines().last().unwrap_or("").trim();
-            Err(format!(
-                "the worker interpreter {shown} cannot import {}{}; install ppft with: \
-                 {shown} -m pip install ppft==1.7.8 dill  (or choose another with --python)",
-                candidates.join(" or "),
-                if last.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({last})")
-                },
-            ))
+            Err(ProbeError::Missing {
+                python,
+                candidates: candidates.iter().map(|c| c.to_string()).collect(),
+                detail: err.lines().last().unwrap_or("").trim().to_string(),
+            })
+        }
+    }
+}
+
+/// Why the worker interpreter cannot run workers.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// The interpreter could not be run at all.
+    Run { python: PathBuf, source: io::Error },
+    /// It ran but did not answer within [`STARTUP_TIMEOUT`].
+    Timeout { python: PathBuf },
+    /// None of `candidates` can be imported; `detail` is the last line the
+    /// interpreter printed on stderr, if any.
+    Missing {
+        python: PathBuf,
+        candidates: Vec<String>,
+        detail: String,
+    },
+    /// The package's `__version__` is not ASCII, and clients receive it in
+    /// an ASCII frame.
+    NonAscii { module: String, version: String },
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Run { python, source } => write!(
+                f,
+                "cannot run the worker interpreter {} (--python): {source}",
+                python.display()
+            ),
+            ProbeError::Timeout { python } => write!(
+                f,
+                "the worker interpreter {} did not answer within {STARTUP_TIMEOUT:?}",
+                python.display()
+            ),
+            ProbeError::Missing {
+                python,
+                candidates,
+                detail,
+            } => {
+                let shown = python.display();
+                write!(
+                    f,
+                    "the worker interpreter {shown} cannot import {}",
+                    candidates.join(" or ")
+                )?;
+                if !detail.is_empty() {
+                    write!(f, " ({detail})")?;
+                }
+                write!(
+                    f,
+                    "; install ppft with: {shown} -m pip install ppft==1.7.8 dill  \
+                     (or choose another with --python)"
+                )
+            }
+            ProbeError::NonAscii { module, version } => {
+                write!(f, "{module}'s __version__ is not ASCII: {version:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ProbeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProbeError::Run { source, .. } => Some(source),
+            _ => None,
         }
     }
 }
