@@ -5,6 +5,10 @@
 # compat suite with real clients from PyPI against the release build, once
 # per client family (ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0), each from its own
 # venv with pinned versions; the server's workers run with that venv too.
+# Then pathos (its own venv: pathos 0.3.5 on ppft 1.7.8) starting the
+# server with pathos.core.serve and mapping on it (compat-tests/test_pathos.py).
+# The multi-host tests (autodiscovery, cluster) need root and `ip netns`:
+# iproute2 is installed here if `ip` is missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -13,6 +17,12 @@ echo "== setting up the compat venvs (pinned clients: ppft 1.7.8, ppft 1.6.6.4, 
 scripts/venv.sh compat-tests/.venv compat-tests/requirements.txt
 scripts/venv.sh compat-tests/.venv-ppft1664 compat-tests/requirements-ppft1664.txt
 scripts/venv.sh compat-tests/.venv-pp170 compat-tests/requirements-pp170.txt
+scripts/venv.sh compat-tests/.venv-pathos compat-tests/requirements-pathos.txt
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing iproute2 (ip netns: the autodiscovery and cluster tests)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } ||
+        echo "== could not install iproute2: the autodiscovery and cluster tests will be skipped"
+fi
 export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
 echo "== cargo fmt --check, clippy"
@@ -41,6 +51,15 @@ for family in "ppft 1.7.8:.venv" "ppft 1.6.6.4:.venv-ppft1664" "pp 1.7.0:.venv-p
     echo "== compat suite ($name clients and workers against target/release/ppserver)"
     "$venv/bin/python" -m pytest compat-tests -q "$@" || failed+=("$name")
 done
+# pathos requires ppft 1.7.8 (and its own dill, pox, multiprocess): its own
+# venv, which also runs the workers of the server pathos starts. Exit code 5
+# (every test deselected by the arguments) is not a failure here.
+echo "== pathos 0.3.5 starting and using target/release/ppserver"
+rc=0
+compat-tests/.venv-pathos/bin/python -m pytest compat-tests/test_pathos.py -q "$@" || rc=$?
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
+    failed+=("pathos")
+fi
 if [ ${#failed[@]} -gt 0 ]; then
     echo "== compat suite FAILED for: ${failed[*]}"
     exit 1
