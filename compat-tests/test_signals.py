@@ -69,7 +69,9 @@ def test_stop_signal_stops_every_worker(launch, tmp_path, signame):
     server exits 0, none of its 3 workers is left running, and the -P pid
     file is gone."""
     pid_file = tmp_path / "ppserver.pid"
-    server = launch("-P", pid_file, nworkers=3)
+    # The running job outlasts the drain (test_stopping.py covers drains
+    # that finish): the stop must still leave nothing behind.
+    server = launch("-P", pid_file, "--drain-timeout", 2, nworkers=3)
     workers = wait_for_children(server, 3)
     launch.workers.extend(workers)
     assert wait_until(lambda: pid_file.exists(), timeout=60), server.log_tail()

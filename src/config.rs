@@ -84,6 +84,8 @@ pub struct Config {
     pub max_frame_size: usize,
     /// Most client connections served at once (`--max-connections`).
     pub max_connections: usize,
+    /// How long a stop waits for jobs already received (`--drain-timeout`).
+    pub drain_timeout: Duration,
     /// Things worth a warning found while reading the config file (unknown
     /// keys), logged once logging is up.
     pub notes: Vec<String>,
@@ -115,6 +117,7 @@ impl Default for Config {
             pp_version: None,
             max_frame_size: DEFAULT_MAX_FRAME,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            drain_timeout: crate::shutdown::DEFAULT_DRAIN_TIMEOUT,
             notes: Vec::new(),
         }
     }
@@ -237,7 +240,7 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [-k seconds] [-P pid_file] [--secret-file PATH] [--python PATH]
                 [--worker-module MODULE] [--pp-version X]
                 [--max-frame-size BYTES] [--max-connections N]
-                [--ready-file PATH]
+                [--ready-file PATH] [--drain-timeout SECONDS]
 
 Options:
 -h                 : this help message
@@ -277,6 +280,10 @@ Options:
 --ready-file PATH  : once listening with a worker up, write host:port to PATH
                      (atomically); removed when the server stops (default:
                      none)
+--drain-timeout S  : on SIGTERM/SIGINT/SIGHUP, stop accepting and answer the
+                     jobs already received for at most S seconds, then close
+                     what is left (default {drain}; a second signal stops at
+                     once)
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).
@@ -289,6 +296,7 @@ Due to the security concerns always use a non-trivial secret key.",
         port = DEFAULT_PORT,
         max_frame = DEFAULT_MAX_FRAME,
         max_conn = DEFAULT_MAX_CONNECTIONS,
+        drain = crate::shutdown::DEFAULT_DRAIN_TIMEOUT.as_secs(),
     )
 }
 
@@ -304,6 +312,7 @@ enum Setting {
     Quiet,
     Verbose,
     ReadyFile,
+    DrainTimeout,
     Autodiscovery,
     Interface,
     Broadcast,
@@ -323,6 +332,7 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "quiet", Setting::Quiet),
     ("general", "verbose", Setting::Verbose),
     ("general", "ready_file", Setting::ReadyFile),
+    ("general", "drain_timeout", Setting::DrainTimeout),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
@@ -402,6 +412,7 @@ fn apply(
             }
             cfg.ready_file = Some(PathBuf::from(value));
         }
+        Setting::DrainTimeout => cfg.drain_timeout = Duration::from_secs(number(name, value)?),
         Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
         Setting::Interface => {
             if value.is_empty() {
@@ -634,6 +645,7 @@ where
             Short('t') => ("-t", Setting::IdleExit),
             Short('k') => ("-k", Setting::SocketTimeout),
             Short('P') => ("-P", Setting::PidFile),
+            Long("drain-timeout") => ("--drain-timeout", Setting::DrainTimeout),
             Value(v) => return Err(lexopt::Error::UnexpectedArgument(v).into()),
             _ => return Err(arg.unexpected().into()),
         };

@@ -17,6 +17,7 @@
 //! - [`ratelimit`]: warnings about peers, limited so floods cannot bury the log;
 //! - [`discovery`]: UDP autodiscovery (`-a`);
 //! - [`runfiles`]: the pid file (`-P`) and ready file (`--ready-file`);
+//! - [`shutdown`]: stop requests (signals) and the drain they start;
 //! - [`logsink`]: stderr and stdout, written by threads: a full pipe never stalls the server;
 //! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
 
@@ -36,6 +37,7 @@ pub mod runfiles;
 pub mod scheduler;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod stats;
 pub mod wire;
 mod worker;

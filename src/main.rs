@@ -1,5 +1,5 @@
 //! The `ppserver` binary: flags -> config, logging, then the server on a
-//! single-threaded runtime until SIGINT or SIGTERM.
+//! single-threaded runtime until SIGINT, SIGTERM or SIGHUP.
 //!
 //! One thread is plenty for relaying frames, and it matters for workers:
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked a worker exits,
@@ -12,6 +12,7 @@ use ppserver::config::{self, Command};
 use ppserver::logfmt::LogFormat;
 use ppserver::logsink;
 use ppserver::runfiles::RunFile;
+use ppserver::shutdown::StopRequests;
 
 /// How long exit waits for queued log lines (and a statistics table) to be
 /// written: plenty for an output someone reads, and a pipe nobody reads
@@ -47,6 +48,8 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
+        // Before the (slow) startup, so an early SIGTERM still stops cleanly.
+        let stops = StopRequests::from_signals();
         let server = match ppserver::server::start(&cfg).await {
             Ok(s) => s,
             Err(e) => {
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
             },
             None => None,
         };
-        server.run(stop_signal()).await;
+        server.run(stops).await;
         ExitCode::SUCCESS
     });
     logsink::flush_outputs(EXIT_FLUSH);
@@ -112,42 +115,3 @@ fn fixed_mmap_threshold() {
 
 #[cfg(not(target_env = "gnu"))]
 fn fixed_mmap_threshold() {}
-
-/// Completes on SIGINT, SIGTERM or SIGHUP. SIGHUP means the terminal or
-/// ssh session that started the server went away: stop cleanly (workers
-/// stopped, pid file removed, exit 0) rather than die where we stand. A
-/// server started with SIGHUP ignored (`nohup`) keeps ignoring it.
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let hup_ignored = hangup_ignored();
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        log::error!("cannot install signal handlers; stop the server with SIGKILL");
-        return std::future::pending().await;
-    };
-    let mut hup = if hup_ignored {
-        None
-    } else {
-        signal(SignalKind::hangup())
-            .map_err(|e| log::warn!("cannot handle SIGHUP: {e}"))
-            .ok()
-    };
-    tokio::select! {
-        _ = int.recv() => log::info!("SIGINT received"),
-        _ = term.recv() => log::info!("SIGTERM received"),
-        Some(()) = async { hup.as_mut()?.recv().await } => log::info!("SIGHUP received"),
-    }
-}
-
-/// Whether SIGHUP was ignored when the server started (as `nohup` does).
-fn hangup_ignored() -> bool {
-    // SAFETY: a null new action only reads the current disposition into
-    // `old`, a plain C struct that a zeroed value initialises.
-    unsafe {
-        let mut old: nix::libc::sigaction = std::mem::zeroed();
-        nix::libc::sigaction(nix::libc::SIGHUP, std::ptr::null(), &mut old) == 0
-            && old.sa_sigaction == nix::libc::SIG_IGN
-    }
-}

@@ -6,7 +6,6 @@
 //! client has been connected for that long; then it stops every worker and
 //! reaps it before returning. SIGUSR1 prints the job statistics table.
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +21,7 @@ use crate::pool::{self, PoolContext};
 use crate::runfiles::RunFile;
 use crate::scheduler::Scheduler;
 use crate::session::{self, SessionContext};
+use crate::shutdown::StopRequests;
 use crate::stats::Stats;
 use crate::worker::{self, ProbeError, WorkerSpec};
 
@@ -100,6 +100,10 @@ pub struct Server {
     discovery: Option<Discovery>,
     /// `--ready-file`: written once a worker is up.
     ready_file: Option<PathBuf>,
+    /// The client connections' tasks, for the drain.
+    sessions: JoinSet<()>,
+    /// How long the drain may take (`--drain-timeout`).
+    drain_timeout: Duration,
     /// The default secret is in use and the warning about it is still
     /// owed: it is held back until the first client connects when stderr
     /// is a launcher's pipe, since the server prints nothing at startup
@@ -194,6 +198,8 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         workers_count: cfg.workers,
         discovery,
         ready_file: cfg.ready_file.clone(),
+        sessions: JoinSet::new(),
+        drain_timeout: cfg.drain_timeout,
         warn_default_secret,
     })
 }
@@ -233,10 +239,9 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves clients until `shutdown` completes, then stops and reaps
-    /// every worker.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
+    /// Serves clients until the first stop request (or `-t`), drains (see
+    /// [`crate::shutdown`]), then stops and reaps every worker.
+    pub async fn run(mut self, mut stops: StopRequests) {
         let discovery = self.discovery.take().map(|d| tokio::spawn(d.run()));
         let idle_exit = idle_exit(self.idle_exit, self.ctx.clone());
         tokio::pin!(idle_exit);
@@ -258,7 +263,9 @@ impl Server {
                     ready_file = self.write_ready_file(ready_path.as_deref());
                     continue;
                 }
-                _ = &mut shutdown => break,
+                () = stops.next() => break,
+                // Finished sessions are collected as they end.
+                Some(_) = self.sessions.join_next() => continue,
                 _ = &mut idle_exit => break,
                 Some(()) = async { usr1.as_mut()?.recv().await } => {
                     print_stats(&self.ctx, self.workers_count);
@@ -275,7 +282,7 @@ impl Server {
                         continue;
                     };
                     let ctx = self.ctx.clone();
-                    tokio::spawn(async move {
+                    self.sessions.spawn(async move {
                         session::run(stream, peer, ctx).await;
                         drop(admitted);
                     });
@@ -286,14 +293,21 @@ impl Server {
                 }
             }
         }
-        // A launcher waiting on the ready file must not see a server that
-        // is going away as ready.
+        // No new client from here on; a launcher waiting on the ready file
+        // must not see a server that is going away as ready.
         drop(ready_file);
-        log::info!("shutting down: stopping workers");
         if let Some(d) = discovery {
             d.abort();
         }
         drop(self.listener);
+        drain(
+            &self.ctx,
+            &mut self.sessions,
+            self.drain_timeout,
+            &mut stops,
+        )
+        .await;
+        log::info!("shutting down: stopping workers");
         let _ = self.stop.send(true);
         self.ctx.scheduler.close();
         let all_stopped = async { while self.workers.join_next().await.is_some() {} };
@@ -326,6 +340,41 @@ impl Server {
             }
         }
     }
+}
+
+/// Lets the open connections finish the jobs they have sent, closing each
+/// as it goes idle, for at most `timeout` or until a second stop request;
+/// then closes whatever is left.
+async fn drain(
+    ctx: &SessionContext,
+    sessions: &mut JoinSet<()>,
+    timeout: Duration,
+    stops: &mut StopRequests,
+) {
+    ctx.drain.begin();
+    if sessions.is_empty() {
+        return;
+    }
+    log::info!(
+        "draining: answering the jobs already received on {} connections (at most {timeout:?}, \
+         --drain-timeout)",
+        sessions.len(),
+    );
+    tokio::select! {
+        () = async { while sessions.join_next().await.is_some() {} } => {
+            log::info!("drained: every connection closed");
+        }
+        () = tokio::time::sleep(timeout) => log::warn!(
+            "drain timeout: closing {} connections with jobs still pending; their clients \
+             will resubmit them",
+            sessions.len()
+        ),
+        () = stops.next() => log::warn!(
+            "second stop request: closing {} connections at once",
+            sessions.len()
+        ),
+    }
+    sessions.shutdown().await;
 }
 
 /// Completes when no client has been connected for `limit` (`-t`); never

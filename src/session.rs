@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::connections::Connections;
 use crate::ratelimit::{warn_limited, PerAddress};
 use crate::scheduler::{Job, Scheduler};
+use crate::shutdown::{DrainSwitch, Draining};
 use crate::stats::{format_seconds, Stats};
 use crate::wire::{Connection, FrameError, QuickAck};
 
@@ -69,6 +70,8 @@ pub struct SessionContext {
     pub(crate) connections: Connections,
     /// Limits the version-mismatch warning to one per client host.
     mismatch_warnings: PerAddress,
+    /// Tells sessions the server is draining: they close once idle.
+    pub(crate) drain: DrainSwitch,
 }
 
 impl SessionContext {
@@ -92,6 +95,7 @@ impl SessionContext {
             next_job_id: AtomicU64::new(0),
             connections: Connections::new(cfg.max_connections),
             mismatch_warnings: PerAddress::new(MISMATCH_WARNING_INTERVAL),
+            drain: DrainSwitch::new(),
         }
     }
 }
@@ -159,6 +163,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         conn: Connection::new(stream, PREAUTH_MAX_FRAME),
         peer,
         ctx,
+        draining: ctx.drain.watch(),
     };
     match session.run().await {
         Ok(()) => log::debug!("{peer}: connection closed"),
@@ -175,6 +180,9 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
                 ctx.version
             )
         }
+        Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => warn_limited(
+            format_args!("{peer}: stopped reading its answers for -k seconds; connection closed"),
+        ),
         Err(SessionError::AuthFailed) => warn_limited(format_args!(
             "{peer}: authentication failed, connection closed"
         )),
@@ -194,6 +202,9 @@ struct Session<'a, S> {
     peer: SocketAddr,
     /// The server's shared state.
     ctx: &'a SessionContext,
+    /// Whether the server is draining: then the session ends as soon as
+    /// it has no job pending.
+    draining: Draining,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
@@ -203,6 +214,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .await
             .map_err(|_| SessionError::Timeout("the handshake"))??;
         self.conn.set_max(self.ctx.max_frame);
+        // ppft's server drops a client that does not take its answers
+        // within its socket timeout; so does -k here.
+        self.conn.set_write_stall(self.ctx.socket_timeout);
         let _client = self.ctx.connections.client();
         match &kind[..] {
             b"STAT" => self.stat().await,
@@ -236,11 +250,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .ok_or(SessionError::Closed("naming the connection type"))
     }
 
-    /// Reads the client's next frame within the socket timeout.
+    /// Reads the client's next frame within the socket timeout; `None`
+    /// when the client closed, or when the server drains: a job that is
+    /// not wholly received yet is not started here.
     async fn next_frame(&mut self, what: &'static str) -> Result<Option<Bytes>, SessionError> {
-        match tokio::time::timeout(self.ctx.socket_timeout, self.conn.read_frame()).await {
-            Ok(frame) => Ok(frame?),
-            Err(_) => Err(SessionError::Timeout(what)),
+        let mut draining = self.draining.clone();
+        tokio::select! {
+            biased;
+            () = draining.begun() => {
+                log::debug!("{}: closed for the drain", self.peer);
+                Ok(None)
+            }
+            read = tokio::time::timeout(self.ctx.socket_timeout, self.conn.read_frame()) => {
+                match read {
+                    Ok(frame) => Ok(frame?),
+                    Err(_) => Err(SessionError::Timeout(what)),
+                }
+            }
         }
     }
 
@@ -337,6 +363,7 @@ mod tests {
             conn: Connection::new(stream, PREAUTH_MAX_FRAME),
             peer: "127.0.0.1:9".parse().unwrap(),
             ctx,
+            draining: ctx.drain.watch(),
         }
     }
 
@@ -456,5 +483,51 @@ mod tests {
             ),
             "{ended:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_drain_answers_the_pending_job_then_closes() {
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let mut job = encode_frame(b"Npackage");
+            job.extend(encode_frame(b"args"));
+            client.get_mut().write_all(&job).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            ctx.drain.begin();
+            // A job sent after the drain began is never started.
+            client.get_mut().write_all(&job).await.unwrap();
+            let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+            job.reply.send(Bytes::from_static(b"result")).unwrap();
+            let mut rest = Vec::new();
+            client.get_mut().read_to_end(&mut rest).await.unwrap();
+            rest
+        };
+        let (ended, rest) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+        assert_eq!(rest, encode_frame(b"result"), "answered, then closed");
+        assert_eq!(ctx.scheduler.queued(), 0, "the later job was not queued");
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_idle_connections() {
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"STAT").await;
+            assert_eq!(client.read_frame().await.unwrap().unwrap(), &b"2"[..]);
+            ctx.drain.begin();
+            client.read_frame().await.unwrap()
+        };
+        let (ended, after) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+        assert_eq!(after, None, "closed cleanly");
     }
 }

@@ -18,6 +18,7 @@
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -213,6 +214,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 pub struct Connection<S> {
     /// The stream and the bytes read from it but not yet handed out.
     reader: FrameReader<S>,
+    /// How long a write may make no progress before it fails; see
+    /// [`Connection::set_write_stall`].
+    write_stall: Option<Duration>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -220,7 +224,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S, max: usize) -> Self {
         Connection {
             reader: FrameReader::new(stream, max),
+            write_stall: None,
         }
+    }
+
+    /// Makes a write that makes no progress for `stall` fail with
+    /// `TimedOut`, so a peer that stops reading cannot pin an answer (and
+    /// its memory) for as long as it keeps the socket open. A slow reader
+    /// that keeps taking bytes is not cut off.
+    pub fn set_write_stall(&mut self, stall: Duration) {
+        self.write_stall = Some(stall);
     }
 
     /// See [`FrameReader::set_max`].
@@ -238,9 +251,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.reader.read_frame().await
     }
 
-    /// Writes one frame; see [`write_frame`].
+    /// Writes one frame; see [`write_frame`] and
+    /// [`Connection::set_write_stall`].
     pub async fn write_frame(&mut self, payload: &[u8]) -> io::Result<()> {
-        write_frame(&mut self.reader.inner, payload).await
+        write_frames_within(&mut self.reader.inner, &[payload], self.write_stall)
+            .await
+            .map_err(|e| e.error)
     }
 
     /// Completes with `Ok` when the peer closes its side, for noticing that
@@ -293,6 +309,16 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     w: &mut W,
     payloads: &[&[u8]],
 ) -> Result<(), PartialWrite> {
+    write_frames_within(w, payloads, None).await
+}
+
+/// [`write_frames`], failing with `TimedOut` when a single write makes no
+/// progress for `stall`.
+async fn write_frames_within<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    payloads: &[&[u8]],
+    stall: Option<Duration>,
+) -> Result<(), PartialWrite> {
     assert!(payloads.len() <= MAX_FRAMES_PER_WRITE, "too many frames");
     let mut headers = [[0u8; HEADER_LEN]; MAX_FRAMES_PER_WRITE];
     for (h, p) in headers.iter_mut().zip(payloads) {
@@ -311,7 +337,13 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         if rest.is_empty() {
             break;
         }
-        match w.write_vectored(rest).await {
+        let wrote = match stall {
+            None => w.write_vectored(rest).await,
+            Some(stall) => tokio::time::timeout(stall, w.write_vectored(rest))
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        };
+        match wrote {
             Ok(0) => {
                 return Err(PartialWrite {
                     written,
@@ -558,6 +590,40 @@ mod tests {
         drop(b);
         let err = write_frames(&mut a, &[b"x", b"y"]).await.unwrap_err();
         assert_eq!(err.written, 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_nobody_reads_times_out() {
+        tokio::time::pause();
+        let (a, _b) = tokio::io::duplex(64);
+        let mut c = Connection::new(a, 1024);
+        c.set_write_stall(Duration::from_secs(5));
+        let err = c.write_frame(&[0u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_is_not_cut_off() {
+        tokio::time::pause();
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut c = Connection::new(a, 1024);
+        c.set_write_stall(Duration::from_secs(5));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 64];
+            loop {
+                // Every read comes before the stall limit, the whole
+                // transfer takes far longer.
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                match b.read(&mut chunk).await.unwrap() {
+                    0 => return got,
+                    n => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        c.write_frame(&[7u8; 1000]).await.unwrap();
+        drop(c);
+        assert_eq!(reader.await.unwrap(), encode_frame(&[7u8; 1000]));
     }
 
     #[tokio::test]
