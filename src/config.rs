@@ -25,6 +25,10 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 /// length arithmetic overflow.
 pub const MIN_MAX_FRAME: usize = 1 << 10;
 pub const MAX_MAX_FRAME: usize = 1 << 40;
+/// `--memory-limit` when the machine's memory cannot be read.
+pub const FALLBACK_MEMORY_LIMIT: usize = 4 << 30;
+/// Smallest `--memory-limit`: room for the small frames every job has.
+pub const MIN_MEMORY_LIMIT: usize = 1 << 20;
 /// Default cap on simultaneous client connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
@@ -86,6 +90,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How long a stop waits for jobs already received (`--drain-timeout`).
     pub drain_timeout: Duration,
+    /// Bytes the server may hold for client frames, jobs, packages and
+    /// results (`--memory-limit`); see [`crate::budget`].
+    pub memory_limit: usize,
     /// Things worth a warning found while reading the config file (unknown
     /// keys), logged once logging is up.
     pub notes: Vec<String>,
@@ -118,6 +125,7 @@ impl Default for Config {
             max_frame_size: DEFAULT_MAX_FRAME,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: crate::shutdown::DEFAULT_DRAIN_TIMEOUT,
+            memory_limit: crate::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
             notes: Vec::new(),
         }
     }
@@ -240,7 +248,7 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [-k seconds] [-P pid_file] [--secret-file PATH] [--python PATH]
                 [--worker-module MODULE] [--pp-version X]
                 [--max-frame-size BYTES] [--max-connections N]
-                [--ready-file PATH] [--drain-timeout SECONDS]
+                [--ready-file PATH] [--drain-timeout SECONDS] [--memory-limit SIZE]
 
 Options:
 -h                 : this help message
@@ -275,7 +283,12 @@ Options:
 --pp-version X     : version string to advertise to clients (default: the
                      __version__ of the worker package)
 --max-frame-size N : largest message accepted from an authenticated client,
-                     in bytes (default {max_frame})
+                     in bytes, K/M/G suffixes allowed (default {max_frame})
+--memory-limit SIZE: memory for client frames, queued jobs, cached packages
+                     and unwritten results; past it the server stops
+                     reading new frames until memory is freed; K/M/G/T
+                     suffixes (default: half of the smaller of the
+                     machine's memory and the cgroup limit; here {memory})
 --max-connections N: most client connections at once (default {max_conn})
 --ready-file PATH  : once listening with a worker up, write host:port to PATH
                      (atomically); removed when the server stops (default:
@@ -297,6 +310,7 @@ Due to the security concerns always use a non-trivial secret key.",
         max_frame = DEFAULT_MAX_FRAME,
         max_conn = DEFAULT_MAX_CONNECTIONS,
         drain = crate::shutdown::DEFAULT_DRAIN_TIMEOUT.as_secs(),
+        memory = crate::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
     )
 }
 
@@ -313,6 +327,7 @@ enum Setting {
     Verbose,
     ReadyFile,
     DrainTimeout,
+    MemoryLimit,
     Autodiscovery,
     Interface,
     Broadcast,
@@ -333,6 +348,7 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "verbose", Setting::Verbose),
     ("general", "ready_file", Setting::ReadyFile),
     ("general", "drain_timeout", Setting::DrainTimeout),
+    ("general", "memory_limit", Setting::MemoryLimit),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
@@ -365,6 +381,38 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
         return Err(invalid(name, value, "must be at least 1"));
     }
     Ok(n)
+}
+
+/// A size in bytes: a number with an optional K, M, G or T suffix (powers
+/// of 1024; `k`, `KB`, `KiB` alike).
+fn size(name: &Origin, value: &str) -> Result<usize, ConfigError> {
+    let v = value.trim();
+    let digits = v.len() - v.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let (number, unit) = v.split_at(digits);
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => {
+            return Err(invalid(
+                name,
+                value,
+                "expected bytes, or a number with K, M, G or T",
+            ))
+        }
+    };
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1usize << shift))
+        .ok_or_else(|| invalid(name, value, "expected bytes, or a number with K, M, G or T"))
 }
 
 fn boolean(name: &Origin, value: &str) -> Result<bool, ConfigError> {
@@ -413,6 +461,13 @@ fn apply(
             cfg.ready_file = Some(PathBuf::from(value));
         }
         Setting::DrainTimeout => cfg.drain_timeout = Duration::from_secs(number(name, value)?),
+        Setting::MemoryLimit => {
+            let bytes = size(name, value)?;
+            if bytes < MIN_MEMORY_LIMIT {
+                return Err(invalid(name, value, "must be at least 1M"));
+            }
+            cfg.memory_limit = bytes;
+        }
         Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
         Setting::Interface => {
             if value.is_empty() {
@@ -621,7 +676,7 @@ where
             Long("max-frame-size") => {
                 let v = text("--max-frame-size", parser.value()?)?;
                 let at = Origin::Flag("--max-frame-size");
-                cfg.max_frame_size = number(&at, &v)?;
+                cfg.max_frame_size = size(&at, &v)?;
                 if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&cfg.max_frame_size) {
                     return Err(invalid(
                         &at,
@@ -646,6 +701,7 @@ where
             Short('k') => ("-k", Setting::SocketTimeout),
             Short('P') => ("-P", Setting::PidFile),
             Long("drain-timeout") => ("--drain-timeout", Setting::DrainTimeout),
+            Long("memory-limit") => ("--memory-limit", Setting::MemoryLimit),
             Value(v) => return Err(lexopt::Error::UnexpectedArgument(v).into()),
             _ => return Err(arg.unexpected().into()),
         };

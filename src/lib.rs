@@ -9,6 +9,7 @@
 //! - [`connections`]: the connection cap and the clients `-t` waits for;
 //! - [`session`]: one client connection: handshake ([`auth`]), then STAT or EXEC;
 //! - [`wire`]: the 8-byte-length frame, on sockets and worker pipes alike;
+//! - [`budget`]: the memory budget every client frame is admitted against;
 //! - [`cache`]: the `N`/`H` function-package cache layer;
 //! - [`scheduler`]: jobs from every connection -> free workers;
 //! - [`pool`]: one supervisor per slot: feeds a worker jobs, replaces the dead;
@@ -22,6 +23,7 @@
 //! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
 
 pub mod auth;
+mod budget;
 mod cache;
 pub mod config;
 mod connections;

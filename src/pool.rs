@@ -264,6 +264,7 @@ mod tests {
             args: Bytes::new(),
             reply: tx,
             attempts: 0,
+            _held: crate::budget::Reservation::none(),
         };
         for _ in 1..MAX_START_ATTEMPTS {
             job = retry_or_answer(job, 42, "exit code 1").expect("retried");

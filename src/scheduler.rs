@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::budget::Reservation;
 use crate::cache::{Package, WorkerCache};
 
 /// One job: a function package, its pickled arguments, and where its result
@@ -31,6 +32,9 @@ pub(crate) struct Job {
     pub reply: oneshot::Sender<Bytes>,
     /// How many workers were found dead before they could start this job.
     pub attempts: u8,
+    /// The arguments' bytes in the memory budget, given back when the job
+    /// is done (answered, or dropped because its client left).
+    pub _held: Reservation,
 }
 
 impl Job {
@@ -256,6 +260,7 @@ mod tests {
                 args: Bytes::new(),
                 reply: tx,
                 attempts: 0,
+                _held: Reservation::none(),
             },
             rx,
         )

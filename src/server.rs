@@ -173,7 +173,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         warn_default_secret_now();
     }
     log::info!(
-        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}",
+        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}, memory limit {}",
         cfg.workers,
         cfg.python.display(),
         if cfg.pp_version.is_some() {
@@ -185,7 +185,8 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
             format!(", autodiscovery on (broadcast {})", cfg.broadcast)
         } else {
             String::new()
-        }
+        },
+        crate::budget::human(cfg.memory_limit),
     );
 
     let ctx = Arc::new(SessionContext::new(&cfg, version, scheduler, stats));

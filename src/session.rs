@@ -14,6 +14,7 @@
 //! whole handshake at [`HANDSHAKE_TIMEOUT`], so unauthenticated peers cost
 //! little. Log lines name the peer and job; never the secret or payloads.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,7 +26,8 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::auth;
-use crate::cache::{PackageCache, UnknownPackage, PACKAGE_CACHE_BUDGET};
+use crate::budget::{Budget, Reservation, Use};
+use crate::cache::{Package, PackageCache, PackageHash, UnknownPackage, PACKAGE_CACHE_BUDGET};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::ratelimit::{warn_limited, PerAddress};
@@ -72,6 +74,8 @@ pub struct SessionContext {
     mismatch_warnings: PerAddress,
     /// Tells sessions the server is draining: they close once idle.
     pub(crate) drain: DrainSwitch,
+    /// The memory budget client frames are admitted against.
+    budget: Arc<Budget>,
 }
 
 impl SessionContext {
@@ -96,6 +100,7 @@ impl SessionContext {
             connections: Connections::new(cfg.max_connections),
             mismatch_warnings: PerAddress::new(MISMATCH_WARNING_INTERVAL),
             drain: DrainSwitch::new(),
+            budget: Budget::new(cfg.memory_limit),
         }
     }
 }
@@ -113,7 +118,6 @@ enum SessionError {
     Closed(&'static str),
     AuthFailed,
     UnknownType(String),
-    UnknownPackage(UnknownPackage),
     Random(getrandom::Error),
 }
 
@@ -126,7 +130,6 @@ impl std::fmt::Display for SessionError {
             SessionError::Closed(what) => write!(f, "peer closed the connection before {what}"),
             SessionError::AuthFailed => write!(f, "authentication failed"),
             SessionError::UnknownType(t) => write!(f, "unknown connection type {t:?}"),
-            SessionError::UnknownPackage(e) => write!(f, "{e}"),
             SessionError::Random(e) => write!(f, "no randomness for the nonce: {e}"),
         }
     }
@@ -187,8 +190,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
             "{peer}: authentication failed, connection closed"
         )),
         Err(
-            e @ SessionError::Frame(FrameError::TooLarge { .. } | FrameError::Unsolicited { .. })
-            | e @ SessionError::UnknownPackage(_),
+            e @ SessionError::Frame(FrameError::TooLarge { .. } | FrameError::Unsolicited { .. }),
         ) => warn_limited(format_args!("{peer}: {e}; connection closed")),
         Err(e) => log::debug!("{peer}: {e}; connection closed"),
     }
@@ -288,20 +290,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     async fn exec(&mut self) -> Result<(), SessionError> {
+        log::debug!("{}: EXEC connection", self.peer);
+        // The packages this connection sent stay resolvable while it is
+        // open: its client sends `H` for them on later jobs.
+        let mut sent = HashMap::new();
+        let ended = self.exec_jobs(&mut sent).await;
+        drop(sent);
+        self.ctx.packages.drop_large_unused();
+        ended
+    }
+
+    async fn exec_jobs(
+        &mut self,
+        sent: &mut HashMap<PackageHash, Arc<Package>>,
+    ) -> Result<(), SessionError> {
         let peer = self.peer;
-        log::debug!("{peer}: EXEC connection");
         loop {
-            let Some(package) = self.next_frame("a job").await? else {
+            let Some(package) = self.next_job_frame("a job").await? else {
                 return Ok(());
             };
-            let package = self
-                .ctx
-                .packages
-                .receive(package)
-                .map_err(SessionError::UnknownPackage)?;
-            let Some(args) = self.next_frame("a job's arguments").await? else {
+            let package = match package {
+                Incoming::Frame(frame, memory) => self
+                    .ctx
+                    .packages
+                    .admit(frame, memory)
+                    .await
+                    .map_err(Refused::UnknownPackage),
+                Incoming::TooLarge(len) => Err(Refused::TooLarge("function package", len)),
+            };
+            if let Ok(p) = &package {
+                sent.entry(p.hash).or_insert_with(|| p.clone());
+            }
+            let Some(args) = self.next_job_frame("a job's arguments").await? else {
                 log::debug!("{peer}: closed between a job's package and its arguments");
                 return Ok(());
+            };
+            let (package, args, held) = match (package, args) {
+                (Ok(package), Incoming::Frame(args, held)) => (package, args, held),
+                (Err(why), _) => {
+                    self.refuse(why).await?;
+                    continue;
+                }
+                (_, Incoming::TooLarge(len)) => {
+                    self.refuse(Refused::TooLarge("arguments", len)).await?;
+                    continue;
+                }
             };
             let id = self.ctx.next_job_id.fetch_add(1, Ordering::Relaxed);
             let (reply, result) = oneshot::channel();
@@ -311,6 +344,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 args,
                 reply,
                 attempts: 0,
+                _held: held,
             });
             log::trace!("{peer}: job {id} submitted");
             let result = tokio::select! {
@@ -329,12 +363,106 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 }
             };
             match result {
-                Ok(frame) => self.conn.write_frame(&frame).await?,
+                Ok(frame) => {
+                    // Counted until written, never waited for: a result
+                    // that waited would hold its job's worker.
+                    let _held = self.ctx.budget.force(frame.len(), Use::InFlight);
+                    self.conn.write_frame(&frame).await?;
+                }
                 // The pool dropped the job: the server is shutting down.
                 Err(_) => return Ok(()),
             }
         }
     }
+
+    /// Answers a job that cannot be run with `(None, reason)`, as pp
+    /// clients expect of a failed job. Closing the connection instead
+    /// would make the client resend the same job forever.
+    async fn refuse(&mut self, why: Refused) -> Result<(), SessionError> {
+        let text = match &why {
+            Refused::UnknownPackage(e) => format!(
+                "ppserver: {e}: the server no longer holds this function package \
+                 (dropped from its cache); the job was not run, submit it again\n"
+            ),
+            Refused::TooLarge(what, len) => format!(
+                "ppserver: the job's {what} ({len} bytes) is larger than the server's whole \
+                 memory budget (--memory-limit {} bytes); the job was not run\n",
+                self.ctx.budget.limit()
+            ),
+        };
+        warn_limited(format_args!(
+            "{}: job refused: {}",
+            self.peer,
+            text.trim_start_matches("ppserver: ").trim_end()
+        ));
+        self.conn
+            .write_frame(&crate::pickle::none_with_text(&text))
+            .await?;
+        Ok(())
+    }
+
+    /// The client's next job frame, admitted against the memory budget:
+    /// once its header is in, the session waits (reading nothing more from
+    /// this client, and with no `-k` clock running) until the budget has
+    /// room for the whole frame; a frame larger than the whole budget is
+    /// read and thrown away. `None` when the client closed, or the server
+    /// drains.
+    async fn next_job_frame(
+        &mut self,
+        what: &'static str,
+    ) -> Result<Option<Incoming>, SessionError> {
+        let mut draining = self.draining.clone();
+        let header = tokio::select! {
+            biased;
+            () = draining.begun() => None,
+            read = tokio::time::timeout(self.ctx.socket_timeout, self.conn.read_header()) => {
+                read.map_err(|_| SessionError::Timeout(what))??
+            }
+        };
+        let Some(len) = header else {
+            return Ok(None);
+        };
+        let budget = self.ctx.budget.clone();
+        let frame_timeout = |_| SessionError::Timeout(what);
+        if len > budget.limit() {
+            let read = tokio::time::timeout(self.ctx.socket_timeout, self.conn.discard_frame());
+            let len = read.await.map_err(frame_timeout)??;
+            return Ok(Some(Incoming::TooLarge(len)));
+        }
+        if !budget.fits(len) {
+            // Cached packages nobody uses make room first.
+            self.ctx.packages.shed(len);
+        }
+        let memory = tokio::select! {
+            biased;
+            () = draining.begun() => return Ok(None),
+            m = budget.reserve(len, Use::InFlight) => m,
+        };
+        let read = tokio::time::timeout(self.ctx.socket_timeout, self.conn.read_frame());
+        match read.await.map_err(frame_timeout)?? {
+            Some(frame) => Ok(Some(Incoming::Frame(frame, memory))),
+            // The header was there: an end of stream now cuts the frame.
+            None => Err(FrameError::Truncated.into()),
+        }
+    }
+}
+
+/// A job frame as the session took it from the client.
+enum Incoming {
+    /// The frame, and its bytes in the memory budget.
+    Frame(Bytes, Reservation),
+    /// A frame larger than the whole budget, read and thrown away; its
+    /// length.
+    TooLarge(usize),
+}
+
+/// Why a job was answered without being run.
+#[derive(Debug)]
+enum Refused {
+    /// Its `H` names a package the server does not hold.
+    UnknownPackage(UnknownPackage),
+    /// One of its frames (named) is larger than the whole memory budget.
+    TooLarge(&'static str, usize),
 }
 
 #[cfg(test)]
@@ -529,5 +657,82 @@ mod tests {
         let (ended, after) = tokio::join!(served, client_side);
         assert!(ended.is_ok(), "{ended:?}");
         assert_eq!(after, None, "closed cleanly");
+    }
+
+    fn small_budget_context(limit: usize) -> SessionContext {
+        let cfg = Config {
+            secret: "s".into(),
+            workers: 2,
+            memory_limit: limit,
+            ..Config::default()
+        };
+        SessionContext::new(
+            &cfg,
+            "1.7.8".into(),
+            Arc::new(Scheduler::default()),
+            Arc::new(Stats::default()),
+        )
+    }
+
+    /// The `(None, text)` answer's text, from the pickle the server wrote.
+    fn refusal_text(frame: &[u8]) -> String {
+        assert_eq!(&frame[..4], b"\x80\x02NX", "a (None, text) pickle");
+        let len = u32::from_le_bytes(frame[4..8].try_into().unwrap()) as usize;
+        String::from_utf8(frame[8..8 + len].to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_frame_larger_than_the_budget_is_answered_and_the_session_goes_on() {
+        let ctx = small_budget_context(1 << 20);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 24);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let mut job = encode_frame(b"Npackage");
+            job.extend(encode_frame(&vec![1u8; 2 << 20]));
+            client.get_mut().write_all(&job).await.unwrap();
+            let answer = client.read_frame().await.unwrap().unwrap();
+            assert!(refusal_text(&answer).contains("--memory-limit"), "{answer:?}");
+            // The connection is still good, and nothing is held.
+            assert_eq!(ctx.scheduler.queued(), 0);
+            client.get_mut().write_all(&encode_frame(b"H0123")).await.unwrap();
+            client.get_mut().write_all(&encode_frame(b"args")).await.unwrap();
+            let answer = client.read_frame().await.unwrap().unwrap();
+            assert!(refusal_text(&answer).contains("unknown package"), "{answer:?}");
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+        // Only the small package stays, cached for a reconnecting client.
+        ctx.packages.shed(usize::MAX);
+        assert_eq!(ctx.budget.used(), 0, "nothing else held");
+    }
+
+    #[tokio::test]
+    async fn a_frame_waits_for_the_budget_then_goes_through() {
+        let ctx = small_budget_context(1 << 20);
+        let hog = ctx.budget.force(1 << 20, Use::InFlight);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 24);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let mut job = encode_frame(b"Npackage");
+            job.extend(encode_frame(&[9u8; 1000]));
+            client.get_mut().write_all(&job).await.unwrap();
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(ctx.scheduler.queued(), 0, "held back while the budget is full");
+            drop(hog);
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            assert!(ctx.budget.used() >= 1000, "the queued job holds its memory");
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
     }
 }

@@ -121,6 +121,9 @@ pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Read size while discarding a frame.
+const DISCARD_CHUNK: usize = 64 * 1024;
+
 /// Below this, a frame's buffer is reserved in one go; above it the buffer
 /// grows with the bytes that actually arrive, so a peer that announces a
 /// large frame and sends little costs little.
@@ -249,6 +252,60 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// See [`FrameReader::read_frame`].
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         self.reader.read_frame().await
+    }
+
+    /// Waits for the next frame's header and returns the payload length it
+    /// announces (checked against the limit), leaving the frame to be read
+    /// with [`Connection::read_frame`] or dropped with
+    /// [`Connection::discard_frame`]: the caller decides, knowing the size,
+    /// before the payload is read. `None` is a clean end of stream.
+    /// Cancel-safe.
+    pub async fn read_header(&mut self) -> Result<Option<usize>, FrameError> {
+        let r = &mut self.reader;
+        while r.buf.len() < HEADER_LEN {
+            r.buf.reserve(HEADER_LEN);
+            if r.inner.read_buf(&mut r.buf).await? == 0 {
+                return if r.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+        let announced = u64::from_be_bytes(r.buf[..HEADER_LEN].try_into().unwrap_or_default());
+        match usize::try_from(announced) {
+            Ok(len) if len <= r.max => Ok(Some(len)),
+            _ => Err(FrameError::TooLarge {
+                announced,
+                max: r.max,
+            }),
+        }
+    }
+
+    /// Reads the next frame and throws its payload away as it arrives,
+    /// holding at most one read buffer of it; returns its length. For a
+    /// frame too large to keep, whose job is answered without it.
+    pub async fn discard_frame(&mut self) -> Result<usize, FrameError> {
+        let Some(len) = self.read_header().await? else {
+            return Err(FrameError::Truncated);
+        };
+        let r = &mut self.reader;
+        r.buf.advance(HEADER_LEN);
+        let mut left = len;
+        loop {
+            let take = left.min(r.buf.len());
+            r.buf.advance(take);
+            left -= take;
+            if left == 0 {
+                return Ok(len);
+            }
+            if r.buf.capacity() < DISCARD_CHUNK {
+                r.buf = BytesMut::with_capacity(DISCARD_CHUNK);
+            }
+            if r.inner.read_buf(&mut r.buf).await? == 0 {
+                return Err(FrameError::Truncated);
+            }
+        }
     }
 
     /// Writes one frame; see [`write_frame`] and
@@ -624,6 +681,40 @@ mod tests {
         c.write_frame(&[7u8; 1000]).await.unwrap();
         drop(c);
         assert_eq!(reader.await.unwrap(), encode_frame(&[7u8; 1000]));
+    }
+
+    #[tokio::test]
+    async fn a_header_is_seen_before_its_payload_is_read() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut bytes = encode_frame(&[5u8; 100_000]);
+        bytes.extend(encode_frame(b"next"));
+        let mut c = Connection::new(b, 1 << 20);
+        let writer = tokio::spawn(async move {
+            a.write_all(&bytes).await.unwrap();
+            a
+        });
+        assert_eq!(c.read_header().await.unwrap(), Some(100_000));
+        assert_eq!(
+            c.read_header().await.unwrap(),
+            Some(100_000),
+            "not consumed"
+        );
+        assert_eq!(c.discard_frame().await.unwrap(), 100_000);
+        assert_eq!(c.read_header().await.unwrap(), Some(4));
+        assert_eq!(c.read_frame().await.unwrap().unwrap(), &b"next"[..]);
+        drop(writer.await.unwrap());
+        assert_eq!(c.read_header().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_oversize_header_is_refused_before_its_payload() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(&(1u64 << 40).to_be_bytes()).await.unwrap();
+        let mut c = Connection::new(b, 1024);
+        assert!(matches!(
+            c.read_header().await,
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[tokio::test]

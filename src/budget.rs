@@ -1,0 +1,395 @@
+//! The memory budget (`--memory-limit`): bytes held for client frames
+//! being received, queued and running jobs, cached function packages and
+//! results not yet written.
+//!
+//! A client frame's length is reserved when its header arrives; while the
+//! budget cannot hold it, the session stops reading from that client (the
+//! kernel's flow control makes the client wait) and waits its turn, first
+//! come first served, with no `-k` clock running. Handshakes, STAT and
+//! worker results are not held back: a result is counted ([`Budget::force`])
+//! but never waits, so jobs always finish and give their memory back.
+//!
+//! No deadlock: reservations are all-or-nothing, so a waiting frame holds
+//! nothing of its own; and memory is either *in flight* (a frame being
+//! received, a job, a result: each is released without any waiter moving,
+//! as clients send, workers answer and clients read or hit `-k`) or
+//! *parked* (function packages that open connections may still refer to).
+//! When nothing is in flight and the first waiter still does not fit, no
+//! release can ever come, so it is let through beyond the limit; the
+//! budget is overdrawn by at most one frame at a time, and only by
+//! packages that open connections keep.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+/// What a reservation is for, which decides whether releasing it depends
+/// on anyone waiting for the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// Frames, jobs and results: released as the work goes on.
+    InFlight,
+    /// Function packages kept for connections that may send `H` for them.
+    Parked,
+}
+
+/// The budget shared by every connection.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    /// `--memory-limit`, in bytes.
+    limit: usize,
+    /// Counters and the queue of waiters.
+    state: Mutex<State>,
+    /// Woken whenever memory is released, for the waiters.
+    released: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Bytes reserved, in flight and parked.
+    used: usize,
+    /// Bytes reserved for [`Use::InFlight`].
+    in_flight: usize,
+    /// Tickets of the waiting reservations, first come first.
+    queue: VecDeque<u64>,
+    /// The next ticket number.
+    next_ticket: u64,
+}
+
+/// Bytes held against the budget until dropped.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    /// Where to give the bytes back; `None` for [`Reservation::none`].
+    budget: Option<Arc<Budget>>,
+    /// How many.
+    bytes: usize,
+    /// What for.
+    usage: Use,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub(crate) fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            state: Mutex::default(),
+            released: Notify::new(),
+        })
+    }
+
+    /// The limit, in bytes.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes reserved now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.lock().used
+    }
+
+    /// Whether `bytes` more would fit now, without waiting.
+    pub(crate) fn fits(&self, bytes: usize) -> bool {
+        let st = self.lock();
+        st.used.saturating_add(bytes) <= self.limit
+    }
+
+    /// Reserves `bytes`, waiting (first come, first served) until they fit;
+    /// see the module documentation for when they are let through beyond
+    /// the limit. Cancel-safe: a dropped wait leaves the queue.
+    pub(crate) async fn reserve(self: &Arc<Self>, bytes: usize, usage: Use) -> Reservation {
+        let ticket = {
+            let mut st = self.lock();
+            let ticket = st.next_ticket;
+            st.next_ticket += 1;
+            st.queue.push_back(ticket);
+            ticket
+        };
+        let mut queued = Queued {
+            budget: self,
+            ticket,
+            done: false,
+        };
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut st = self.lock();
+                let first = st.queue.front() == Some(&ticket);
+                let fits = st.used.saturating_add(bytes) <= self.limit;
+                if first && (fits || st.in_flight == 0) {
+                    st.queue.pop_front();
+                    queued.done = true;
+                    return self.grant(&mut st, bytes, usage);
+                }
+            }
+            released.await;
+        }
+    }
+
+    /// Counts `bytes` without waiting: for worker results, which must never
+    /// wait (jobs would stop finishing), and for tests.
+    pub(crate) fn force(self: &Arc<Self>, bytes: usize, usage: Use) -> Reservation {
+        let mut st = self.lock();
+        self.grant(&mut st, bytes, usage)
+    }
+
+    fn grant(self: &Arc<Self>, st: &mut State, bytes: usize, usage: Use) -> Reservation {
+        st.used = st.used.saturating_add(bytes);
+        if usage == Use::InFlight {
+            st.in_flight = st.in_flight.saturating_add(bytes);
+        }
+        // The next waiter may fit too.
+        self.released.notify_waiters();
+        Reservation {
+            budget: Some(self.clone()),
+            bytes,
+            usage,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Counters stay consistent: every update is one statement.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A waiter's place in the queue; leaves it if the wait is dropped.
+struct Queued<'a> {
+    budget: &'a Budget,
+    ticket: u64,
+    done: bool,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut st = self.budget.lock();
+            st.queue.retain(|&t| t != self.ticket);
+            drop(st);
+            self.budget.released.notify_waiters();
+        }
+    }
+}
+
+impl Reservation {
+    /// Holds nothing: for jobs and packages built in tests.
+    #[cfg(test)]
+    pub(crate) fn none() -> Reservation {
+        Reservation {
+            budget: None,
+            bytes: 0,
+            usage: Use::InFlight,
+        }
+    }
+
+    /// Bytes held.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The same bytes, now held for `usage`: a package frame that was in
+    /// flight is parked once it is cached.
+    pub(crate) fn repurpose(mut self, usage: Use) -> Reservation {
+        if let Some(budget) = &self.budget {
+            if self.usage != usage {
+                let mut st = budget.lock();
+                match usage {
+                    Use::Parked => st.in_flight = st.in_flight.saturating_sub(self.bytes),
+                    Use::InFlight => st.in_flight = st.in_flight.saturating_add(self.bytes),
+                }
+                drop(st);
+                budget.released.notify_waiters();
+            }
+        }
+        self.usage = usage;
+        self
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let Some(budget) = self.budget.take() else {
+            return;
+        };
+        let mut st = budget.lock();
+        st.used = st.used.saturating_sub(self.bytes);
+        if self.usage == Use::InFlight {
+            st.in_flight = st.in_flight.saturating_sub(self.bytes);
+        }
+        drop(st);
+        budget.released.notify_waiters();
+    }
+}
+
+/// Bytes for people: `512 MiB`, `11.7 GiB`.
+pub(crate) fn human(bytes: usize) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Default `--memory-limit`: half of the smaller of the machine's memory
+/// and this process's cgroup limit; `None` if neither can be read.
+pub(crate) fn default_limit() -> Option<usize> {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| mem_total(&m));
+    let cgroup = cgroup_limit();
+    let smaller = match (machine, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    smaller.map(|bytes| bytes / 2)
+}
+
+/// `MemTotal` of /proc/meminfo, in bytes.
+fn mem_total(meminfo: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The memory limit of this process's cgroup (v2 `memory.max`, else v1
+/// `memory.limit_in_bytes`), if there is one.
+fn cgroup_limit() -> Option<usize> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let file = if controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        if let Some(limit) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+        {
+            return Some(limit);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn stays_pending<F: std::future::Future>(f: F) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), f)
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn waits_until_memory_is_released() {
+        let b = Budget::new(100);
+        let held = b.reserve(80, Use::InFlight).await;
+        assert_eq!(b.used(), 80);
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.reserve(30, Use::InFlight).await.bytes() }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "80 + 30 > 100: it waits");
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), 30);
+        assert_eq!(
+            b.used(),
+            0,
+            "the waiter's reservation was dropped with its task"
+        );
+    }
+
+    #[tokio::test]
+    async fn first_come_first_served() {
+        let b = Budget::new(100);
+        let held = b.reserve(90, Use::InFlight).await;
+        let big = tokio::spawn({
+            let b = b.clone();
+            async move { b.reserve(60, Use::InFlight).await }
+        });
+        tokio::task::yield_now().await;
+        // A small frame behind the big one waits too, so big frames are
+        // never starved by a stream of small ones.
+        assert!(stays_pending(b.reserve(5, Use::InFlight)).await);
+        drop(held);
+        let big = big.await.unwrap();
+        assert_eq!(big.bytes(), 60);
+        assert_eq!(b.reserve(5, Use::InFlight).await.bytes(), 5);
+    }
+
+    #[tokio::test]
+    async fn only_parked_memory_lets_the_first_waiter_through() {
+        // Packages of open connections fill the budget and nothing is in
+        // flight: nothing will be released, so waiting would be forever.
+        let b = Budget::new(100);
+        let parked = b.reserve(100, Use::InFlight).await.repurpose(Use::Parked);
+        let through = b.reserve(50, Use::InFlight).await;
+        assert_eq!(b.used(), 150);
+        // With that frame in flight, the next one waits for it.
+        assert!(stays_pending(b.reserve(10, Use::InFlight)).await);
+        drop(through);
+        drop(parked);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_wait_leaves_the_queue() {
+        let b = Budget::new(10);
+        let held = b.reserve(10, Use::InFlight).await;
+        assert!(stays_pending(b.reserve(5, Use::InFlight)).await);
+        drop(held);
+        // The abandoned ticket must not block the next waiter.
+        assert_eq!(b.reserve(5, Use::InFlight).await.bytes(), 5);
+    }
+
+    #[test]
+    fn forced_reservations_count_without_waiting() {
+        let b = Budget::new(10);
+        let r = b.force(25, Use::InFlight);
+        assert_eq!(b.used(), 25);
+        assert!(!b.fits(1));
+        drop(r);
+        assert!(b.fits(10));
+    }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human(512), "512 bytes");
+        assert_eq!(human(512 << 20), "512 MiB");
+        assert_eq!(human(12_566_528 * 1024 / 2 * 2), "12.0 GiB");
+        assert_eq!(human(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn meminfo_and_cgroup() {
+        assert_eq!(
+            mem_total("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
+            Some(24576000 * 1024)
+        );
+        assert_eq!(mem_total("nothing"), None);
+        assert!(
+            default_limit().is_some_and(|l| l > 0),
+            "this machine has memory"
+        );
+    }
+}
