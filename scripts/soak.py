@@ -9,7 +9,10 @@ The driver starts target/release/ppserver with a few workers, starts
 submit a sliding window of jobs for --duration seconds, SIGKILLs a random
 worker every --kill-every seconds, sends a trickle of misbehaving raw
 connections (wrong secrets, oversize headers, half headers, abandoned jobs),
-and samples the server's VmRSS, fd count and worker count.
+optionally holds a flood of silent sockets from another source address
+(--flood, from 127.0.0.2) and sends big-argument jobs (--big-every,
+--big-size; with --memory-limit for the server), and samples the server's
+VmRSS, fd count and worker count.
 
 Every job's answer is checked against a value the client computes itself:
 - correct: exactly the expected result (for the job kind that raises: None
@@ -355,6 +358,85 @@ def churn_once(port, secret, rng):
         return kind + " (closed early)"
 
 
+LENGTH_PACKAGE = None
+
+
+def raw_session(port, secret, source=None, timeout=30):
+    """An authenticated EXEC connection over a plain socket."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+    recv_frame(sock)
+    nonce = recv_frame(sock)
+    sock.sendall(frame(hashlib.sha1(nonce + secret.encode()).hexdigest().encode()))
+    if recv_frame(sock) != b"OK":
+        raise OSError("login refused")
+    sock.sendall(frame(b"EXEC"))
+    return sock
+
+
+def big_job_once(port, secret, size):
+    """One job whose argument frame is `size` bytes; returns "ok", "wrong"
+    or "failed: ..." (connection trouble counts as failed, not lost: the
+    point is that the server answers what it accepted)."""
+    global LENGTH_PACKAGE
+    try:
+        import dill
+    except ImportError:
+        import pickle as dill
+    if LENGTH_PACKAGE is None:
+        LENGTH_PACKAGE = dill.dumps(
+            ("length", ["def length(blob):\n    return len(blob)\n"], ()), 2)
+    try:
+        with raw_session(port, secret, timeout=300) as sock:
+            sock.sendall(frame(b"N" + LENGTH_PACKAGE))
+            sock.sendall(frame(dill.dumps((b"z" * size,), 2)))
+            result, _ = dill.loads(recv_frame(sock))
+            return "ok" if result == size else "wrong"
+    except (OSError, EOFError) as exc:
+        return "failed: %s" % type(exc).__name__
+
+
+class Flood:
+    """Holds `count` silent sockets from `source`, opening a new one for
+    every one the server closes: a host without the secret trying to keep
+    real clients out."""
+
+    def __init__(self, port, count, source="127.0.0.2"):
+        self.port, self.count, self.source = port, count, source
+        self.opened = 0
+        self.refused = 0
+        self.socks = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def open_one(self):
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5,
+                                            source_address=(self.source, 0))
+            sock.setblocking(False)
+            self.socks.append(sock)
+            self.opened += 1
+        except OSError:
+            self.refused += 1
+
+    def run(self):
+        import select
+        while not self.stop.is_set():
+            while len(self.socks) < self.count and not self.stop.is_set():
+                self.open_one()
+            readable, _, _ = select.select(self.socks, [], [], 0.5) if self.socks else ([], [], [])
+            for sock in readable:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:  # closed by the server: reopen
+                    self.socks.remove(sock)
+                    sock.close()
+        for sock in self.socks:
+            sock.close()
+
+
 class Soak:
     def __init__(self, opts):
         self.opts = opts
@@ -367,6 +449,8 @@ class Soak:
         self.kills = []
         self.samples = []
         self.churn = collections.Counter()
+        self.big = collections.Counter()
+        self.flood = None
         self.failures = []
         self.stop_event = threading.Event()
 
@@ -376,6 +460,8 @@ class Soak:
         port = free_port()
         argv = [str(self.opts.binary), "-i", "127.0.0.1", "-p", str(port),
                 "-w", str(self.opts.workers), "--python", self.opts.python]
+        if self.opts.memory_limit:
+            argv += ["--memory-limit", self.opts.memory_limit]
         env = dict(os.environ, PPSERVER_SECRET=self.secret, PYTHONPATH=str(self.tmp))
         self.log_path = self.tmp / "server.log"
         with open(self.log_path, "wb") as log:
@@ -462,6 +548,13 @@ class Soak:
         while not self.stop_event.wait(self.opts.churn_every):
             self.churn[churn_once(port, self.secret, rng)] += 1
 
+    def big_loop(self):
+        while not self.stop_event.wait(self.opts.big_every):
+            outcome = big_job_once(self.port, self.secret, self.opts.big_size)
+            self.big[outcome] += 1
+            if outcome == "wrong":
+                self.failures.append("a big job was answered wrongly")
+
     def answered_so_far(self):
         total = 0
         for _, _, out in self.clients:
@@ -509,6 +602,13 @@ class Soak:
         if o.churn_every > 0:
             churn = threading.Thread(target=self.churn_loop, daemon=True)
             churn.start()
+        big = None
+        if o.big_every > 0:
+            big = threading.Thread(target=self.big_loop, daemon=True)
+            big.start()
+        if o.flood > 0:
+            self.flood = Flood(self.port, o.flood)
+            self.flood.thread.start()
         next_kill = t0 + (o.kill_every or float("inf"))
         next_sample = t0 + o.sample_every
         end = t0 + o.duration
@@ -528,6 +628,11 @@ class Soak:
         self.stop_event.set()
         if churn:
             churn.join(15)
+        if big:
+            big.join(600)
+        if self.flood:
+            self.flood.stop.set()
+            self.flood.thread.join(15)
 
         # Clients stop submitting at the end of the duration and drain; a
         # lost job costs each at most --job-deadline more seconds.
@@ -600,6 +705,13 @@ class Soak:
             print("  %-8s %6d %6d %6d %6d %6d" % (kind, c["submitted"], c["correct"],
                                                   c["error"], c["wrong"], c["lost"]))
         print("misbehaving connections: %s" % (dict(self.churn) or "none"))
+        if self.opts.big_every > 0:
+            print("big jobs (%d-byte arguments): %s" % (self.opts.big_size,
+                                                       dict(self.big) or "none"))
+        if self.flood:
+            print("flood from %s: %d silent sockets held, %d opened in all, %d refused"
+                  % (self.flood.source, self.flood.count, self.flood.opened,
+                     self.flood.refused))
         print("server RSS over time (MiB): %s" % ", ".join(
             "%.0fs:%.1f" % (s["t"], s["rss_kib"] / 1024) for s in self.samples))
         print("server RSS start %.1f MiB, end %s MiB, max %.1f MiB" % (
@@ -643,6 +755,14 @@ def parse_args(argv):
     p.add_argument("--sample-every", type=float, default=5.0, help="sampling period (s)")
     p.add_argument("--churn-every", type=float, default=0.5,
                    help="one misbehaving raw connection every this many s (0: none)")
+    p.add_argument("--flood", type=int, default=0,
+                   help="silent sockets held from 127.0.0.2, reopened when closed (default 0)")
+    p.add_argument("--big-every", type=float, default=0.0,
+                   help="one job with a --big-size argument every this many s (0: none)")
+    p.add_argument("--big-size", type=int, default=64 * MB,
+                   help="argument bytes of the big jobs (default 64 MiB)")
+    p.add_argument("--memory-limit", default=None,
+                   help="the server's --memory-limit (default: its own default)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "ppserver")
     p.add_argument("--python", default=sys.executable,
