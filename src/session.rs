@@ -693,13 +693,27 @@ mod tests {
             job.extend(encode_frame(&vec![1u8; 2 << 20]));
             client.get_mut().write_all(&job).await.unwrap();
             let answer = client.read_frame().await.unwrap().unwrap();
-            assert!(refusal_text(&answer).contains("--memory-limit"), "{answer:?}");
+            assert!(
+                refusal_text(&answer).contains("--memory-limit"),
+                "{answer:?}"
+            );
             // The connection is still good, and nothing is held.
             assert_eq!(ctx.scheduler.queued(), 0);
-            client.get_mut().write_all(&encode_frame(b"H0123")).await.unwrap();
-            client.get_mut().write_all(&encode_frame(b"args")).await.unwrap();
+            client
+                .get_mut()
+                .write_all(&encode_frame(b"H0123"))
+                .await
+                .unwrap();
+            client
+                .get_mut()
+                .write_all(&encode_frame(b"args"))
+                .await
+                .unwrap();
             let answer = client.read_frame().await.unwrap().unwrap();
-            assert!(refusal_text(&answer).contains("unknown package"), "{answer:?}");
+            assert!(
+                refusal_text(&answer).contains("unknown package"),
+                "{answer:?}"
+            );
             client.get_mut().shutdown().await.unwrap();
         };
         let (ended, ()) = tokio::join!(served, client_side);
@@ -724,7 +738,11 @@ mod tests {
             for _ in 0..20 {
                 tokio::task::yield_now().await;
             }
-            assert_eq!(ctx.scheduler.queued(), 0, "held back while the budget is full");
+            assert_eq!(
+                ctx.scheduler.queued(),
+                0,
+                "held back while the budget is full"
+            );
             drop(hog);
             while ctx.scheduler.queued() == 0 {
                 tokio::task::yield_now().await;
