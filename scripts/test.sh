@@ -7,6 +7,8 @@
 # venv with pinned versions; the server's workers run with that venv too.
 # Then pathos (its own venv: pathos 0.3.5 on ppft 1.7.8) starting the
 # server with pathos.core.serve and mapping on it (compat-tests/test_pathos.py).
+# The wheel (scripts/wheel) is built once and installed by
+# compat-tests/test_wheel.py into venvs of its own, in the ppft 1.7.8 run.
 # The multi-host tests (autodiscovery, cluster) need root and `ip netns`:
 # iproute2 is installed here if `ip` is missing.
 set -euo pipefail
@@ -27,7 +29,7 @@ export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
 echo "== cargo fmt --check, clippy"
 cargo fmt --check
-cargo clippy --quiet --all-targets -- -D warnings
+cargo clippy --quiet --all-targets --all-features -- -D warnings
 
 echo "== cargo check for musl (glibc-only calls must stay gated)"
 if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
@@ -43,6 +45,10 @@ cargo test --quiet
 echo "== release build"
 cargo build --release --quiet
 export PPSERVER_BIN="$here/target/release/ppserver"
+
+echo "== wheel (scripts/wheel; installed by compat-tests/test_wheel.py)"
+wheel=$(scripts/wheel | tail -n 1)
+export PPSERVER_WHEEL="$wheel"
 
 failed=()
 for family in "ppft 1.7.8:.venv" "ppft 1.6.6.4:.venv-ppft1664" "pp 1.7.0:.venv-pp170"; do

@@ -77,8 +77,9 @@ pub struct Config {
     /// it, so it is the secret when the workers are pp 1.7.0's and nothing
     /// else gave one. ppft and pathos clients never read it.
     pub pp_secret: Option<String>,
-    /// Interpreter that runs the workers (`--python`).
-    pub python: PathBuf,
+    /// Interpreter that runs the workers (`--python`); `None`: the one
+    /// beside the binary if it can, else `python3` ([`crate::install`]).
+    pub python: Option<PathBuf>,
     /// Python module run as the worker (`python -u -m MODULE`); `None`
     /// finds it: ppft if installed, else pp 1.7's `pp._worker`.
     pub worker_module: Option<String>,
@@ -119,7 +120,7 @@ impl Default for Config {
             pid_file: None,
             ready_file: None,
             pp_secret: None,
-            python: PathBuf::from("python3"),
+            python: None,
             worker_module: None,
             pp_version: None,
             max_frame_size: DEFAULT_MAX_FRAME,
@@ -277,7 +278,9 @@ Options:
 -k seconds         : socket timeout in seconds (default 3600)
 -P pid_file        : file to write PID to
 --secret-file PATH : read the secret from the first line of PATH
---python PATH      : Python interpreter that runs the workers (default python3)
+--python PATH      : Python interpreter that runs the workers (default: the
+                     python beside this binary, as in a venv's bin/, if it
+                     has ppft or pp; else python3)
 --worker-module M  : worker module: ppft (python -u -m ppft) or pp._worker
                      (pp 1.7); default: ppft if installed, else pp._worker
 --pp-version X     : version string to advertise to clients (default: the
@@ -642,7 +645,7 @@ where
                 continue;
             }
             Long("python") => {
-                cfg.python = PathBuf::from(parser.value()?);
+                cfg.python = Some(PathBuf::from(parser.value()?));
                 continue;
             }
             Long("worker-module") => {
@@ -822,7 +825,7 @@ mod tests {
             "--max-frame-size",
             "4096",
         ]);
-        assert_eq!(c.python, PathBuf::from("/opt/py"));
+        assert_eq!(c.python, Some(PathBuf::from("/opt/py")));
         assert_eq!(c.pp_version.as_deref(), Some("1.6.6.4"));
         assert_eq!(c.max_frame_size, 4096);
     }

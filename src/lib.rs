@@ -5,6 +5,8 @@
 //!
 //! Map of the crate, in the order a job travels:
 //! - [`config`]: command line -> [`config::Config`];
+//! - [`install`]: where the binary is installed: the worker interpreter beside it,
+//!   and whether the `ppserver` beside it is this binary;
 //! - [`server`]: startup checks, the listener, the accept loop, shutdown;
 //! - [`connections`]: the connection cap and the clients `-t` waits for;
 //! - [`session`]: one client connection: handshake ([`auth`]), then STAT or EXEC;
@@ -30,6 +32,7 @@ mod connections;
 mod discovery;
 mod hex;
 mod inifile;
+mod install;
 pub mod logfmt;
 pub mod logsink;
 mod pickle;

@@ -19,7 +19,9 @@ use ppserver::shutdown::StopRequests;
 /// cannot hold the exit up for longer.
 const EXIT_FLUSH: Duration = Duration::from_secs(2);
 
-fn main() -> ExitCode {
+/// `pub(crate)`: `src/bin/ppserver-rs.rs` runs this same `main` under the
+/// wheel's second name.
+pub(crate) fn main() -> ExitCode {
     fixed_mmap_threshold();
     let cfg = match config::parse_args(std::env::args_os().skip(1)) {
         Ok(Command::Run(cfg)) => cfg,

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::discovery::Discovery;
+use crate::install;
 use crate::pool::{self, PoolContext};
 use crate::runfiles::RunFile;
 use crate::scheduler::Scheduler;
@@ -120,9 +121,10 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         Some(m) => vec![m.as_str()],
         None => worker::WORKER_MODULES.to_vec(),
     };
-    let (module, found) = worker::probe_worker(&cfg.python, &candidates, &pythonpath)
-        .await
-        .map_err(StartError::Worker)?;
+    let (python, module, found) =
+        install::worker_python(cfg.python.as_deref(), &candidates, &pythonpath)
+            .await
+            .map_err(StartError::Worker)?;
     let version = cfg.pp_version.clone().unwrap_or(found.clone());
     cfg.settle_for_worker(&module);
 
@@ -150,7 +152,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let stats = Arc::new(Stats::default());
     let (stop, stopped) = watch::channel(false);
     let spec = Arc::new(WorkerSpec {
-        python: cfg.python.clone(),
+        python: python.clone(),
         module: module.clone(),
         proto: cfg.proto.unwrap_or(2),
         pythonpath,
@@ -172,10 +174,11 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     if cfg.secret_is_default && !warn_default_secret {
         warn_default_secret_now();
     }
+    install::warn_about_foreign_ppserver();
     log::info!(
         "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}, memory limit {}",
         cfg.workers,
-        cfg.python.display(),
+        python.display(),
         if cfg.pp_version.is_some() {
             format!(" (--pp-version; the worker package is {found})")
         } else {

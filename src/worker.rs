@@ -123,6 +123,7 @@ pub(crate) async fn probe_worker(
                 python,
                 candidates: candidates.iter().map(|c| c.to_string()).collect(),
                 detail: err.lines().last().unwrap_or("").trim().to_string(),
+                wheel: false,
             })
         }
     }
@@ -141,6 +142,9 @@ pub enum ProbeError {
         python: PathBuf,
         candidates: Vec<String>,
         detail: String,
+        /// This server's wheel is installed beside the interpreter: the
+        /// hint is its extra, which adds ppft to it ([`crate::install`]).
+        wheel: bool,
     },
     /// The package's `__version__` is not ASCII, and clients receive it in
     /// an ASCII frame.
@@ -164,6 +168,7 @@ impl std::fmt::Display for ProbeError {
                 python,
                 candidates,
                 detail,
+                wheel,
             } => {
                 let shown = python.display();
                 write!(
@@ -174,9 +179,14 @@ impl std::fmt::Display for ProbeError {
                 if !detail.is_empty() {
                     write!(f, " ({detail})")?;
                 }
+                let package = if *wheel {
+                    format!("'{}[ppft]'", crate::install::DIST_NAME)
+                } else {
+                    "ppft==1.7.8 dill".to_string()
+                };
                 write!(
                     f,
-                    "; install ppft with: {shown} -m pip install ppft==1.7.8 dill  \
+                    "; install ppft with: {shown} -m pip install {package}  \
                      (or choose another with --python)"
                 )
             }

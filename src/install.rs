@@ -1,0 +1,347 @@
+//! Where the binary is installed: the interpreter beside it, and whether
+//! the `ppserver` beside it is this binary.
+//!
+//! The wheel (`pip install ppserver-rs`) puts the binary into an
+//! environment's `bin/`, next to the `python` that has the worker package.
+//! Without `--python` the workers run with that interpreter when it can run
+//! them, else with `python3` on PATH. The same `bin/` may hold a `ppserver`
+//! that is ppft's or pp's Python script (whichever wheel was installed last
+//! owns the name); `ppserver-rs` is always this server.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::worker::{self, ProbeError};
+
+/// The wheel's distribution name, for the pip command in messages.
+pub(crate) const DIST_NAME: &str = "ppserver-rs";
+/// The wheel's second name for the binary, which no Python package installs.
+const SECOND_NAME: &str = "ppserver-rs";
+/// The name ppft's and pp's wheels install their Python server under too.
+const SHARED_NAME: &str = "ppserver";
+/// Run when `--python` is not given and no interpreter beside the binary can
+/// run workers.
+const FALLBACK_PYTHON: &str = "python3";
+/// Interpreters looked for beside the binary, the first found per directory
+/// being the one tried: `python3` first, as a system `bin/` may have a
+/// `python` that is Python 2.
+const NEIGHBOUR_PYTHONS: &[&str] = &["python3", "python"];
+/// Bytes found in every build of this server (the search for them keeps them
+/// in the binary), so a `ppserver` that holds them is this server even when
+/// it is another file: the wheel's two names are two builds.
+static MARKER: &[u8] = concat!(
+    "ppserver-rs: the Rust ppserver, version ",
+    env!("CARGO_PKG_VERSION"),
+    "."
+)
+.as_bytes();
+/// A `ppserver` larger than this is not read for [`MARKER`]: ours is a few
+/// MiB even unstripped.
+const MAX_SCANNED: u64 = 256 << 20;
+/// Most links followed from argv[0] (the kernel's own limit is 40).
+const MAX_LINKS: usize = 40;
+
+/// The directories the binary was started from: the real file's, then,
+/// when it was started through links (pathos runs `~/bin/ppserver.py`, a
+/// link to the binary or to another link), the directory of each link on
+/// the way, from the path it was invoked by.
+pub(crate) fn install_dirs() -> Vec<PathBuf> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let invoked = std::env::args_os()
+        .next()
+        .and_then(|argv0| invoked_path(&argv0, std::env::var_os("PATH").as_deref(), &cwd));
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    let links = invoked.as_deref().map(link_dirs).unwrap_or_default();
+    for dir in exe_dir.into_iter().chain(links) {
+        let canonical = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+        if !seen.contains(&canonical) {
+            seen.push(canonical);
+            dirs.push(dir);
+        }
+    }
+    dirs
+}
+
+/// The directory of `path` and of every link it leads through.
+fn link_dirs(path: &Path) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let mut at = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        let Some(dir) = at.parent().map(Path::to_path_buf) else {
+            break;
+        };
+        dirs.push(dir.clone());
+        match std::fs::read_link(&at) {
+            // A relative target is relative to the link's directory.
+            Ok(target) => at = dir.join(target),
+            Err(_) => break,
+        }
+    }
+    dirs
+}
+
+/// The file argv[0] names: a path (with a `/`) relative to `cwd`, or else a
+/// name looked up in `path` as the shell did to run it.
+fn invoked_path(argv0: &OsStr, path: Option<&OsStr>, cwd: &Path) -> Option<PathBuf> {
+    if argv0.is_empty() {
+        return None;
+    }
+    if argv0.as_encoded_bytes().contains(&b'/') {
+        return Some(cwd.join(argv0));
+    }
+    std::env::split_paths(path?)
+        .map(|dir| {
+            // An empty PATH entry is the current directory.
+            let dir = if dir.as_os_str().is_empty() {
+                cwd.to_path_buf()
+            } else {
+                cwd.join(dir)
+            };
+            dir.join(argv0)
+        })
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The interpreter found beside the binary in each of `dirs`, if any.
+fn neighbour_pythons(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    dirs.iter()
+        .filter_map(|dir| {
+            NEIGHBOUR_PYTHONS
+                .iter()
+                .map(|name| dir.join(name))
+                .find(|p| is_executable(p))
+        })
+        .collect()
+}
+
+/// The interpreter for the workers, with the worker module it can run and
+/// that package's version: `given` (`--python`) if any; else the first
+/// interpreter beside the binary that can run a worker; else
+/// [`FALLBACK_PYTHON`]. When none can, the error is about the interpreter
+/// beside the binary if there is one: that is the environment the server
+/// was installed into, where the worker package belongs.
+pub(crate) async fn worker_python(
+    given: Option<&Path>,
+    candidates: &[&str],
+    pythonpath: &OsStr,
+) -> Result<(PathBuf, String, String), ProbeError> {
+    if let Some(python) = given {
+        let (module, version) = worker::probe_worker(python, candidates, pythonpath).await?;
+        return Ok((python.to_path_buf(), module, version));
+    }
+    let mut beside: Option<ProbeError> = None;
+    for python in neighbour_pythons(&install_dirs()) {
+        match worker::probe_worker(&python, candidates, pythonpath).await {
+            Ok((module, version)) => return Ok((python, module, version)),
+            Err(e) => {
+                beside.get_or_insert(with_wheel_hint(e));
+            }
+        }
+    }
+    let fallback = PathBuf::from(FALLBACK_PYTHON);
+    match worker::probe_worker(&fallback, candidates, pythonpath).await {
+        Ok((module, version)) => {
+            if let Some(e) = beside {
+                log::info!(
+                    "workers run with {FALLBACK_PYTHON} from PATH, not beside this binary: {e}"
+                );
+            }
+            Ok((fallback, module, version))
+        }
+        Err(e) => Err(beside.unwrap_or(e)),
+    }
+}
+
+/// Marks a missing worker package as one to install with the wheel's extra
+/// when this server's wheel is installed beside that interpreter: `pip
+/// install 'ppserver-rs[ppft]'` then keeps the installed server and adds
+/// ppft to it.
+fn with_wheel_hint(mut e: ProbeError) -> ProbeError {
+    if let ProbeError::Missing { python, wheel, .. } = &mut e {
+        *wheel = python
+            .parent()
+            .is_some_and(|dir| dir.join(SECOND_NAME).exists());
+    }
+    e
+}
+
+/// Warns (when info lines show: the startup line's company) about each
+/// `ppserver` beside the binary that is another program: typing `ppserver`
+/// there does not start this server.
+pub(crate) fn warn_about_foreign_ppserver() {
+    if !log::log_enabled!(log::Level::Info) {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    for dir in install_dirs() {
+        let other = dir.join(SHARED_NAME);
+        if other.exists() && !is_this_server(&other, &exe) {
+            let ours = dir.join(SECOND_NAME);
+            let instead = if is_this_server(&ours, &exe) {
+                format!("; `{SECOND_NAME}` is always this server")
+            } else {
+                String::new()
+            };
+            log::warn!(
+                "{} is another program, not this server (ppft's or pp's Python ppserver, \
+                 installed after this one?): `{SHARED_NAME}` there runs it{instead}",
+                other.display()
+            );
+        }
+    }
+}
+
+/// Whether `path` is this server: the running file itself, or a file
+/// holding [`MARKER`] (the wheel's other name, a copy).
+fn is_this_server(path: &Path, exe: &Path) -> bool {
+    let (Ok(a), Ok(b)) = (std::fs::metadata(path), std::fs::metadata(exe)) else {
+        return false;
+    };
+    if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+        return true;
+    }
+    let mut bytes = Vec::new();
+    let read = File::open(path).and_then(|f| f.take(MAX_SCANNED).read_to_end(&mut bytes));
+    read.is_ok() && holds_marker(&bytes)
+}
+
+fn holds_marker(bytes: &[u8]) -> bool {
+    // black_box: the comparison must read the marker from memory, so that
+    // it stays one piece in the binary rather than becoming immediates.
+    let marker = std::hint::black_box(MARKER);
+    bytes.windows(marker.len()).any(|w| w == marker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ppserver-install-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn executable(path: &Path) {
+        std::fs::write(path, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn argv0_with_a_slash_is_a_path_from_cwd() {
+        let cwd = Path::new("/home/u");
+        assert_eq!(
+            invoked_path(OsStr::new("bin/ppserver.py"), None, cwd),
+            Some(PathBuf::from("/home/u/bin/ppserver.py"))
+        );
+        assert_eq!(
+            invoked_path(OsStr::new("/opt/venv/bin/ppserver"), None, cwd),
+            Some(PathBuf::from("/opt/venv/bin/ppserver"))
+        );
+        assert_eq!(invoked_path(OsStr::new(""), None, cwd), None);
+    }
+
+    #[test]
+    fn a_bare_argv0_is_found_on_path_as_the_shell_found_it() {
+        let root = scratch("path");
+        let (a, b) = (root.join("a"), root.join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        // Not executable: the shell would have skipped it.
+        std::fs::write(a.join("ppserver.py"), b"").unwrap();
+        executable(&b.join("ppserver.py"));
+        let path: OsString = std::env::join_paths([&a, &b]).unwrap();
+        assert_eq!(
+            invoked_path(OsStr::new("ppserver.py"), Some(&path), Path::new("/")),
+            Some(b.join("ppserver.py"))
+        );
+        assert_eq!(
+            invoked_path(OsStr::new("nothing-here"), Some(&path), Path::new("/")),
+            None
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn every_link_from_argv0_to_the_binary_gives_its_directory() {
+        let root = scratch("links");
+        let (home, venv, build) = (
+            root.join("home/bin"),
+            root.join("venv/bin"),
+            root.join("build"),
+        );
+        for d in [&home, &venv, &build] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        executable(&build.join("ppserver"));
+        // ~/bin/ppserver.py -> venv/bin/ppserver (relative) -> build/ppserver.
+        std::os::unix::fs::symlink(build.join("ppserver"), venv.join("ppserver")).unwrap();
+        std::os::unix::fs::symlink("../../venv/bin/ppserver", home.join("ppserver.py")).unwrap();
+        let dirs: Vec<PathBuf> = link_dirs(&home.join("ppserver.py"))
+            .iter()
+            .map(|d| std::fs::canonicalize(d).unwrap())
+            .collect();
+        let canonical = |d: &Path| std::fs::canonicalize(d).unwrap();
+        assert_eq!(
+            dirs,
+            vec![canonical(&home), canonical(&venv), canonical(&build)]
+        );
+        assert_eq!(link_dirs(&build.join("ppserver")), vec![build.clone()]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_first_interpreter_found_per_directory_is_the_neighbour() {
+        let root = scratch("neighbours");
+        let (venv, sys, none) = (root.join("venv"), root.join("sys"), root.join("none"));
+        for d in [&venv, &sys, &none] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        executable(&venv.join("python3"));
+        executable(&venv.join("python"));
+        executable(&sys.join("python"));
+        assert_eq!(
+            neighbour_pythons(&[none, venv.clone(), sys.clone()]),
+            vec![venv.join("python3"), sys.join("python")]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn this_server_is_the_running_file_or_a_build_with_the_marker() {
+        let root = scratch("marker");
+        let exe = std::env::current_exe().unwrap();
+        assert!(is_this_server(&exe, &exe));
+        let copy = root.join("ppserver");
+        let mut bytes = b"\x7fELF...".to_vec();
+        bytes.extend_from_slice(MARKER);
+        bytes.extend_from_slice(b"...");
+        std::fs::write(&copy, &bytes).unwrap();
+        assert!(is_this_server(&copy, &exe));
+        let script = root.join("ppserver-py");
+        std::fs::write(
+            &script,
+            b"#!/venv/bin/python\nfrom ppft.server import main\nmain()\n",
+        )
+        .unwrap();
+        assert!(!is_this_server(&script, &exe));
+        assert!(!is_this_server(&root.join("missing"), &exe));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
