@@ -1,6 +1,7 @@
 """Never hang, never lose a job: workers that die mid-job, malformed
-packages that make ppft's worker exit, clients that vanish mid-job or with
-jobs still queued, and workers SIGKILLed at random under load.
+packages that make ppft's worker exit, clients that vanish with jobs still
+queued, and workers SIGKILLed at random under load. (A client that leaves
+while its job runs: test_processes.py.)
 
 Worker processes are found from outside, as the children of the server
 process running `python -u -m ppft`. No wall-clock thresholds: waits are
@@ -22,7 +23,7 @@ import ppwire
 from common_jobs import assert_all_workers_in_parallel
 from faulthelpers import Killer, assert_died_text, exec_session, finished_within
 from pphelpers import finish_client_script, run_client_script
-from procs import wait_for_pool, wait_until, worker_pids
+from procs import wait_for_pool, wait_until
 
 PPSERVER_WORKERS = 3
 
@@ -154,29 +155,6 @@ def test_malformed_packages_get_an_answer_and_workers_are_replaced(pp_client, pp
     wait_for_pool(ppserver)
     assert_all_workers_in_parallel(pp_client, ppserver.nworkers)
     assert [pp_client.submit(faultjobs.square, (i,))() for i in range(6)] == [0, 1, 4, 9, 16, 25]
-
-
-def test_client_leaving_mid_job_keeps_its_worker(pp_client, ppserver, tmp_path):
-    """A raw client sends a 2-second job and disconnects while it runs. The
-    worker is not killed: the job runs to its end (its result discarded),
-    and afterwards N concurrent jobs run on N distinct workers, the very
-    same worker pids as before."""
-    before = assert_all_workers_in_parallel(pp_client, ppserver.nworkers, seconds=0.5)
-    sfunc = ppwire.function_package(
-        "mark_and_sleep", ["from faultjobs import mark_and_sleep\n"])
-    sock = exec_session(ppserver)
-    try:
-        ppwire.send_job(sock, sfunc, (str(tmp_path), "left", 2.0))
-        runner = wait_until(lambda: _started(tmp_path, "left"), "the job to start")
-    finally:
-        sock.close()
-    wait_until(lambda: (tmp_path / "left.end").exists(), "the abandoned job to run to its end")
-
-    after = assert_all_workers_in_parallel(pp_client, ppserver.nworkers)
-    assert runner in after
-    assert after == before, "workers changed: %s -> %s" % (sorted(before), sorted(after))
-    if ppserver.impl == "rust":
-        assert worker_pids(ppserver) == before
 
 
 ABANDONED = 40

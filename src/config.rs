@@ -94,6 +94,12 @@ pub struct Config {
     /// Bytes the server may hold for client frames, jobs, packages and
     /// results (`--memory-limit`); see [`crate::budget`].
     pub memory_limit: usize,
+    /// Replace a worker after it has run this many jobs, between jobs
+    /// (`--max-jobs-per-worker`); 0: never.
+    pub max_jobs_per_worker: u64,
+    /// Let a running job whose client left finish, as ppft does, instead
+    /// of stopping its worker (`--keep-abandoned`).
+    pub keep_abandoned: bool,
     /// Things worth a warning found while reading the config file (unknown
     /// keys), logged once logging is up.
     pub notes: Vec<String>,
@@ -127,6 +133,8 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: crate::shutdown::DEFAULT_DRAIN_TIMEOUT,
             memory_limit: crate::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
+            max_jobs_per_worker: 0,
+            keep_abandoned: false,
             notes: Vec::new(),
         }
     }
@@ -250,6 +258,7 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [--worker-module MODULE] [--pp-version X]
                 [--max-frame-size BYTES] [--max-connections N]
                 [--ready-file PATH] [--drain-timeout SECONDS] [--memory-limit SIZE]
+                [--max-jobs-per-worker N] [--keep-abandoned]
 
 Options:
 -h                 : this help message
@@ -300,6 +309,10 @@ Options:
                      jobs already received for at most S seconds, then close
                      what is left (default {drain}; a second signal stops at
                      once)
+--max-jobs-per-worker N: replace each worker after N jobs, between jobs
+                     (for leaky extensions; default 0: never)
+--keep-abandoned   : let a running job whose client left finish, as ppft
+                     does (default: stop its worker and start a fresh one)
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).
@@ -331,6 +344,8 @@ enum Setting {
     ReadyFile,
     DrainTimeout,
     MemoryLimit,
+    MaxJobsPerWorker,
+    KeepAbandoned,
     Autodiscovery,
     Interface,
     Broadcast,
@@ -352,6 +367,8 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "ready_file", Setting::ReadyFile),
     ("general", "drain_timeout", Setting::DrainTimeout),
     ("general", "memory_limit", Setting::MemoryLimit),
+    ("general", "max_jobs_per_worker", Setting::MaxJobsPerWorker),
+    ("general", "keep_abandoned", Setting::KeepAbandoned),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
@@ -471,6 +488,8 @@ fn apply(
             }
             cfg.memory_limit = bytes;
         }
+        Setting::MaxJobsPerWorker => cfg.max_jobs_per_worker = number(name, value)?,
+        Setting::KeepAbandoned => cfg.keep_abandoned = boolean(name, value)?,
         Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
         Setting::Interface => {
             if value.is_empty() {
@@ -692,6 +711,11 @@ where
             Long("max-connections") => {
                 let v = text("--max-connections", parser.value()?)?;
                 cfg.max_connections = at_least_one(&Origin::Flag("--max-connections"), &v)?;
+                continue;
+            }
+            Long("max-jobs-per-worker") => ("--max-jobs-per-worker", Setting::MaxJobsPerWorker),
+            Long("keep-abandoned") => {
+                cfg.keep_abandoned = true;
                 continue;
             }
             Short('s') => ("-s", Setting::Secret),
@@ -990,6 +1014,31 @@ mod tests {
             Some(PathBuf::from("/tmp/r"))
         );
         assert!(err(&["--ready-file", ""]).contains("--ready-file"));
+    }
+
+    #[test]
+    fn worker_recycling_and_abandoned_jobs_flags_and_keys() {
+        let c = run(&[]);
+        assert_eq!(c.max_jobs_per_worker, 0, "default: never recycled");
+        assert!(!c.keep_abandoned, "default: abandoned jobs are stopped");
+        let c = run(&["--max-jobs-per-worker", "3", "--keep-abandoned"]);
+        assert_eq!(c.max_jobs_per_worker, 3);
+        assert!(c.keep_abandoned);
+        assert_eq!(run(&["--max-jobs-per-worker=0"]).max_jobs_per_worker, 0);
+        assert!(err(&["--max-jobs-per-worker", "-1"]).contains("--max-jobs-per-worker"));
+        assert!(err(&["--max-jobs-per-worker", "x"]).contains("--max-jobs-per-worker"));
+        assert!(err(&["--keep-abandoned=yes"]).contains("--keep-abandoned"));
+        let path = temp_file(
+            "m.conf",
+            "[general]\nmax_jobs_per_worker = 100\nkeep_abandoned = yes\n",
+        );
+        let c = run(&["-c", path.to_str().unwrap()]);
+        assert_eq!(c.max_jobs_per_worker, 100);
+        assert!(c.keep_abandoned);
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        let path = temp_file("m2.conf", "[general]\nmax_jobs_per_worker = lots\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(e.contains("[general] max_jobs_per_worker"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`scheduler`]: jobs from every connection -> free workers;
 //! - [`pool`]: one supervisor per slot: feeds a worker jobs, replaces the dead;
 //! - [`worker`]: one worker process: spawn, handshake, run a job, stop and reap;
+//! - [`reaper`]: what jobs leave behind: orphaned descendants reaped, and
+//!   all killed when the server stops;
 //! - [`stats`]: job counts and times; [`pickle`]: the failure result we write;
 //! - [`ratelimit`]: warnings about peers, limited so floods cannot bury the log;
 //! - [`discovery`]: UDP autodiscovery (`-a`);
@@ -38,6 +40,7 @@ pub mod logsink;
 mod pickle;
 mod pool;
 mod ratelimit;
+pub mod reaper;
 pub mod runfiles;
 pub mod scheduler;
 pub mod server;

@@ -4,6 +4,10 @@
 //! One thread is plenty for relaying frames, and it matters for workers:
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked a worker exits,
 //! so workers must be forked by a thread that lives as long as the server.
+//!
+//! The server is a child subreaper: processes that jobs start and that
+//! lose their parent come to it, not to init, so they are reaped while it
+//! runs and killed when it stops ([`ppserver::reaper`]).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,6 +15,7 @@ use std::time::Duration;
 use ppserver::config::{self, Command};
 use ppserver::logfmt::LogFormat;
 use ppserver::logsink;
+use ppserver::reaper;
 use ppserver::runfiles::RunFile;
 use ppserver::shutdown::StopRequests;
 
@@ -37,6 +42,10 @@ pub(crate) fn main() -> ExitCode {
     init_logging(cfg.log_level(stderr_is_pipe()), cfg.log_format.clone());
     for note in &cfg.notes {
         log::warn!("{note}");
+    }
+    // Before any child exists, so every orphaned descendant comes here.
+    if let Err(e) = reaper::become_subreaper() {
+        log::warn!("cannot become a child subreaper ({e}): processes that jobs detach may outlive the server");
     }
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -69,7 +78,11 @@ pub(crate) fn main() -> ExitCode {
             },
             None => None,
         };
+        let reaping = tokio::spawn(reaper::reap_orphans_forever());
         server.run(stops).await;
+        reaping.abort();
+        // The workers are stopped: what their jobs left running goes now.
+        reaper::sweep().await;
         ExitCode::SUCCESS
     });
     logsink::flush_outputs(EXIT_FLUSH);

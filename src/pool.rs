@@ -2,18 +2,24 @@
 //! in it, feeds it jobs from the scheduler, and decides what happens when
 //! a worker fails. The worker process itself is [`crate::worker`].
 //!
-//! A worker that dies is noticed at once (its stdout reaches EOF, also while
-//! idle), reaped, and replaced. The job it was running is answered with
-//! `(None, "...worker died...")` and not retried, since it may crash again;
-//! a job handed to a worker that was already dead is put back in the queue,
-//! a few times at most. A worker that cannot start is retried with growing
-//! pauses; if none is running after a few tries, queued jobs are answered
-//! with an error instead of waiting forever.
+//! A worker that dies is noticed at once (its process exits, or its stdout
+//! ends, also while idle), reaped, and replaced. The job it was running is
+//! answered with `(None, "...worker died...")` and not retried, since it
+//! may crash again; a job handed to a worker that was already dead is put
+//! back in the queue, a few times at most. A worker that cannot start is
+//! retried with growing pauses; if none is running after a few tries,
+//! queued jobs are answered with an error instead of waiting forever.
+//!
+//! A worker is also replaced between jobs after `-r` (every job) or
+//! `--max-jobs-per-worker`, and at once when the only client waiting for
+//! its running job has left (unless `--keep-abandoned`): the slot then
+//! serves the next client instead of a result nobody reads.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
 
 use crate::cache::WorkerCache;
 use crate::scheduler::{Job, Scheduler};
@@ -29,6 +35,10 @@ const FAILED_STARTS_BEFORE_GIVING_UP: u32 = 3;
 /// How often a job whose worker was found dead before it started is retried
 /// on a fresh worker before the client is told.
 const MAX_START_ATTEMPTS: u8 = 3;
+/// How long a running job whose client left may still finish before its
+/// worker is stopped: a fresh worker costs a Python start-up, more than a
+/// job about to end.
+const ABANDON_GRACE: Duration = Duration::from_secs(1);
 
 /// Everything a slot's supervisor shares with the rest of the server.
 #[derive(Debug, Clone)]
@@ -103,6 +113,15 @@ pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
                 let how = worker.stop(true).await;
                 log::debug!("slot {slot}: worker pid {pid} replaced ({how})");
             }
+            Ended::Abandoned { job } => {
+                let pid = worker.pid;
+                let how = worker.stop(false).await;
+                log::debug!(
+                    "job {}: its client left while worker pid {pid} ran it; worker stopped \
+                     ({how}) and replaced (--keep-abandoned lets such jobs finish)",
+                    job.id
+                );
+            }
             Ended::Died { job, refused } => {
                 let pid = worker.pid;
                 let how = match refused {
@@ -139,8 +158,14 @@ pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
 enum Ended {
     /// The server is stopping.
     Shutdown,
-    /// `-r`, or the worker said it is exiting: replace it.
+    /// `-r`, `--max-jobs-per-worker`, or the worker said it is exiting:
+    /// replace it.
     Replace,
+    /// The client of the running `job` left: stop the worker now.
+    Abandoned {
+        /// Nobody waits for its answer.
+        job: Job,
+    },
     /// The worker died, while running `job` if there is one.
     Died {
         /// The job it was running, still to be answered.
@@ -160,8 +185,10 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
     // The worker counts as live for exactly as long as it is served.
     let _live = ctx.scheduler.worker_up();
     let mut cache = WorkerCache::default();
+    // Jobs this worker answered, for --max-jobs-per-worker.
+    let mut answered: u64 = 0;
     loop {
-        let (job, back) = match ctx.scheduler.next_job(slot, cache) {
+        let (mut job, back) = match ctx.scheduler.next_job(slot, cache) {
             Ok(got) => got,
             Err(mut waiting) => {
                 tokio::select! {
@@ -190,10 +217,27 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
             }
         };
         cache = back;
+        if job.is_abandoned() {
+            // Handed straight to this worker, and its client left since.
+            log::debug!(
+                "job {} dropped: its client went away before it started",
+                job.id
+            );
+            continue;
+        }
         let started = Instant::now();
         let _running = ctx.stats.running();
+        let Job {
+            package,
+            args,
+            reply,
+            ..
+        } = &mut job;
         let outcome = tokio::select! {
-            o = worker.run(&mut cache, &job) => o,
+            o = worker.run(&mut cache, package, args) => o,
+            () = abandoned(reply), if !ctx.spec.keep_abandoned => {
+                return Ended::Abandoned { job };
+            }
             _ = ctx.shutdown.wait_for(|&s| s) => return Ended::Shutdown,
         };
         match outcome {
@@ -201,6 +245,14 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
                 ctx.stats.record_job(started.elapsed());
                 if job.reply.send(result).is_err() {
                     log::debug!("job {}: client gone, result discarded", job.id);
+                }
+                answered += 1;
+                if ctx.spec.max_jobs > 0 && answered >= ctx.spec.max_jobs {
+                    log::debug!(
+                        "slot {slot}: worker pid {} ran {answered} jobs (--max-jobs-per-worker)",
+                        worker.pid
+                    );
+                    return Ended::Replace;
                 }
                 if ctx.spec.restart || worker.exiting {
                     return Ended::Replace;
@@ -216,6 +268,13 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
             Outcome::NotStarted => return Ended::NotStarted { job },
         }
     }
+}
+
+/// Completes [`ABANDON_GRACE`] after the job's client has gone (its
+/// session dropped the receiving end of `reply`).
+async fn abandoned(reply: &mut oneshot::Sender<Bytes>) {
+    reply.closed().await;
+    tokio::time::sleep(ABANDON_GRACE).await;
 }
 
 /// Tells the client its job's worker died.
@@ -251,8 +310,6 @@ fn retry_or_answer(mut job: Job, pid: u32, how: &str) -> Option<Job> {
 mod tests {
     use super::*;
     use crate::cache::PackageCache;
-    use bytes::Bytes;
-    use tokio::sync::oneshot;
 
     #[tokio::test]
     async fn a_job_that_never_starts_is_retried_then_answered() {

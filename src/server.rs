@@ -158,6 +158,8 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         pythonpath,
         max_frame: cfg.max_frame_size,
         restart: cfg.restart,
+        max_jobs: cfg.max_jobs_per_worker,
+        keep_abandoned: cfg.keep_abandoned,
     });
     let mut workers = JoinSet::new();
     for slot in 0..cfg.workers {

@@ -11,31 +11,44 @@
 //!
 //! Workers get `PR_SET_PDEATHSIG` so they die with the server even if the
 //! server is killed, and their own process group so a Ctrl-C in the
-//! server's terminal reaches only the server, which then stops them itself.
-//! Deciding what to do when a worker fails is [`crate::pool`]'s business.
+//! server's terminal reaches only the server, which then stops them itself;
+//! stopping a worker kills that whole group, so children its jobs started
+//! go with it. A worker is known dead when its process exits, even while a
+//! child it left holds its pipes open. Workers get a higher
+//! `oom_score_adj` than the server: under memory pressure the kernel takes
+//! a worker, not the server. Deciding what to do when a worker fails is
+//! [`crate::pool`]'s business.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::cache::WorkerCache;
-use crate::scheduler::Job;
-use crate::wire::{write_frame, write_frames, FrameReader, HEADER_LEN};
+use crate::cache::{Package, WorkerCache};
+use crate::reaper::{self, Registration};
+use crate::wire::{write_frame, write_frames, FrameError, FrameReader};
 
 /// How long a new worker may take to announce its pid (importing ppft and
 /// dill on a loaded machine can take seconds).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// After a worker's stdout closes, how long it may take to exit by itself
-/// before it is killed.
+/// before it is killed; and after it exits, how long an answer it wrote
+/// just before may take to be read from a pipe a child of it still holds.
 const EXIT_GRACE: Duration = Duration::from_millis(500);
+/// How much higher a worker's `oom_score_adj` is than the server's, and
+/// the least it is: ahead of ordinary processes when memory runs out.
+const WORKER_OOM_SCORE_ADJ: i32 = 500;
 /// ppft's worker prints this when it cannot go on (e.g. a package it cannot
 /// unpickle), sends that last result and exits; spotting it lets the slot be
 /// refilled before another job is handed to a dying process.
@@ -61,6 +74,12 @@ pub(crate) struct WorkerSpec {
     pub(crate) max_frame: usize,
     /// Replace the worker after every job (`-r`).
     pub(crate) restart: bool,
+    /// Replace the worker after this many jobs (`--max-jobs-per-worker`);
+    /// 0: never.
+    pub(crate) max_jobs: u64,
+    /// Let a running job whose client left run to its end
+    /// (`--keep-abandoned`) instead of stopping its worker.
+    pub(crate) keep_abandoned: bool,
 }
 
 /// `PYTHONPATH` for workers: the inherited entries, then the server's
@@ -92,14 +111,19 @@ pub(crate) async fn probe_worker(
     candidates: &[&str],
     pythonpath: &OsStr,
 ) -> Result<(String, String), ProbeError> {
-    let run = Command::new(python)
-        .arg("-c")
+    let mut cmd = Command::new(python);
+    cmd.arg("-c")
         .arg(PROBE_SCRIPT)
         .args(candidates)
         .env("PYTHONPATH", pythonpath)
         .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let run = async {
+        let (child, _registered) = reaper::spawn(&mut cmd)?;
+        child.wait_with_output().await
+    };
     let python = python.to_path_buf();
     let out = match tokio::time::timeout(STARTUP_TIMEOUT, run).await {
         Err(_) => return Err(ProbeError::Timeout { python }),
@@ -223,13 +247,19 @@ pub(crate) enum Outcome {
 
 /// A running worker process.
 pub(crate) struct Worker {
+    /// The worker's process group, killed with it. Declared first so a
+    /// worker dropped without [`Worker::stop`] loses its group before its
+    /// process is reaped.
+    group: ProcessGroup,
     /// The process; dropping it kills it (`kill_on_drop`).
     child: Child,
+    /// Keeps the scans for orphans off this child, which tokio reaps.
+    _registered: Registration,
     /// Jobs go in here.
     stdin: ChildStdin,
     /// Results come out here.
     stdout: FrameReader<ChildStdout>,
-    /// The pid the worker announced, for log lines.
+    /// The worker's pid (and process group id), for log lines.
     pub(crate) pid: u32,
     /// Set when the worker's last answer said it is about to exit.
     pub(crate) exiting: bool,
@@ -249,11 +279,15 @@ impl Worker {
             .kill_on_drop(true)
             .process_group(0);
         let parent = nix::unistd::getpid();
+        let oom = OomScoreAdj::for_worker();
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (prctl, getppid); it allocates
-        // nothing.
+        // makes async-signal-safe calls (open, write, close, prctl,
+        // getppid); it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(oom) = &oom {
+                    oom.write_own();
+                }
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                     .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
                 // The server may have died between fork and prctl.
@@ -263,7 +297,7 @@ impl Worker {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn()?;
+        let (mut child, registered) = reaper::spawn(&mut cmd)?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -271,86 +305,310 @@ impl Worker {
         };
         widen_pipe(&stdin);
         widen_pipe(&stdout);
+        let pid = child.id().unwrap_or(0);
         let mut w = Worker {
-            pid: child.id().unwrap_or(0),
+            group: ProcessGroup::of(pid),
+            pid,
             child,
+            _registered: registered,
             stdin,
             stdout: FrameReader::new(stdout, spec.max_frame),
             exiting: false,
         };
         tokio::spawn(drain_stderr(w.pid, stderr));
-        let hello = tokio::time::timeout(STARTUP_TIMEOUT, w.stdout.read_frame()).await;
+        match w.handshake(spec.proto).await {
+            Ok(()) => Ok(w),
+            Err(e) => {
+                let how = w.stop(true).await;
+                Err(io::Error::other(format!("{e} ({how})")))
+            }
+        }
+    }
+
+    /// Reads the worker's pid and tells it the pickle protocol.
+    async fn handshake(&mut self, proto: i32) -> io::Result<()> {
+        let hello = tokio::time::timeout(STARTUP_TIMEOUT, self.read_or_exit()).await;
         let announced = match hello {
-            Ok(Ok(Some(frame))) => frame,
-            Ok(Ok(None)) => return Err(io::Error::other("worker exited during startup")),
-            Ok(Err(e)) => return Err(io::Error::other(format!("worker startup: {e}"))),
+            Ok(Some(Ok(Some(frame)))) => frame,
+            Ok(Some(Ok(None)) | None) => {
+                return Err(io::Error::other("worker exited during startup"))
+            }
+            Ok(Some(Err(e))) => return Err(io::Error::other(format!("worker startup: {e}"))),
             Err(_) => return Err(io::Error::other("worker did not start in time")),
         };
         let pid = std::str::from_utf8(&announced)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
             .ok_or_else(|| io::Error::other("worker announced no pid"))?;
-        if pid != w.pid {
-            log::debug!("worker pid {} announced pid {pid}", w.pid);
+        if pid != self.pid {
+            log::debug!("worker pid {} announced pid {pid}", self.pid);
         }
-        write_frame(&mut w.stdin, spec.proto.to_string().as_bytes()).await?;
-        Ok(w)
+        write_frame(&mut self.stdin, proto.to_string().as_bytes()).await
     }
 
-    /// Runs one job.
-    pub(crate) async fn run(&mut self, cache: &mut WorkerCache, job: &Job) -> Outcome {
-        let package_frame = cache.frame_for(&job.package);
-        let written = match write_frames(&mut self.stdin, &[package_frame, &job.args]).await {
-            Ok(()) => 2 * HEADER_LEN + package_frame.len() + job.args.len(),
+    /// Runs one job: `package` through the worker's cache, then `args`.
+    pub(crate) async fn run(
+        &mut self,
+        cache: &mut WorkerCache,
+        package: &Package,
+        args: &[u8],
+    ) -> Outcome {
+        let package_frame = cache.frame_for(package);
+        // A child of the worker may hold its stdin open without reading
+        // it: the write must not outlast the worker.
+        let mut stdin = Counted {
+            pipe: &mut self.stdin,
+            written: 0,
+        };
+        let frames = [&package_frame[..], args];
+        let sent = tokio::select! {
+            biased;
+            r = write_frames(&mut stdin, &frames) => Some(r),
+            _ = self.child.wait() => None,
+        };
+        let written = stdin.written;
+        match sent {
+            Some(Ok(())) => {}
             // The pipe was closed before this job reached the worker.
-            Err(e) if e.written == 0 => return Outcome::NotStarted,
+            Some(Err(_)) if written == 0 => return Outcome::NotStarted,
             // The worker may still have answered: ppft's worker answers a
             // package it cannot load and exits before reading the args.
-            Err(e) => e.written,
-        };
-        cache.insert(job.package.hash);
-        match self.stdout.read_frame().await {
-            Ok(Some(result)) => {
-                self.exiting = result.len() <= FATAL_SCAN_LIMIT
-                    && result
-                        .windows(FATAL_MARKER.len())
-                        .any(|w| w == FATAL_MARKER);
-                Outcome::Answered(result)
-            }
-            // A worker killed while idle can take a job in the moment
-            // before its pipes close; if it never read a byte of it, the
-            // job did not start and must not be answered as if it crashed.
-            Ok(None) if unread_bytes(&self.stdin) >= written => Outcome::NotStarted,
-            Ok(None) => Outcome::Died { refused: None },
-            Err(e) => Outcome::Died {
+            Some(Err(_)) => {}
+            None => return self.exited(written).await,
+        }
+        cache.insert(package.hash);
+        match self.read_or_exit().await {
+            Some(Ok(Some(result))) => self.answered(result),
+            Some(Ok(None)) => self.unanswered(written),
+            Some(Err(e)) => Outcome::Died {
                 refused: Some(e.to_string()),
             },
+            None => self.exited(written).await,
+        }
+    }
+
+    /// The next frame from the worker, or `None` if its process exits
+    /// first: a child it started may hold its stdout open long after it is
+    /// gone, so the end of the pipe alone comes too late. Cancel-safe: a
+    /// partly read frame stays buffered, and tokio's `wait` may be dropped.
+    async fn read_or_exit(&mut self) -> Option<Result<Option<Bytes>, FrameError>> {
+        tokio::select! {
+            biased;
+            r = self.stdout.read_frame() => Some(r),
+            _ = self.child.wait() => None,
+        }
+    }
+
+    fn answered(&mut self, result: Bytes) -> Outcome {
+        self.exiting = result.len() <= FATAL_SCAN_LIMIT
+            && result
+                .windows(FATAL_MARKER.len())
+                .any(|w| w == FATAL_MARKER);
+        Outcome::Answered(result)
+    }
+
+    /// The worker gave no answer to a job of which `written` bytes went
+    /// into its stdin.
+    fn unanswered(&self, written: usize) -> Outcome {
+        // A worker killed while idle can take a job in the moment before
+        // it dies; if it never read a byte of it, the job did not start
+        // and must not be answered as if it crashed.
+        if unread_bytes(&self.stdin) >= written {
+            Outcome::NotStarted
+        } else {
+            Outcome::Died { refused: None }
+        }
+    }
+
+    /// The worker's process exited while it had a job. Its group goes
+    /// now, and with it the copies of its pipes its children held; an
+    /// answer it wrote just before it exited is still read.
+    async fn exited(&mut self, written: usize) -> Outcome {
+        self.group.kill();
+        match tokio::time::timeout(EXIT_GRACE, self.stdout.read_frame()).await {
+            Ok(Ok(Some(result))) => {
+                let outcome = self.answered(result);
+                self.exiting = true;
+                outcome
+            }
+            Ok(Err(e)) => Outcome::Died {
+                refused: Some(e.to_string()),
+            },
+            // The pipe ended, or a child that left the group holds it.
+            Ok(Ok(None)) | Err(_) => self.unanswered(written),
         }
     }
 
     /// Watches a worker that has no job. It has nothing to say, so this
-    /// completes only when it died (EOF), broke the framing, or wrote a
-    /// frame anyway; true for the last, the one case worth a warning.
-    /// Safe to cancel in a `select!`: a partly read frame stays buffered.
+    /// completes only when it died (its process exited, or its stdout
+    /// ended), broke the framing, or wrote a frame anyway; true for the
+    /// last, the one case worth a warning. Safe to cancel in a `select!`.
     pub(crate) async fn watch_idle(&mut self) -> bool {
-        matches!(self.stdout.read_frame().await, Ok(Some(_)))
+        matches!(self.read_or_exit().await, Some(Ok(Some(_))))
     }
 
-    /// Ends the worker and reaps it; says how it ended. A worker whose
-    /// stdout already closed gets a moment to exit by itself, so the exit
-    /// code or signal reported is its own, not ours.
+    /// Ends the worker and its process group, and reaps it; says how it
+    /// ended. A worker whose stdout already closed gets a moment to exit by
+    /// itself, so the exit code or signal reported is its own, not ours.
     pub(crate) async fn stop(mut self, graceful: bool) -> String {
         drop(self.stdin);
+        let mut exited = None;
         if graceful {
             if let Ok(Ok(status)) = tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
-                return describe(status);
+                exited = Some(status);
             }
         }
-        let _ = self.child.start_kill();
-        match self.child.wait().await {
+        // Children its jobs left in its group go with it.
+        self.group.kill();
+        let status = match exited {
+            Some(status) => Ok(status),
+            None => {
+                let _ = self.child.start_kill();
+                self.child.wait().await
+            }
+        };
+        self.group.forget();
+        match status {
             Ok(status) => describe(status),
             Err(e) => format!("could not be reaped: {e}"),
         }
+    }
+}
+
+/// A worker's process group (the worker leads it: `process_group(0)`),
+/// SIGKILLed on [`ProcessGroup::kill`] and when dropped unless forgotten.
+///
+/// Killing by group id is safe while the worker is unreaped or any member
+/// is alive: the kernel does not reuse the id of a live group. Once the
+/// group is empty and the worker reaped, a new process could take the id
+/// and lead a group of its own in between, but only after the pid counter
+/// wrapped around, so the group is forgotten once its worker is reaped.
+struct ProcessGroup(Option<Pid>);
+
+impl ProcessGroup {
+    fn of(pid: u32) -> ProcessGroup {
+        // Never 0 (our own group) or 1.
+        match i32::try_from(pid) {
+            Ok(pid) if pid > 1 => ProcessGroup(Some(Pid::from_raw(pid))),
+            _ => ProcessGroup(None),
+        }
+    }
+
+    fn kill(&self) {
+        if let Some(group) = self.0 {
+            // ESRCH: nobody left in it.
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
+
+    fn forget(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `oom_score_adj` a worker gives itself before exec, as the text
+/// written to `/proc/self/oom_score_adj`; formatted in the parent, so the
+/// forked child only has to write it.
+#[derive(Debug, Clone, Copy)]
+struct OomScoreAdj {
+    text: [u8; 8],
+    len: usize,
+}
+
+impl OomScoreAdj {
+    /// [`WORKER_OOM_SCORE_ADJ`] above the server's own value; `None` if
+    /// that cannot be read (no /proc): a worker never goes below it.
+    fn for_worker() -> Option<OomScoreAdj> {
+        let server = std::fs::read_to_string("/proc/self/oom_score_adj").ok()?;
+        let server: i32 = server.trim().parse().ok()?;
+        Some(OomScoreAdj::new(worker_oom_score_adj(server)))
+    }
+
+    fn new(value: i32) -> OomScoreAdj {
+        let shown = value.to_string();
+        let mut text = [0u8; 8];
+        let len = shown.len().min(text.len());
+        text[..len].copy_from_slice(&shown.as_bytes()[..len]);
+        OomScoreAdj { text, len }
+    }
+
+    /// Writes the value for the calling process. Raising it needs no
+    /// privilege; a failure is ignored (the worker runs all the same).
+    /// Async-signal-safe: open, write and close, nothing allocated.
+    fn write_own(&self) {
+        // SAFETY: a NUL-terminated path and a buffer of `len` bytes that
+        // outlive the calls; the fd is ours and closed once.
+        unsafe {
+            let fd = nix::libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                nix::libc::O_WRONLY | nix::libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                nix::libc::write(fd, self.text.as_ptr().cast(), self.len);
+                nix::libc::close(fd);
+            }
+        }
+    }
+}
+
+/// A worker's `oom_score_adj` given the server's: [`WORKER_OOM_SCORE_ADJ`]
+/// higher, and at least that, within the kernel's range (at 1000 the
+/// server is already first in line and they are equal).
+fn worker_oom_score_adj(server: i32) -> i32 {
+    server
+        .saturating_add(WORKER_OOM_SCORE_ADJ)
+        .clamp(WORKER_OOM_SCORE_ADJ, 1000)
+}
+
+/// A worker's stdin that counts the bytes written, so a write cut short
+/// by the worker's exit still tells a job the worker never read from one
+/// it took.
+struct Counted<'a> {
+    pipe: &'a mut ChildStdin,
+    written: usize,
+}
+
+impl AsyncWrite for Counted<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut *self.pipe).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n;
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut *self.pipe).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n;
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.pipe.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.pipe).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.pipe).poll_shutdown(cx)
     }
 }
 
@@ -426,6 +684,27 @@ mod tests {
             worker_pythonpath(Some(OsStr::new("")), cwd),
             OsString::from("/srv/app")
         );
+    }
+
+    #[test]
+    fn workers_rank_above_the_server_for_the_oom_killer() {
+        assert_eq!(worker_oom_score_adj(0), 500);
+        assert_eq!(worker_oom_score_adj(-1000), 500, "never below 500");
+        assert_eq!(worker_oom_score_adj(300), 800);
+        assert_eq!(worker_oom_score_adj(700), 1000);
+        assert_eq!(worker_oom_score_adj(1000), 1000);
+        let text = OomScoreAdj::new(-1000);
+        assert_eq!(&text.text[..text.len], b"-1000");
+    }
+
+    #[test]
+    fn process_group_zero_or_one_is_never_killed() {
+        assert!(ProcessGroup::of(0).0.is_none());
+        assert!(ProcessGroup::of(1).0.is_none());
+        assert!(ProcessGroup::of(u32::MAX).0.is_none());
+        let mut g = ProcessGroup::of(4242);
+        assert_eq!(g.0, Some(Pid::from_raw(4242)));
+        g.forget();
     }
 
     #[test]

@@ -1,0 +1,337 @@
+//! Processes that jobs leave behind. The server is a child subreaper, so a
+//! job's descendant that loses its parent (a double fork, a `setsid`
+//! daemon) is reparented to the server rather than to init; this module
+//! reaps them as they die and kills whatever is left when the server stops.
+//!
+//! tokio reaps the server's own children (the workers) itself, and taking
+//! their exit status would break its `wait`. So every child the server
+//! starts goes through [`spawn`], which records its pid in a registry while
+//! holding the lock that every scan holds too (no child can exist
+//! unregistered while a scan runs), and only children missing from the
+//! registry are waited for here, each by its own pid: never `waitpid(-1)`.
+//!
+//! The subreaper setting is not inherited across `fork` (prctl(2)), so
+//! workers and their children are plain processes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// Pids of the children tokio manages (spawned through [`spawn`] and not
+/// yet dropped): never waited for here.
+static OWN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Least time between two scans for dead orphans: each reads all of
+/// `/proc`, and with `-r` a worker exits after every job.
+const REAP_SPACING: Duration = Duration::from_secs(1);
+/// How long [`sweep`] keeps killing before it gives up (a process stuck in
+/// the kernel cannot be killed; a fork bomb could outrun one round).
+const SWEEP_LIMIT: Duration = Duration::from_secs(5);
+/// Pause between rounds of [`sweep`], for the killed to die.
+const SWEEP_PAUSE: Duration = Duration::from_millis(20);
+
+fn own() -> MutexGuard<'static, BTreeSet<u32>> {
+    // Inserts and removes cannot leave the set half-changed.
+    OWN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes the server the reaper of its orphaned descendants
+/// (`PR_SET_CHILD_SUBREAPER`). Called once at startup, before any child
+/// exists.
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// Keeps a spawned child's pid in the registry until dropped, which the
+/// owner does only once tokio has reaped it (or handed it to tokio's own
+/// queue of dropped children, which tolerates a status taken by us).
+#[derive(Debug)]
+pub(crate) struct Registration(u32);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        own().remove(&self.0);
+    }
+}
+
+/// Spawns `cmd` and registers the child, with scans locked out meanwhile.
+pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, Registration)> {
+    let mut own = own();
+    let child = cmd.spawn()?;
+    let pid = child
+        .id()
+        .ok_or_else(|| io::Error::other("spawned child has no pid"))?;
+    own.insert(pid);
+    Ok((child, Registration(pid)))
+}
+
+/// One process of the system, as `/proc/<pid>/stat` shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    /// Dead and waiting to be reaped.
+    zombie: bool,
+}
+
+/// Every process of the system that can be seen; those that vanish while
+/// `/proc` is read are skipped.
+fn processes() -> io::Result<Vec<Proc>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) {
+            if let Some(p) = parse_stat(pid, &stat) {
+                found.push(p);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `pid (comm) S ppid ...`: comm may hold spaces and parentheses, so the
+/// fields are counted from its last `)`.
+fn parse_stat(pid: i32, stat: &[u8]) -> Option<Proc> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(stat.get(close + 1..)?).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some(Proc {
+        pid,
+        ppid,
+        zombie: state == "Z" || state == "X",
+    })
+}
+
+/// The descendants of `root` in `table`, parents before their children.
+fn descendants(table: &[Proc], root: i32) -> Vec<Proc> {
+    let mut children: HashMap<i32, Vec<Proc>> = HashMap::new();
+    for p in table {
+        children.entry(p.ppid).or_default().push(*p);
+    }
+    let mut out = Vec::new();
+    let mut next = vec![root];
+    while let Some(parent) = next.pop() {
+        for child in children.get(&parent).into_iter().flatten() {
+            // A pid 0 or a loop cannot occur in a consistent table; a torn
+            // read of /proc must not make this spin.
+            if child.pid > 0 && child.pid != root && out.len() < table.len() {
+                out.push(*child);
+                next.push(child.pid);
+            }
+        }
+    }
+    out
+}
+
+/// Reaps `pid` if it is dead; true if it was.
+fn reap(pid: i32) -> bool {
+    match waitpid(
+        Pid::from_raw(pid),
+        Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+    ) {
+        Ok(WaitStatus::StillAlive) => false,
+        Ok(status) => {
+            let how = match status {
+                WaitStatus::Exited(_, code) => format!("exit code {code}"),
+                WaitStatus::Signaled(_, signal, _) => format!("killed by {signal}"),
+                other => format!("{other:?}"),
+            };
+            log::debug!("reaped pid {pid}, left behind by a job ({how})");
+            true
+        }
+        // Not our child (any more): nothing to reap.
+        Err(_) => false,
+    }
+}
+
+/// Reaps the dead among the server's children that tokio does not manage:
+/// orphans reparented to the server. Returns how many were reaped.
+pub fn reap_orphans() -> usize {
+    let me = std::process::id() as i32;
+    let own = own();
+    let Ok(table) = processes() else {
+        return 0;
+    };
+    table
+        .iter()
+        .filter(|p| p.ppid == me && p.zombie && !own.contains(&(p.pid as u32)))
+        .filter(|p| reap(p.pid))
+        .count()
+}
+
+/// Runs for as long as the server: after every `SIGCHLD` (at most one
+/// scan per [`REAP_SPACING`]), reaps the orphans that died, so their
+/// zombies never pile up.
+pub async fn reap_orphans_forever() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigchld = match signal(SignalKind::child()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot watch SIGCHLD ({e}); processes left by jobs are reaped at exit");
+            return;
+        }
+    };
+    while sigchld.recv().await.is_some() {
+        reap_orphans();
+        // Signals that arrive meanwhile are folded into one wake-up.
+        tokio::time::sleep(REAP_SPACING).await;
+    }
+}
+
+/// Kills every descendant of the server and reaps those that are not
+/// tokio's: at exit, after the workers were stopped, so that nothing a
+/// job started (in the worker's process group or out of it) outlives the
+/// server. Killing a process reparents its children to the server, so this
+/// goes round until no descendant is left, for at most [`SWEEP_LIMIT`].
+/// Returns how many processes it killed.
+pub async fn sweep() -> usize {
+    let me = std::process::id() as i32;
+    let started = Instant::now();
+    let mut killed = BTreeSet::new();
+    loop {
+        let left = {
+            let own = own();
+            let Ok(table) = processes() else {
+                log::error!("cannot read /proc: processes left by jobs may outlive the server");
+                return killed.len();
+            };
+            let left: Vec<Proc> = descendants(&table, me)
+                .into_iter()
+                // tokio reaps its own; a dead one of those is not left over.
+                .filter(|p| !(p.zombie && own.contains(&(p.pid as u32))))
+                .collect();
+            for p in &left {
+                if !p.zombie && kill(Pid::from_raw(p.pid), Signal::SIGKILL).is_ok() {
+                    killed.insert(p.pid);
+                }
+                if p.ppid == me && !own.contains(&(p.pid as u32)) {
+                    reap(p.pid);
+                }
+            }
+            left
+        };
+        if left.is_empty() {
+            break;
+        }
+        if started.elapsed() >= SWEEP_LIMIT {
+            let pids: Vec<i32> = left.iter().map(|p| p.pid).collect();
+            log::error!("processes left by jobs did not die within {SWEEP_LIMIT:?}: {pids:?}");
+            break;
+        }
+        tokio::time::sleep(SWEEP_PAUSE).await;
+    }
+    if !killed.is_empty() {
+        log::info!(
+            "killed {} processes left running by jobs: {:?}",
+            killed.len(),
+            killed
+        );
+    }
+    killed.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pid: i32, ppid: i32) -> Proc {
+        Proc {
+            pid,
+            ppid,
+            zombie: false,
+        }
+    }
+
+    #[test]
+    fn stat_lines_are_read_past_a_tricky_comm() {
+        let line = b"4242 (a) b (c)) Z 17 4242 4242 0 -1 4194560";
+        assert_eq!(
+            parse_stat(4242, line),
+            Some(Proc {
+                pid: 4242,
+                ppid: 17,
+                zombie: true
+            })
+        );
+        assert_eq!(parse_stat(1, b"1 (init) S 0 1 1"), Some(p(1, 0)));
+        assert_eq!(parse_stat(1, b"garbage"), None);
+        assert_eq!(parse_stat(1, b"1 (x)"), None);
+    }
+
+    #[test]
+    fn descendants_are_found_at_any_depth_and_only_below_the_root() {
+        let table = [
+            p(1, 0),
+            p(10, 1),
+            p(11, 10),
+            p(12, 11),
+            p(13, 10),
+            p(20, 1),
+            p(21, 20),
+        ];
+        let mut found: Vec<i32> = descendants(&table, 10).iter().map(|p| p.pid).collect();
+        found.sort();
+        assert_eq!(found, [11, 12, 13]);
+        assert!(descendants(&table, 12).is_empty());
+        // A torn read that shows a cycle ends all the same.
+        let cycle = [p(5, 6), p(6, 5)];
+        assert!(descendants(&cycle, 5).len() <= cycle.len());
+    }
+
+    fn wait_zombie(pid: u32) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !processes()
+            .unwrap()
+            .iter()
+            .any(|p| p.pid == pid as i32 && p.zombie)
+        {
+            assert!(Instant::now() < deadline, "pid {pid} never exited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    // The only test here that starts processes: another one running at the
+    // same time could have its children reaped.
+    #[tokio::test]
+    async fn orphans_are_reaped_and_tokios_children_are_left_to_tokio() {
+        let (mut ours, registered) = spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
+        let mut foreign = std::process::Command::new("/bin/sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        wait_zombie(ours.id().unwrap());
+        wait_zombie(foreign.id());
+        assert_eq!(reap_orphans(), 1, "only the unregistered child");
+        assert!(!processes()
+            .unwrap()
+            .iter()
+            .any(|p| p.pid == foreign.id() as i32));
+        assert!(foreign.wait().is_err(), "its status was taken here");
+        assert_eq!(ours.wait().await.unwrap().code(), Some(7));
+        drop(registered);
+        assert!(!own().contains(&foreign.id()));
+    }
+
+    #[test]
+    fn this_process_is_in_the_table() {
+        let me = std::process::id() as i32;
+        let table = processes().unwrap();
+        let mine = table.iter().find(|p| p.pid == me).expect("self in /proc");
+        assert_eq!(mine.ppid, nix::unistd::getppid().as_raw());
+        assert!(!mine.zombie);
+    }
+}
