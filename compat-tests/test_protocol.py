@@ -7,7 +7,7 @@ import os
 import string
 
 import ppwire
-from pphelpers import CLIENT_VERSION, setup_or_fail, start_server, stop_server
+from pphelpers import CLIENT_VERSION, IMPL, setup_or_fail, start_server, stop_server
 
 
 def square(x):
@@ -86,21 +86,30 @@ def test_exec_new_then_cached_packages(ppserver):
         sock.close()
 
 
-def test_unknown_hash_closes_only_that_connection(pp_client, ppserver):
-    """H + a hash the connection never sent as N: the server closes that
-    connection; a ppft client and another raw connection keep working."""
+def test_unknown_hash_fails_only_that_job(pp_client, ppserver):
+    """H + a hash the connection never sent as N: ppft's server closes that
+    connection; this one answers the job with None and the reason and the
+    connection goes on (pp 1.7.0's client, which keeps its send cache when
+    it reconnects, would resend that H forever). Either way a ppft client
+    and another raw connection keep working."""
     assert pp_client.submit(square, (7,))() == 49
 
+    add = ppwire.function_package("add", [ADD_SOURCE])
     bad = ppwire.open_session(ppserver.host, ppserver.port, ppserver.secret, "EXEC")
     try:
         unknown = hashlib.md5(os.urandom(32)).hexdigest()
         ppwire.send_frame(bad, b"H" + unknown.encode("ascii"))
         ppwire.send_frame(bad, ppwire.pickled_args((1, 2)))
-        assert ppwire.is_closed(bad), "server answered an unknown package hash"
+        if IMPL == "python":
+            assert ppwire.is_closed(bad), "ppft's server answered an unknown package hash"
+        else:
+            result, text = ppwire.recv_result(bad)
+            assert result is None and "unknown package" in text, text
+            ppwire.send_job(bad, add, (1, 2))
+            assert ppwire.recv_result(bad)[0] == 3, "the connection goes on"
     finally:
         bad.close()
 
-    add = ppwire.function_package("add", [ADD_SOURCE])
     good = ppwire.open_session(ppserver.host, ppserver.port, ppserver.secret, "EXEC")
     try:
         ppwire.send_job(good, add, (20, 22))
