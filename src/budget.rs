@@ -84,7 +84,6 @@ impl Budget {
     }
 
     /// Bytes reserved now.
-    #[cfg(test)]
     pub(crate) fn used(&self) -> usize {
         self.lock().used
     }

@@ -185,6 +185,12 @@ impl PackageCache {
         package
     }
 
+    /// Packages held and their bytes.
+    pub(crate) fn usage(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.packages.len(), inner.bytes)
+    }
+
     /// Drops unused packages (no connection or job holds them), oldest
     /// first, until `bytes` are freed; returns the bytes freed. For the
     /// memory budget when a frame waits for room.

@@ -94,6 +94,9 @@ pub struct Config {
     /// Bytes the server may hold for client frames, jobs, packages and
     /// results (`--memory-limit`); see [`crate::budget`].
     pub memory_limit: usize,
+    /// Where `/metrics` and `/status` are served (`--metrics`); off if
+    /// `None`.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Replace a worker after it has run this many jobs, between jobs
     /// (`--max-jobs-per-worker`); 0: never.
     pub max_jobs_per_worker: u64,
@@ -133,6 +136,7 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: crate::shutdown::DEFAULT_DRAIN_TIMEOUT,
             memory_limit: crate::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
+            metrics: None,
             max_jobs_per_worker: 0,
             keep_abandoned: false,
             notes: Vec::new(),
@@ -259,6 +263,7 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [--max-frame-size BYTES] [--max-connections N]
                 [--ready-file PATH] [--drain-timeout SECONDS] [--memory-limit SIZE]
                 [--max-jobs-per-worker N] [--keep-abandoned]
+                [--metrics ADDR:PORT]
 
 Options:
 -h                 : this help message
@@ -313,6 +318,8 @@ Options:
                      (for leaky extensions; default 0: never)
 --keep-abandoned   : let a running job whose client left finish, as ppft
                      does (default: stop its worker and start a fresh one)
+--metrics ADDR:PORT: serve Prometheus metrics at http://ADDR:PORT/metrics and
+                     a summary at /status (default: off)
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).
@@ -344,6 +351,7 @@ enum Setting {
     ReadyFile,
     DrainTimeout,
     MemoryLimit,
+    Metrics,
     MaxJobsPerWorker,
     KeepAbandoned,
     Autodiscovery,
@@ -369,6 +377,7 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "memory_limit", Setting::MemoryLimit),
     ("general", "max_jobs_per_worker", Setting::MaxJobsPerWorker),
     ("general", "keep_abandoned", Setting::KeepAbandoned),
+    ("network", "metrics", Setting::Metrics),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
@@ -490,6 +499,12 @@ fn apply(
         }
         Setting::MaxJobsPerWorker => cfg.max_jobs_per_worker = number(name, value)?,
         Setting::KeepAbandoned => cfg.keep_abandoned = boolean(name, value)?,
+        Setting::Metrics => {
+            cfg.metrics =
+                Some(value.trim().parse().map_err(|_| {
+                    invalid(name, value, "expected ADDRESS:PORT, e.g. 127.0.0.1:9464")
+                })?)
+        }
         Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
         Setting::Interface => {
             if value.is_empty() {
@@ -729,6 +744,7 @@ where
             Short('P') => ("-P", Setting::PidFile),
             Long("drain-timeout") => ("--drain-timeout", Setting::DrainTimeout),
             Long("memory-limit") => ("--memory-limit", Setting::MemoryLimit),
+            Long("metrics") => ("--metrics", Setting::Metrics),
             Value(v) => return Err(lexopt::Error::UnexpectedArgument(v).into()),
             _ => return Err(arg.unexpected().into()),
         };

@@ -19,6 +19,7 @@
 //! - [`reaper`]: what jobs leave behind: orphaned descendants reaped, and
 //!   all killed when the server stops;
 //! - [`stats`]: job counts and times; [`pickle`]: the failure result we write;
+//! - [`metrics`]: Prometheus metrics and the status page (`--metrics`);
 //! - [`ratelimit`]: warnings about peers, limited so floods cannot bury the log;
 //! - [`discovery`]: UDP autodiscovery (`-a`);
 //! - [`runfiles`]: the pid file (`-P`) and ready file (`--ready-file`);
@@ -37,6 +38,7 @@ mod inifile;
 mod install;
 pub mod logfmt;
 pub mod logsink;
+mod metrics;
 mod pickle;
 mod pool;
 mod ratelimit;

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use crate::cache::WorkerCache;
+use crate::metrics::metrics;
 use crate::scheduler::{Job, Scheduler};
 use crate::stats::Stats;
 use crate::worker::{Outcome, Worker, WorkerSpec};
@@ -89,6 +90,7 @@ pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
                         .scheduler
                         .fail_queued_if_no_workers(&crate::pickle::none_with_text(&text));
                     if answered > 0 {
+                        metrics().server_answered_n("no_worker", answered);
                         log::error!(
                             "{answered} queued jobs answered with an error: no worker is running"
                         );
@@ -108,12 +110,15 @@ pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
                 worker.stop(false).await;
                 return;
             }
-            Ended::Replace => {
+            Ended::Replace { cause } => {
+                metrics().worker_restart(cause);
                 let pid = worker.pid;
                 let how = worker.stop(true).await;
                 log::debug!("slot {slot}: worker pid {pid} replaced ({how})");
             }
             Ended::Abandoned { job } => {
+                metrics().worker_restart("abandoned");
+                metrics().dropped("abandoned");
                 let pid = worker.pid;
                 let how = worker.stop(false).await;
                 log::debug!(
@@ -123,6 +128,7 @@ pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
                 );
             }
             Ended::Died { job, refused } => {
+                metrics().worker_restart("died");
                 let pid = worker.pid;
                 let how = match refused {
                     // The worker is alive but out of step: stop it now.
@@ -140,6 +146,7 @@ pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
                 }
             }
             Ended::NotStarted { job } => {
+                metrics().worker_restart("died");
                 let pid = worker.pid;
                 let how = worker.stop(true).await;
                 log::warn!(
@@ -160,7 +167,10 @@ enum Ended {
     Shutdown,
     /// `-r`, `--max-jobs-per-worker`, or the worker said it is exiting:
     /// replace it.
-    Replace,
+    Replace {
+        /// Why, as counted in the metrics.
+        cause: &'static str,
+    },
     /// The client of the running `job` left: stop the worker now.
     Abandoned {
         /// Nobody waits for its answer.
@@ -219,6 +229,7 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
         cache = back;
         if job.is_abandoned() {
             // Handed straight to this worker, and its client left since.
+            metrics().dropped("abandoned");
             log::debug!(
                 "job {} dropped: its client went away before it started",
                 job.id
@@ -227,6 +238,10 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
         }
         let started = Instant::now();
         let _running = ctx.stats.running();
+        metrics()
+            .job_queue_wait_seconds
+            .observe(job.submitted.elapsed().as_secs_f64());
+        let _shown = metrics().job_started(job.id, worker.pid);
         let Job {
             package,
             args,
@@ -243,6 +258,10 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
         match outcome {
             Outcome::Answered(result) => {
                 ctx.stats.record_job(started.elapsed());
+                metrics().jobs_answered.inc();
+                metrics()
+                    .job_run_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 if job.reply.send(result).is_err() {
                     log::debug!("job {}: client gone, result discarded", job.id);
                 }
@@ -252,10 +271,17 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
                         "slot {slot}: worker pid {} ran {answered} jobs (--max-jobs-per-worker)",
                         worker.pid
                     );
-                    return Ended::Replace;
+                    return Ended::Replace { cause: "max_jobs" };
                 }
-                if ctx.spec.restart || worker.exiting {
-                    return Ended::Replace;
+                if worker.exiting {
+                    return Ended::Replace {
+                        cause: "worker_exiting",
+                    };
+                }
+                if ctx.spec.restart {
+                    return Ended::Replace {
+                        cause: "restart_flag",
+                    };
                 }
             }
             Outcome::Died { refused } => {
@@ -287,6 +313,7 @@ fn answer_died(job: Job, pid: u32, how: &str) {
         "ppserver: the worker process (pid {pid}) running this job died ({how}); \
          the job was not retried\n"
     );
+    metrics().server_answered("worker_died");
     job.fail(&text);
 }
 
@@ -302,6 +329,7 @@ fn retry_or_answer(mut job: Job, pid: u32, how: &str) -> Option<Job> {
          receiving it (last: pid {pid}, {how})\n",
         MAX_START_ATTEMPTS
     );
+    metrics().server_answered("not_started");
     job.fail(&text);
     None
 }
@@ -321,6 +349,7 @@ mod tests {
             args: Bytes::new(),
             reply: tx,
             attempts: 0,
+            submitted: Instant::now(),
             _held: crate::budget::Reservation::none(),
         };
         for _ in 1..MAX_START_ATTEMPTS {

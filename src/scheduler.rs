@@ -32,6 +32,8 @@ pub(crate) struct Job {
     pub reply: oneshot::Sender<Bytes>,
     /// How many workers were found dead before they could start this job.
     pub attempts: u8,
+    /// When the session submitted it, for the queue-wait metric.
+    pub submitted: std::time::Instant,
     /// The arguments' bytes in the memory budget, given back when the job
     /// is done (answered, or dropped because its client left).
     pub _held: Reservation,
@@ -151,6 +153,7 @@ impl Scheduler {
         let mut st = self.lock();
         while let Some(job) = st.queue.pop_front() {
             if job.is_abandoned() {
+                crate::metrics::metrics().dropped("abandoned");
                 log::debug!(
                     "job {} dropped: its client went away before it started",
                     job.id
@@ -169,6 +172,11 @@ impl Scheduler {
         self.live_workers.fetch_add(1, Ordering::Relaxed);
         self.worker_started.notify_waiters();
         LiveWorker(&self.live_workers)
+    }
+
+    /// Worker processes up now.
+    pub(crate) fn live_workers(&self) -> usize {
+        self.live_workers.load(Ordering::Relaxed)
     }
 
     /// Completes once at least one worker is up (at once if one is).
@@ -204,7 +212,6 @@ impl Scheduler {
     }
 
     /// Number of jobs waiting for a worker.
-    #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         self.lock().queue.len()
     }
@@ -260,6 +267,7 @@ mod tests {
                 args: Bytes::new(),
                 reply: tx,
                 attempts: 0,
+                submitted: std::time::Instant::now(),
                 _held: Reservation::none(),
             },
             rx,

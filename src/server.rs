@@ -51,6 +51,11 @@ pub enum StartError {
     DiscoveryNeedsIpv4 { addr: SocketAddr },
     /// The autodiscovery UDP port cannot be bound.
     Discovery { port: u16, source: std::io::Error },
+    /// The metrics address (`--metrics`) cannot be bound.
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for StartError {
@@ -66,6 +71,9 @@ impl std::fmt::Display for StartError {
                 "autodiscovery (-a) works over IPv4 broadcast, but the server listens on \
                  {addr}; give -i an IPv4 address"
             ),
+            StartError::Metrics { addr, source } => {
+                write!(f, "cannot serve metrics on {addr} (--metrics): {source}")
+            }
             StartError::Discovery { port, source } => {
                 write!(f, "cannot bind the autodiscovery UDP port {port}: {source}")
             }
@@ -77,7 +85,9 @@ impl std::error::Error for StartError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StartError::Worker(e) => Some(e),
-            StartError::Bind { source, .. } | StartError::Discovery { source, .. } => Some(source),
+            StartError::Bind { source, .. }
+            | StartError::Discovery { source, .. }
+            | StartError::Metrics { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -99,6 +109,8 @@ pub struct Server {
     workers_count: usize,
     /// The autodiscovery service, if `-a`.
     discovery: Option<Discovery>,
+    /// The `--metrics` listener, if any.
+    metrics: Option<TcpListener>,
     /// `--ready-file`: written once a worker is up.
     ready_file: Option<PathBuf>,
     /// The client connections' tasks, for the drain.
@@ -146,6 +158,15 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         Some(d)
     } else {
         None
+    };
+
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(
+            crate::metrics::bind(addr)
+                .await
+                .map_err(|source| StartError::Metrics { addr, source })?,
+        ),
+        None => None,
     };
 
     let scheduler = Arc::new(Scheduler::default());
@@ -203,6 +224,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         idle_exit: cfg.idle_exit,
         workers_count: cfg.workers,
         discovery,
+        metrics,
         ready_file: cfg.ready_file.clone(),
         sessions: JoinSet::new(),
         drain_timeout: cfg.drain_timeout,
@@ -249,6 +271,10 @@ impl Server {
     /// [`crate::shutdown`]), then stops and reaps every worker.
     pub async fn run(mut self, mut stops: StopRequests) {
         let discovery = self.discovery.take().map(|d| tokio::spawn(d.run()));
+        let metrics = self
+            .metrics
+            .take()
+            .map(|l| tokio::spawn(crate::metrics::serve(l, self.ctx.clone())));
         let idle_exit = idle_exit(self.idle_exit, self.ctx.clone());
         tokio::pin!(idle_exit);
         let mut usr1 =
@@ -284,6 +310,7 @@ impl Server {
                         warn_default_secret_now();
                     }
                     let Some(admitted) = self.ctx.connections.admit() else {
+                        crate::metrics::metrics().refused("max_connections");
                         log::warn!("{peer}: too many connections (--max-connections); closed");
                         continue;
                     };
@@ -313,6 +340,10 @@ impl Server {
             &mut stops,
         )
         .await;
+        // Metrics stay up through the drain, which they show.
+        if let Some(m) = metrics {
+            m.abort();
+        }
         log::info!("shutting down: stopping workers");
         let _ = self.stop.send(true);
         self.ctx.scheduler.close();

@@ -30,6 +30,7 @@ use crate::budget::{Budget, Reservation, Use};
 use crate::cache::{Package, PackageCache, PackageHash, UnknownPackage, PACKAGE_CACHE_BUDGET};
 use crate::config::Config;
 use crate::connections::Connections;
+use crate::metrics::{metrics, ConnKind, ConnectionGuard, Counted};
 use crate::ratelimit::{warn_limited, PerAddress};
 use crate::scheduler::{Job, Scheduler};
 use crate::shutdown::{DrainSwitch, Draining};
@@ -55,7 +56,7 @@ pub struct SessionContext {
     /// The shared secret.
     secret: String,
     /// Workers in the pool, as told to STAT connections.
-    workers: usize,
+    pub(crate) workers: usize,
     /// Limit on frames after authentication.
     max_frame: usize,
     /// How long a connection may wait for the client's next frame.
@@ -65,7 +66,7 @@ pub struct SessionContext {
     /// Job counters for STAT.
     pub(crate) stats: Arc<Stats>,
     /// Function packages clients have sent.
-    packages: PackageCache,
+    pub(crate) packages: PackageCache,
     /// Source of job numbers for log lines.
     next_job_id: AtomicU64,
     /// The connection cap and the clients `-t` watches.
@@ -75,7 +76,7 @@ pub struct SessionContext {
     /// Tells sessions the server is draining: they close once idle.
     pub(crate) drain: DrainSwitch,
     /// The memory budget client frames are admitted against.
-    budget: Arc<Budget>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 impl SessionContext {
@@ -152,7 +153,7 @@ pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<SessionCon
     // Answers go out as single writes; Nagle would only delay them.
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(&stream).set_tcp_quickack(true);
-    serve_stream(QuickAck(stream), peer, &ctx).await;
+    serve_stream(Counted(QuickAck(stream)), peer, &ctx).await;
 }
 
 /// Serves a connection over any byte stream (TCP in the server, in-memory
@@ -167,6 +168,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         peer,
         ctx,
         draining: ctx.drain.watch(),
+        shown: metrics().connection(peer.ip(), ConnKind::PreAuth),
     };
     match session.run().await {
         Ok(()) => log::debug!("{peer}: connection closed"),
@@ -207,6 +209,8 @@ struct Session<'a, S> {
     /// Whether the server is draining: then the session ends as soon as
     /// it has no job pending.
     draining: Draining,
+    /// This connection in the metrics, by kind.
+    shown: ConnectionGuard,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
@@ -221,8 +225,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         self.conn.set_write_stall(self.ctx.socket_timeout);
         let _client = self.ctx.connections.client();
         match &kind[..] {
-            b"STAT" => self.stat().await,
-            b"EXEC" => self.exec().await,
+            b"STAT" => {
+                self.shown.become_kind(ConnKind::Stat);
+                self.stat().await
+            }
+            b"EXEC" => {
+                self.shown.become_kind(ConnKind::Exec);
+                self.exec().await
+            }
             other => Err(SessionError::UnknownType(
                 String::from_utf8_lossy(&other[..other.len().min(16)]).into_owned(),
             )),
@@ -242,6 +252,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .ok_or(SessionError::Closed(BEFORE_ANSWER))?;
         if !auth::answer_matches(&expected, &answer) {
             // Best effort: the client may already be gone.
+            metrics().failed_logins.inc();
             let _ = self.conn.write_frame(b"FAILED").await;
             return Err(SessionError::AuthFailed);
         }
@@ -337,6 +348,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 }
             };
             let id = self.ctx.next_job_id.fetch_add(1, Ordering::Relaxed);
+            metrics().jobs_received.inc();
             let (reply, result) = oneshot::channel();
             self.ctx.scheduler.submit(Job {
                 id,
@@ -344,6 +356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 args,
                 reply,
                 attempts: 0,
+                submitted: std::time::Instant::now(),
                 _held: held,
             });
             log::trace!("{peer}: job {id} submitted");
@@ -370,7 +383,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     self.conn.write_frame(&frame).await?;
                 }
                 // The pool dropped the job: the server is shutting down.
-                Err(_) => return Ok(()),
+                Err(_) => {
+                    metrics().dropped("shutdown");
+                    return Ok(());
+                }
             }
         }
     }
@@ -379,6 +395,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// clients expect of a failed job. Closing the connection instead
     /// would make the client resend the same job forever.
     async fn refuse(&mut self, why: Refused) -> Result<(), SessionError> {
+        metrics().jobs_received.inc();
+        metrics().server_answered(match &why {
+            Refused::UnknownPackage(_) => "unknown_package",
+            Refused::TooLarge(..) => "oversize",
+        });
         let text = match &why {
             Refused::UnknownPackage(e) => format!(
                 "ppserver: {e}: the server no longer holds this function package \
@@ -492,6 +513,7 @@ mod tests {
             peer: "127.0.0.1:9".parse().unwrap(),
             ctx,
             draining: ctx.drain.watch(),
+            shown: metrics().connection("127.0.0.1".parse().unwrap(), ConnKind::PreAuth),
         }
     }
 

@@ -1,0 +1,757 @@
+//! What the server is doing, for its operator: Prometheus metrics at
+//! `/metrics` and a plain-text summary at `/status`, served on
+//! `--metrics ADDR:PORT` (off by default).
+//!
+//! Counters and histograms live in one process-wide [`Metrics`], updated
+//! where things happen (sessions, the pool, the accept loop) with atomic
+//! operations only; levels that are cheaper to read than to track (queue
+//! length, cache size, memory held) are read from their owners when a page
+//! is asked for. The pages are rendered on the server's own runtime: a
+//! scrape costs microseconds, so it answers while every worker is busy and
+//! never holds up job traffic.
+//!
+//! `/status` rather than a `--status-file`: it is always current, costs
+//! nothing when nobody looks, writes nothing to disk, and is reachable
+//! exactly where the metrics are.
+//!
+//! The HTTP side is a minimal HTTP/1.0-style responder for two GET paths:
+//! one request per connection, a bounded request head and a timeout, so a
+//! stray or slow peer costs one small task. (A full HTTP stack would bring
+//! many crates for two fixed pages.)
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::session::SessionContext;
+
+/// Labels of a family: one `(name, value)` pair.
+type Label = Vec<(&'static str, &'static str)>;
+
+/// Why connections are refused, as labelled.
+const REFUSALS: &[&str] = &["max_connections"];
+
+/// How long a metrics client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read; the two pages need only the first line.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// Every counter, histogram and tracked level, process-wide.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    /// Jobs whose two frames were received from a client.
+    pub jobs_received: Counter,
+    /// Jobs answered with the worker's own result (an exception inside a
+    /// job is such a result).
+    pub jobs_answered: Counter,
+    /// Jobs the server answered itself, `(None, reason)`, by reason.
+    pub jobs_server_answered: Family<Label, Counter>,
+    /// Jobs dropped with no answer, by reason (their client left).
+    pub jobs_dropped: Family<Label, Counter>,
+    /// Seconds a job ran on its worker.
+    pub job_run_seconds: Histogram,
+    /// Seconds a job waited for a worker.
+    pub job_queue_wait_seconds: Histogram,
+    /// Jobs on a worker now.
+    pub jobs_running: Gauge,
+    /// Jobs waiting for a worker (read when a page is asked for).
+    jobs_queued: Gauge,
+    /// Workers busy and idle (read when a page is asked for).
+    workers: Family<Label, Gauge>,
+    /// Workers replaced, by cause.
+    pub worker_restarts: Family<Label, Counter>,
+    /// Connections open now, by kind: pre-auth, STAT, EXEC.
+    pub connections: Family<Label, Gauge>,
+    /// Connections refused, by reason.
+    pub connections_refused: Family<Label, Counter>,
+    /// Wrong answers to the handshake's nonce.
+    pub failed_logins: Counter,
+    /// Bytes received from clients, frame headers included.
+    pub received_bytes: Counter,
+    /// Bytes sent to clients, frame headers included.
+    pub sent_bytes: Counter,
+    /// Function packages cached, and their bytes (read when asked).
+    package_cache_entries: Gauge,
+    package_cache_bytes: Gauge,
+    /// Bytes held in the memory budget, and its limit (read when asked).
+    memory_held_bytes: Gauge,
+    memory_limit_bytes: Gauge,
+    /// Open client connections per source address, for `/status`.
+    clients: Mutex<HashMap<IpAddr, [usize; 3]>>,
+    /// Jobs on a worker now, for `/status`.
+    running: Mutex<HashMap<u64, RunningJob>>,
+    /// When the server started.
+    started: Instant,
+}
+
+/// A job on a worker, as `/status` shows it.
+#[derive(Debug, Clone)]
+struct RunningJob {
+    /// The worker's pid.
+    pid: u32,
+    /// When it started there.
+    since: Instant,
+}
+
+/// The kinds of client connection, as labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnKind {
+    PreAuth,
+    Stat,
+    Exec,
+}
+
+impl ConnKind {
+    fn label(self) -> &'static str {
+        match self {
+            ConnKind::PreAuth => "pre-auth",
+            ConnKind::Stat => "stat",
+            ConnKind::Exec => "exec",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The process's metrics.
+pub(crate) fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| Metrics::new().with_known_labels())
+}
+
+fn label(name: &'static str, value: &'static str) -> Label {
+    vec![(name, value)]
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        // 1 ms to about 9 hours: tiny jobs and long ones alike.
+        let seconds = || Histogram::new(exponential_buckets(0.001, 4.0, 13));
+        Metrics {
+            jobs_received: Counter::default(),
+            jobs_answered: Counter::default(),
+            jobs_server_answered: Family::default(),
+            jobs_dropped: Family::default(),
+            job_run_seconds: seconds(),
+            job_queue_wait_seconds: seconds(),
+            jobs_running: Gauge::default(),
+            jobs_queued: Gauge::default(),
+            workers: Family::default(),
+            worker_restarts: Family::default(),
+            connections: Family::default(),
+            connections_refused: Family::default(),
+            failed_logins: Counter::default(),
+            received_bytes: Counter::default(),
+            sent_bytes: Counter::default(),
+            package_cache_entries: Gauge::default(),
+            package_cache_bytes: Gauge::default(),
+            memory_held_bytes: Gauge::default(),
+            memory_limit_bytes: Gauge::default(),
+            clients: Mutex::default(),
+            running: Mutex::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Every label value the server uses, at zero, so a series exists
+    /// (and graphs and alerts see 0) before the first event.
+    fn with_known_labels(self) -> Metrics {
+        for reason in [
+            "worker_died",
+            "not_started",
+            "no_worker",
+            "oversize",
+            "unknown_package",
+            "job_timeout",
+        ] {
+            drop(
+                self.jobs_server_answered
+                    .get_or_create(&label("reason", reason)),
+            );
+        }
+        for reason in ["abandoned", "shutdown"] {
+            drop(self.jobs_dropped.get_or_create(&label("reason", reason)));
+        }
+        for cause in [
+            "died",
+            "abandoned",
+            "max_jobs",
+            "worker_exiting",
+            "restart_flag",
+            "job_timeout",
+        ] {
+            drop(self.worker_restarts.get_or_create(&label("cause", cause)));
+        }
+        for reason in REFUSALS {
+            drop(
+                self.connections_refused
+                    .get_or_create(&label("reason", reason)),
+            );
+        }
+        self
+    }
+
+    fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("ppserver");
+        r.register(
+            "jobs_received",
+            "Jobs received from clients",
+            self.jobs_received.clone(),
+        );
+        r.register(
+            "jobs_answered",
+            "Jobs answered with their worker's result",
+            self.jobs_answered.clone(),
+        );
+        r.register(
+            "jobs_server_answered",
+            "Jobs the server answered itself with (None, reason), by reason",
+            self.jobs_server_answered.clone(),
+        );
+        r.register(
+            "jobs_dropped",
+            "Jobs dropped unanswered because their client left, by reason",
+            self.jobs_dropped.clone(),
+        );
+        r.register_with_unit(
+            "job_run",
+            "Time jobs ran on a worker",
+            Unit::Seconds,
+            self.job_run_seconds.clone(),
+        );
+        r.register_with_unit(
+            "job_queue_wait",
+            "Time jobs waited for a worker",
+            Unit::Seconds,
+            self.job_queue_wait_seconds.clone(),
+        );
+        r.register(
+            "jobs_running",
+            "Jobs on a worker now",
+            self.jobs_running.clone(),
+        );
+        r.register(
+            "jobs_queued",
+            "Jobs waiting for a worker",
+            self.jobs_queued.clone(),
+        );
+        r.register(
+            "workers",
+            "Worker processes, by state",
+            self.workers.clone(),
+        );
+        r.register(
+            "worker_restarts",
+            "Workers replaced, by cause",
+            self.worker_restarts.clone(),
+        );
+        r.register(
+            "connections",
+            "Client connections open now, by kind",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Client connections refused, by reason",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "failed_logins",
+            "Wrong answers to the handshake",
+            self.failed_logins.clone(),
+        );
+        r.register_with_unit(
+            "received",
+            "Bytes received from clients",
+            Unit::Bytes,
+            self.received_bytes.clone(),
+        );
+        r.register_with_unit(
+            "sent",
+            "Bytes sent to clients",
+            Unit::Bytes,
+            self.sent_bytes.clone(),
+        );
+        r.register(
+            "package_cache_entries",
+            "Function packages cached",
+            self.package_cache_entries.clone(),
+        );
+        r.register_with_unit(
+            "package_cache",
+            "Bytes of function packages cached",
+            Unit::Bytes,
+            self.package_cache_bytes.clone(),
+        );
+        r.register_with_unit(
+            "memory_held",
+            "Bytes held for client frames, jobs, packages and results (--memory-limit)",
+            Unit::Bytes,
+            self.memory_held_bytes.clone(),
+        );
+        r.register_with_unit(
+            "memory_limit",
+            "The memory budget (--memory-limit)",
+            Unit::Bytes,
+            self.memory_limit_bytes.clone(),
+        );
+        r
+    }
+
+    /// Counts a job answered by the server itself, for `reason`.
+    pub(crate) fn server_answered(&self, reason: &'static str) {
+        self.jobs_server_answered
+            .get_or_create(&label("reason", reason))
+            .inc();
+    }
+
+    /// Counts `n` jobs answered by the server itself, for `reason`.
+    pub(crate) fn server_answered_n(&self, reason: &'static str, n: usize) {
+        self.jobs_server_answered
+            .get_or_create(&label("reason", reason))
+            .inc_by(n as u64);
+    }
+
+    /// Counts a job dropped unanswered, for `reason`.
+    pub(crate) fn dropped(&self, reason: &'static str) {
+        self.jobs_dropped
+            .get_or_create(&label("reason", reason))
+            .inc();
+    }
+
+    /// Counts a worker replaced, for `cause`.
+    pub(crate) fn worker_restart(&self, cause: &'static str) {
+        self.worker_restarts
+            .get_or_create(&label("cause", cause))
+            .inc();
+    }
+
+    /// Counts a connection refused, for `reason`.
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&label("reason", reason))
+            .inc();
+    }
+
+    /// Counts a connection from `peer` of `kind` until the guard drops.
+    pub(crate) fn connection(&'static self, peer: IpAddr, kind: ConnKind) -> ConnectionGuard {
+        self.connections
+            .get_or_create(&label("kind", kind.label()))
+            .inc();
+        self.lock_clients().entry(peer).or_default()[kind.index()] += 1;
+        ConnectionGuard {
+            metrics: self,
+            peer,
+            kind,
+        }
+    }
+
+    /// Notes a job starting on worker `pid`, until the guard drops.
+    pub(crate) fn job_started(&'static self, id: u64, pid: u32) -> RunningGuard {
+        self.jobs_running.inc();
+        lock(&self.running).insert(
+            id,
+            RunningJob {
+                pid,
+                since: Instant::now(),
+            },
+        );
+        RunningGuard { metrics: self, id }
+    }
+
+    fn lock_clients(&self) -> MutexGuard<'_, HashMap<IpAddr, [usize; 3]>> {
+        lock(&self.clients)
+    }
+
+    /// Reads the levels kept elsewhere into their gauges.
+    fn refresh(&self, ctx: &SessionContext) {
+        let queued = ctx.scheduler.queued();
+        let live = ctx.scheduler.live_workers();
+        let busy = self.jobs_running.get().max(0) as usize;
+        self.jobs_queued.set(queued as i64);
+        self.workers
+            .get_or_create(&label("state", "busy"))
+            .set(busy.min(live) as i64);
+        self.workers
+            .get_or_create(&label("state", "idle"))
+            .set(live.saturating_sub(busy) as i64);
+        let (entries, bytes) = ctx.packages.usage();
+        self.package_cache_entries.set(entries as i64);
+        self.package_cache_bytes.set(bytes as i64);
+        self.memory_held_bytes.set(ctx.budget.used() as i64);
+        self.memory_limit_bytes.set(ctx.budget.limit() as i64);
+    }
+
+    /// The `/metrics` page: OpenMetrics text, or Prometheus' classic text
+    /// format (what `promtool check metrics` and older scrapers read).
+    pub(crate) fn render(&self, ctx: &SessionContext, openmetrics: bool) -> String {
+        self.refresh(ctx);
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry());
+        if openmetrics {
+            out
+        } else {
+            classic_text(&out)
+        }
+    }
+
+    /// The `/status` page: a summary for people.
+    pub(crate) fn status(&self, ctx: &SessionContext) -> String {
+        self.refresh(ctx);
+        let mut out = String::new();
+        let uptime = self.started.elapsed().as_secs();
+        let _ = writeln!(
+            out,
+            "ppserver {} (pp version {}), up {}h{:02}m{:02}s",
+            env!("CARGO_PKG_VERSION"),
+            ctx.version,
+            uptime / 3600,
+            uptime / 60 % 60,
+            uptime % 60
+        );
+        let live = ctx.scheduler.live_workers();
+        let busy = (self.jobs_running.get().max(0) as usize).min(live);
+        let _ = writeln!(
+            out,
+            "workers: {live} up ({busy} busy, {} idle) of {}",
+            live - busy,
+            ctx.workers
+        );
+        let _ = writeln!(out, "jobs queued: {}", ctx.scheduler.queued());
+        let _ = writeln!(
+            out,
+            "jobs: {} received, {} answered by workers",
+            self.jobs_received.get(),
+            self.jobs_answered.get()
+        );
+        let _ = writeln!(
+            out,
+            "memory: {} held of {}",
+            crate::budget::human(ctx.budget.used()),
+            crate::budget::human(ctx.budget.limit())
+        );
+        let mut running: Vec<(u64, RunningJob)> = lock(&self.running)
+            .iter()
+            .map(|(id, job)| (*id, job.clone()))
+            .collect();
+        running.sort_by_key(|(_, job)| job.since);
+        let _ = writeln!(out, "\nrunning jobs ({}):", running.len());
+        for (id, job) in running {
+            let _ = writeln!(
+                out,
+                "  job {id} on worker pid {}, running for {:.1} s",
+                job.pid,
+                job.since.elapsed().as_secs_f64()
+            );
+        }
+        let mut clients: Vec<(IpAddr, [usize; 3])> = self
+            .lock_clients()
+            .iter()
+            .map(|(ip, n)| (*ip, *n))
+            .collect();
+        clients.sort();
+        let _ = writeln!(out, "\nclients ({} addresses):", clients.len());
+        for (ip, [pre, stat, exec]) in clients {
+            let _ = writeln!(out, "  {ip}: {exec} EXEC, {stat} STAT, {pre} in handshake");
+        }
+        out
+    }
+}
+
+/// Prometheus' classic text format (0.0.4) from OpenMetrics text: a
+/// counter's HELP and TYPE name its sample (`x_total`) rather than its
+/// family (`x`), and there are no UNIT or EOF lines.
+fn classic_text(openmetrics: &str) -> String {
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    let counters: std::collections::HashSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in lines {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Maps of plain values: a panic cannot leave them half-updated.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// See [`Metrics::connection`].
+#[derive(Debug)]
+pub(crate) struct ConnectionGuard {
+    metrics: &'static Metrics,
+    peer: IpAddr,
+    kind: ConnKind,
+}
+
+impl ConnectionGuard {
+    /// The connection is now of `kind` (after the handshake).
+    pub(crate) fn become_kind(&mut self, kind: ConnKind) {
+        let m = self.metrics;
+        m.connections
+            .get_or_create(&label("kind", self.kind.label()))
+            .dec();
+        m.connections
+            .get_or_create(&label("kind", kind.label()))
+            .inc();
+        if let Some(n) = m.lock_clients().get_mut(&self.peer) {
+            n[self.kind.index()] = n[self.kind.index()].saturating_sub(1);
+            n[kind.index()] += 1;
+        }
+        self.kind = kind;
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let m = self.metrics;
+        m.connections
+            .get_or_create(&label("kind", self.kind.label()))
+            .dec();
+        let mut clients = m.lock_clients();
+        if let Some(n) = clients.get_mut(&self.peer) {
+            n[self.kind.index()] = n[self.kind.index()].saturating_sub(1);
+            if n.iter().all(|&c| c == 0) {
+                clients.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// See [`Metrics::job_started`].
+#[derive(Debug)]
+pub(crate) struct RunningGuard {
+    metrics: &'static Metrics,
+    id: u64,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.metrics.jobs_running.dec();
+        lock(&self.metrics.running).remove(&self.id);
+    }
+}
+
+/// A client stream whose bytes are counted in `received` and `sent`.
+#[derive(Debug)]
+pub(crate) struct Counted<S>(pub S);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.0).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            metrics().received_bytes.inc_by(read as u64);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        count_sent(Pin::new(&mut self.0).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        count_sent(Pin::new(&mut self.0).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+fn count_sent(res: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+    if let Poll::Ready(Ok(n)) = &res {
+        metrics().sent_bytes.inc_by(*n as u64);
+    }
+    res
+}
+
+/// Binds the metrics address.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics` and `/status` until dropped.
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<SessionContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &ctx)).await;
+                });
+            }
+            Err(e) => {
+                log::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request head and answers it.
+async fn answer(mut stream: TcpStream, ctx: &SessionContext) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_REQUEST {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            )
+            .await;
+        }
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => {
+            // Prometheus asks for OpenMetrics in its Accept header.
+            let openmetrics = String::from_utf8_lossy(&head)
+                .to_ascii_lowercase()
+                .contains("application/openmetrics-text");
+            let body = metrics().render(ctx, openmetrics);
+            let content_type = if openmetrics {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            } else {
+                "text/plain; version=0.0.4; charset=utf-8"
+            };
+            respond(&mut stream, "200 OK", content_type, &body).await
+        }
+        ("GET", "/status") => {
+            let body = metrics().status(ctx);
+            respond(&mut stream, "200 OK", "text/plain; charset=utf-8", &body).await
+        }
+        ("GET", "/") => {
+            let body = "ppserver: see /metrics (Prometheus) and /status\n";
+            respond(&mut stream, "200 OK", "text/plain; charset=utf-8", body).await
+        }
+        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                "GET only\n",
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_by_their_sample() {
+        let om = "# HELP x_jobs Jobs.\n# TYPE x_jobs counter\nx_jobs_total 3\n\
+                  # HELP x_mem Memory.\n# TYPE x_mem gauge\n# UNIT x_mem bytes\nx_mem 7\n# EOF\n";
+        assert_eq!(
+            classic_text(om),
+            "# HELP x_jobs_total Jobs.\n# TYPE x_jobs_total counter\nx_jobs_total 3\n\
+             # HELP x_mem Memory.\n# TYPE x_mem gauge\nx_mem 7\n"
+        );
+    }
+
+    #[test]
+    fn connections_are_shown_by_kind_and_address() {
+        let m: &'static Metrics = Box::leak(Box::new(Metrics::new()));
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let mut a = m.connection(ip, ConnKind::PreAuth);
+        let b = m.connection(ip, ConnKind::PreAuth);
+        a.become_kind(ConnKind::Exec);
+        assert_eq!(m.lock_clients()[&ip], [1, 0, 1]);
+        drop(b);
+        drop(a);
+        assert!(
+            m.lock_clients().get(&ip).is_none(),
+            "gone with its last connection"
+        );
+        assert_eq!(m.connections.get_or_create(&label("kind", "exec")).get(), 0);
+    }
+}
