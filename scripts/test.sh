@@ -25,6 +25,12 @@ if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } ||
         echo "== could not install iproute2: the autodiscovery and cluster tests will be skipped"
 fi
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing promtool (Debian's prometheus package: checks the /metrics page)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends prometheus >/dev/null; } ||
+        echo "== could not install prometheus: the promtool check will be skipped"
+fi
 export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
 echo "== cargo fmt --check, clippy"
