@@ -10,7 +10,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::auth::DEFAULT_SECRET;
+use crate::allow::AllowList;
+use crate::auth::{DEFAULT_LOGIN_DELAY, DEFAULT_SECRET, MAX_LOGIN_DELAY};
 use crate::inifile;
 use crate::logfmt::{LogFormat, DEFAULT_FORMAT};
 
@@ -30,7 +31,13 @@ pub const FALLBACK_MEMORY_LIMIT: usize = 4 << 30;
 /// Smallest `--memory-limit`: room for the small frames every job has.
 pub const MIN_MEMORY_LIMIT: usize = 1 << 20;
 /// Default cap on simultaneous client connections.
+/// Default cap on simultaneous authenticated client connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on connections in their handshake at once. Half of it, the
+/// default share of one address, still takes in hundreds of connections
+/// at once from one address: a client opens 2 per server CPU plus one,
+/// and users behind one NAT or ssh tunnel share an address.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
 
 /// Everything the server needs to run, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +94,7 @@ pub struct Config {
     pub pp_version: Option<String>,
     /// Largest frame accepted after authentication (`--max-frame-size`).
     pub max_frame_size: usize,
-    /// Most client connections served at once (`--max-connections`).
+    /// Most authenticated client connections at once (`--max-connections`).
     pub max_connections: usize,
     /// How long a stop waits for jobs already received (`--drain-timeout`).
     pub drain_timeout: Duration,
@@ -103,6 +110,16 @@ pub struct Config {
     /// Let a running job whose client left finish, as ppft does, instead
     /// of stopping its worker (`--keep-abandoned`).
     pub keep_abandoned: bool,
+    /// Most connections in their handshake at once (`--max-handshakes`).
+    pub max_handshakes: usize,
+    /// Of those, most from one address (`--max-handshakes-per-address`);
+    /// `None`: half of `max_handshakes`.
+    pub max_handshakes_per_address: Option<usize>,
+    /// Networks clients may connect from (`--allow`); empty: everyone.
+    pub allow: AllowList,
+    /// Longest delay before a wrong answer to the nonce is told `FAILED`
+    /// (`--login-delay`); zero: no delays.
+    pub login_delay: Duration,
     /// Things worth a warning found while reading the config file (unknown
     /// keys), logged once logging is up.
     pub notes: Vec<String>,
@@ -139,6 +156,10 @@ impl Default for Config {
             metrics: None,
             max_jobs_per_worker: 0,
             keep_abandoned: false,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_address: None,
+            allow: AllowList::default(),
+            login_delay: DEFAULT_LOGIN_DELAY,
             notes: Vec::new(),
         }
     }
@@ -263,7 +284,9 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [--max-frame-size BYTES] [--max-connections N]
                 [--ready-file PATH] [--drain-timeout SECONDS] [--memory-limit SIZE]
                 [--max-jobs-per-worker N] [--keep-abandoned]
-                [--metrics ADDR:PORT]
+                [--metrics ADDR:PORT] [--max-handshakes N]
+                [--max-handshakes-per-address N] [--allow CIDR]...
+                [--login-delay SECONDS]
 
 Options:
 -h                 : this help message
@@ -307,6 +330,24 @@ Options:
                      suffixes (default: half of the smaller of the
                      machine's memory and the cgroup limit; here {memory})
 --max-connections N: most client connections at once (default {max_conn})
+                     in bytes (default {max_frame})
+--max-connections N: most authenticated client connections at once (default
+                     {max_conn})
+--max-handshakes N : most connections not yet authenticated, at once
+                     (default {max_handshakes}); while half are in use, the
+                     handshake timeout drops from 10 s to 2 s
+--max-handshakes-per-address N
+                   : of those, most from one address; an IPv6 /64 counts as
+                     one (default: half of --max-handshakes)
+--allow CIDR       : serve only clients from this network (10.0.0.0/8,
+                     2001:db8::/32) or address; repeatable or
+                     comma-separated; others are closed before a byte is
+                     sent and get no autodiscovery answer (default: everyone)
+--login-delay S    : wrong answers to the nonce from one address: the first 4
+                     are told FAILED at once, then after a delay doubling up
+                     to S seconds, one after another, so an address gets
+                     about one guess per S; right answers never wait
+                     (default {login_delay}; 0: no delays)
 --ready-file PATH  : once listening with a worker up, write host:port to PATH
                      (atomically); removed when the server stops (default:
                      none)
@@ -334,6 +375,8 @@ Due to the security concerns always use a non-trivial secret key.",
         max_conn = DEFAULT_MAX_CONNECTIONS,
         drain = crate::shutdown::DEFAULT_DRAIN_TIMEOUT.as_secs(),
         memory = crate::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
+        max_handshakes = DEFAULT_MAX_HANDSHAKES,
+        login_delay = DEFAULT_LOGIN_DELAY.as_secs_f64(),
     )
 }
 
@@ -360,6 +403,10 @@ enum Setting {
     Port,
     IdleExit,
     SocketTimeout,
+    MaxHandshakes,
+    MaxHandshakesPerAddress,
+    Allow,
+    LoginDelay,
 }
 
 /// Config file keys, by section, as ppft's `parse_config` reads them.
@@ -378,12 +425,20 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "max_jobs_per_worker", Setting::MaxJobsPerWorker),
     ("general", "keep_abandoned", Setting::KeepAbandoned),
     ("network", "metrics", Setting::Metrics),
+    ("general", "login_delay", Setting::LoginDelay),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
     ("network", "port", Setting::Port),
     ("network", "timeout", Setting::IdleExit),
     ("network", "socket_timeout", Setting::SocketTimeout),
+    ("network", "max_handshakes", Setting::MaxHandshakes),
+    (
+        "network",
+        "max_handshakes_per_address",
+        Setting::MaxHandshakesPerAddress,
+    ),
+    ("network", "allow", Setting::Allow),
 ];
 
 fn invalid(at: &Origin, value: &str, why: &str) -> ConfigError {
@@ -522,6 +577,31 @@ fn apply(
         Setting::IdleExit => cfg.idle_exit = Some(Duration::from_secs(at_least_one(name, value)?)),
         Setting::SocketTimeout => {
             cfg.socket_timeout = Duration::from_secs(at_least_one(name, value)?)
+        }
+        Setting::MaxHandshakes => cfg.max_handshakes = at_least_one(name, value)?,
+        Setting::MaxHandshakesPerAddress => {
+            cfg.max_handshakes_per_address = Some(at_least_one(name, value)?)
+        }
+        Setting::LoginDelay => {
+            let secs: f64 = number(name, value)?;
+            if !(0.0..=MAX_LOGIN_DELAY.as_secs_f64()).contains(&secs) {
+                return Err(invalid(
+                    name,
+                    value,
+                    &format!("must be from 0 to {} seconds", MAX_LOGIN_DELAY.as_secs()),
+                ));
+            }
+            cfg.login_delay = Duration::from_secs_f64(secs);
+        }
+        Setting::Allow => {
+            // The file's list replaces one given by flags before -c; each
+            // --allow adds to the list.
+            if matches!(name, Origin::Key { .. }) {
+                cfg.allow.clear();
+            }
+            cfg.allow
+                .extend_from(value)
+                .map_err(|why| invalid(name, value, &why))?;
         }
     }
     Ok(())
@@ -745,6 +825,13 @@ where
             Long("drain-timeout") => ("--drain-timeout", Setting::DrainTimeout),
             Long("memory-limit") => ("--memory-limit", Setting::MemoryLimit),
             Long("metrics") => ("--metrics", Setting::Metrics),
+            Long("max-handshakes") => ("--max-handshakes", Setting::MaxHandshakes),
+            Long("max-handshakes-per-address") => (
+                "--max-handshakes-per-address",
+                Setting::MaxHandshakesPerAddress,
+            ),
+            Long("allow") => ("--allow", Setting::Allow),
+            Long("login-delay") => ("--login-delay", Setting::LoginDelay),
             Value(v) => return Err(lexopt::Error::UnexpectedArgument(v).into()),
             _ => return Err(arg.unexpected().into()),
         };
@@ -1055,6 +1142,68 @@ mod tests {
         let path = temp_file("m2.conf", "[general]\nmax_jobs_per_worker = lots\n");
         let e = err(&["-c", path.to_str().unwrap()]);
         assert!(e.contains("[general] max_jobs_per_worker"), "{e}");
+    }
+
+    #[test]
+    fn connection_budgets_and_the_allow_list() {
+        let c = run(&[]);
+        assert_eq!(c.max_handshakes, DEFAULT_MAX_HANDSHAKES);
+        assert_eq!(c.max_handshakes_per_address, None);
+        assert!(c.allow.is_everyone());
+        let c = run(&[
+            "--max-handshakes",
+            "8",
+            "--max-handshakes-per-address=3",
+            "--allow",
+            "127.0.0.1/32",
+            "--allow",
+            "10.0.0.0/8,2001:db8::/32",
+        ]);
+        assert_eq!(c.max_handshakes, 8);
+        assert_eq!(c.max_handshakes_per_address, Some(3));
+        assert_eq!(
+            c.allow.to_string(),
+            "127.0.0.1/32, 10.0.0.0/8, 2001:db8::/32"
+        );
+        assert!(err(&["--max-handshakes", "0"]).contains("--max-handshakes"));
+        assert!(
+            err(&["--max-handshakes-per-address", "x"]).contains("--max-handshakes-per-address")
+        );
+        assert!(err(&["--allow", "10.0.0.0/40"]).contains("--allow"));
+        assert!(err(&["--allow", "somehost"]).contains("--allow"));
+        assert!(err(&["--allow", ""]).contains("--allow"));
+        assert_eq!(c.login_delay, DEFAULT_LOGIN_DELAY);
+        assert_eq!(run(&["--login-delay", "0"]).login_delay, Duration::ZERO);
+        assert_eq!(
+            run(&["--login-delay", "2.5"]).login_delay,
+            Duration::from_millis(2500)
+        );
+        for bad in ["-1", "61", "NaN", "x"] {
+            assert!(
+                err(&["--login-delay", bad]).contains("--login-delay"),
+                "{bad}"
+            );
+        }
+
+        let path = temp_file(
+            "n.conf",
+            "[general]\nlogin_delay = 1\n[network]\nmax_handshakes = 16\nmax_handshakes_per_address = 2\nallow = 192.0.2.0/24, ::1\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = run(&["--allow", "10.0.0.1", "-c", p, "--allow", "127.0.0.1"]);
+        assert_eq!(
+            (c.max_handshakes, c.max_handshakes_per_address),
+            (16, Some(2))
+        );
+        assert_eq!(c.login_delay, Duration::from_secs(1));
+        assert_eq!(
+            c.allow.to_string(),
+            "192.0.2.0/24, ::1/128, 127.0.0.1/32",
+            "the file replaces earlier flags; later flags add"
+        );
+        let path = temp_file("bad-allow.conf", "[network]\nallow = 300.0.0.0/8\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(e.contains("[network] allow") && e.contains("line 2"), "{e}");
     }
 
     #[test]

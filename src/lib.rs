@@ -8,8 +8,11 @@
 //! - [`install`]: where the binary is installed: the worker interpreter beside it,
 //!   and whether the `ppserver` beside it is this binary;
 //! - [`server`]: startup checks, the listener, the accept loop, shutdown;
-//! - [`connections`]: the connection cap and the clients `-t` waits for;
-//! - [`session`]: one client connection: handshake ([`auth`]), then STAT or EXEC;
+//! - [`allow`]: `--allow`, and what counts as one source address;
+//! - [`connections`]: the budgets a connection is admitted under (before and
+//!   after authentication, per address) and the clients `-t` waits for;
+//! - [`session`]: one client connection: handshake ([`auth`], with the delay
+//!   after wrong answers), then STAT or EXEC;
 //! - [`wire`]: the 8-byte-length frame, on sockets and worker pipes alike;
 //! - [`budget`]: the memory budget every client frame is admitted against;
 //! - [`cache`]: the `N`/`H` function-package cache layer;
@@ -27,6 +30,7 @@
 //! - [`logsink`]: stderr and stdout, written by threads: a full pipe never stalls the server;
 //! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
 
+mod allow;
 pub mod auth;
 mod budget;
 mod cache;

@@ -44,7 +44,12 @@ use crate::session::SessionContext;
 type Label = Vec<(&'static str, &'static str)>;
 
 /// Why connections are refused, as labelled.
-const REFUSALS: &[&str] = &["max_connections"];
+const REFUSALS: &[&str] = &[
+    "not_allowed",
+    "max_connections",
+    "max_handshakes",
+    "max_handshakes_per_address",
+];
 
 /// How long a metrics client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

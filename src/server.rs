@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::install;
 use crate::pool::{self, PoolContext};
+use crate::ratelimit::LogLimit;
 use crate::runfiles::RunFile;
 use crate::scheduler::Scheduler;
 use crate::session::{self, SessionContext};
@@ -149,12 +150,12 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         let IpAddr::V4(ip) = local.ip() else {
             return Err(StartError::DiscoveryNeedsIpv4 { addr: local });
         };
-        let d = Discovery::bind(ip, local.port(), cfg.broadcast).map_err(|source| {
-            StartError::Discovery {
+        let d = Discovery::bind(ip, local.port(), cfg.broadcast, cfg.allow.clone()).map_err(
+            |source| StartError::Discovery {
                 port: local.port(),
                 source,
-            }
-        })?;
+            },
+        )?;
         Some(d)
     } else {
         None
@@ -309,19 +310,21 @@ impl Server {
                     if std::mem::take(&mut self.warn_default_secret) {
                         warn_default_secret_now();
                     }
-                    let Some(admitted) = self.ctx.connections.admit() else {
-                        crate::metrics::metrics().refused("max_connections");
-                        log::warn!("{peer}: too many connections (--max-connections); closed");
-                        continue;
-                    };
-                    let ctx = self.ctx.clone();
-                    self.sessions.spawn(async move {
-                        session::run(stream, peer, ctx).await;
-                        drop(admitted);
-                    });
+                    // Refused before a byte is sent: dropping the stream
+                    // closes it.
+                    match self.ctx.connections.admit(peer) {
+                        Ok(place) => {
+                            let ctx = self.ctx.clone();
+                            self.sessions.spawn(session::run(stream, peer, ctx, place));
+                        }
+                        Err(refused) => refused.log(peer),
+                    }
                 }
                 Err(e) => {
-                    log::error!("accept failed: {e}");
+                    // Out of file descriptors, typically: it repeats on
+                    // every try until connections close.
+                    static ACCEPT_FAILED: LogLimit = LogLimit::new();
+                    ACCEPT_FAILED.log(log::Level::Error, format_args!("accept failed: {e}"));
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             }

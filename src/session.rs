@@ -11,25 +11,29 @@
 //!   server answers with the worker's result frame, byte for byte.
 //!
 //! Frames before authentication are capped at [`PREAUTH_MAX_FRAME`] and the
-//! whole handshake at [`HANDSHAKE_TIMEOUT`], so unauthenticated peers cost
-//! little. Log lines name the peer and job; never the secret or payloads.
+//! whole handshake at [`HANDSHAKE_TIMEOUT`] ([`TIGHT_HANDSHAKE_TIMEOUT`]
+//! while the handshake budget is tight), so unauthenticated peers cost
+//! little; a wrong answer waits out its address's delay
+//! ([`auth::LoginThrottle`]) before `FAILED`. Log lines name the peer and
+//! job; never the secret or payloads.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::auth;
+use crate::auth::{self, LoginThrottle, Penalty};
 use crate::budget::{Budget, Reservation, Use};
 use crate::cache::{Package, PackageCache, PackageHash, UnknownPackage, PACKAGE_CACHE_BUDGET};
 use crate::config::Config;
-use crate::connections::Connections;
+use crate::connections::{Connections, Place, Refused};
 use crate::metrics::{metrics, ConnKind, ConnectionGuard, Counted};
 use crate::ratelimit::{warn_limited, PerAddress};
 use crate::scheduler::{Job, Scheduler};
@@ -42,6 +46,14 @@ use crate::wire::{Connection, FrameError, QuickAck};
 pub const PREAUTH_MAX_FRAME: usize = 4096;
 /// Time a peer gets to complete the handshake, connection type included.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same while the handshake budget is tight (see
+/// [`Connections::tight`]): ample for a client on a slow link, which
+/// answers at once, and it frees the places of silent sockets five times
+/// sooner.
+pub const TIGHT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `FAILED` may take to write, once a wrong answer's delay is
+/// served.
+const FAILED_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often one client host is warned about for a version mismatch.
 const MISMATCH_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// What [`SessionError::Closed`] names when a peer leaves without
@@ -69,8 +81,10 @@ pub struct SessionContext {
     pub(crate) packages: PackageCache,
     /// Source of job numbers for log lines.
     next_job_id: AtomicU64,
-    /// The connection cap and the clients `-t` watches.
+    /// The connection budgets and the clients `-t` watches.
     pub(crate) connections: Connections,
+    /// Delays the answers to wrong logins, per source address.
+    logins: LoginThrottle,
     /// Limits the version-mismatch warning to one per client host.
     mismatch_warnings: PerAddress,
     /// Tells sessions the server is draining: they close once idle.
@@ -98,7 +112,8 @@ impl SessionContext {
             stats,
             packages: PackageCache::new(PACKAGE_CACHE_BUDGET),
             next_job_id: AtomicU64::new(0),
-            connections: Connections::new(cfg.max_connections),
+            connections: Connections::new(cfg),
+            logins: LoginThrottle::new(cfg.login_delay),
             mismatch_warnings: PerAddress::new(MISMATCH_WARNING_INTERVAL),
             drain: DrainSwitch::new(),
             budget: Budget::new(cfg.memory_limit),
@@ -117,7 +132,12 @@ enum SessionError {
     Timeout(&'static str),
     /// The peer closed the connection cleanly where `.0` was expected.
     Closed(&'static str),
-    AuthFailed,
+    /// The answer to the nonce was wrong; `FAILED` is still owed.
+    WrongAnswer,
+    /// The peer was told `FAILED` after the delay its address owed.
+    AuthFailed(Penalty),
+    /// Authenticated, but no place among the clients (`--max-connections`).
+    Refused(Refused),
     UnknownType(String),
     Random(getrandom::Error),
 }
@@ -129,7 +149,10 @@ impl std::fmt::Display for SessionError {
             SessionError::Io(e) => write!(f, "{e}"),
             SessionError::Timeout(what) => write!(f, "timed out waiting for {what}"),
             SessionError::Closed(what) => write!(f, "peer closed the connection before {what}"),
-            SessionError::AuthFailed => write!(f, "authentication failed"),
+            SessionError::WrongAnswer | SessionError::AuthFailed(_) => {
+                write!(f, "authentication failed")
+            }
+            SessionError::Refused(r) => write!(f, "{r}"),
             SessionError::UnknownType(t) => write!(f, "unknown connection type {t:?}"),
             SessionError::Random(e) => write!(f, "no randomness for the nonce: {e}"),
         }
@@ -148,20 +171,40 @@ impl From<std::io::Error> for SessionError {
     }
 }
 
-/// Serves one accepted TCP connection until it ends.
-pub(crate) async fn run(stream: TcpStream, peer: SocketAddr, ctx: Arc<SessionContext>) {
+/// Serves one accepted TCP connection, which holds `place` under the
+/// connection budgets, until it ends.
+pub(crate) async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<SessionContext>,
+    place: Place,
+) {
     // Answers go out as single writes; Nagle would only delay them.
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(&stream).set_tcp_quickack(true);
-    serve_stream(Counted(QuickAck(stream)), peer, &ctx).await;
+    serve(Counted(QuickAck(stream)), peer, &ctx, place).await;
 }
 
-/// Serves a connection over any byte stream (TCP in the server, in-memory
-/// pipes in tests); logs how it ended.
+/// Serves a connection over any byte stream (in-memory pipes in tests),
+/// admitted under the budgets as the accept loop admits a TCP connection;
+/// logs how it ended.
 pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: SocketAddr,
     ctx: &SessionContext,
+) {
+    match ctx.connections.admit(peer) {
+        Ok(place) => serve(stream, peer, ctx, place).await,
+        Err(refused) => refused.log(peer),
+    }
+}
+
+/// Serves an admitted connection; logs how it ended.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: &SessionContext,
+    place: Place,
 ) {
     let mut session = Session {
         conn: Connection::new(stream, PREAUTH_MAX_FRAME),
@@ -169,28 +212,33 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         ctx,
         draining: ctx.drain.watch(),
         shown: metrics().connection(peer.ip(), ConnKind::PreAuth),
+        place,
     };
     match session.run().await {
         Ok(()) => log::debug!("{peer}: connection closed"),
         // A pp client compares the version first and, when it differs,
         // logs an error on its side and closes without a word; the server
         // is the only place its operator may look.
-        Err(SessionError::Closed(BEFORE_ANSWER)) if ctx.mismatch_warnings.allow(peer.ip()) => {
-            log::warn!(
+        Err(SessionError::Closed(BEFORE_ANSWER)) => ctx.mismatch_warnings.warn(
+            peer.ip(),
+            format_args!(
                 "{peer}: closed the connection on receiving the version ({:?}) without \
                  answering: most likely a pp client of another version; clients require \
                  exactly {:?} (install the same pp/ppft version on both sides, or set \
                  --pp-version)",
-                ctx.version,
-                ctx.version
-            )
-        }
+                ctx.version, ctx.version
+            ),
+        ),
         Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => warn_limited(
             format_args!("{peer}: stopped reading its answers for -k seconds; connection closed"),
         ),
-        Err(SessionError::AuthFailed) => warn_limited(format_args!(
-            "{peer}: authentication failed, connection closed"
+        Err(SessionError::AuthFailed(p)) => warn_limited(format_args!(
+            "{peer}: authentication failed, connection closed (failure {} from this \
+             address lately; told after {:.2} s)",
+            p.failures,
+            p.wait.as_secs_f64()
         )),
+        Err(SessionError::Refused(r)) => r.log(peer),
         Err(
             e @ SessionError::Frame(FrameError::TooLarge { .. } | FrameError::Unsolicited { .. }),
         ) => warn_limited(format_args!("{peer}: {e}; connection closed")),
@@ -211,19 +259,24 @@ struct Session<'a, S> {
     draining: Draining,
     /// This connection in the metrics, by kind.
     shown: ConnectionGuard,
+    /// The connection's place under the budgets: in the handshake budget,
+    /// then among the clients.
+    place: Place,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// The handshake, then the connection's type until the client leaves.
     async fn run(&mut self) -> Result<(), SessionError> {
-        let kind = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake())
-            .await
-            .map_err(|_| SessionError::Timeout("the handshake"))??;
-        self.conn.set_max(self.ctx.max_frame);
+        let ctx = self.ctx;
+        let kind = match within_handshake_timeout(&ctx.connections, self.handshake()).await {
+            // Outside the timeout: the delay may be longer.
+            Err(SessionError::WrongAnswer) => return Err(self.refuse_login().await),
+            other => other?,
+        };
+        self.conn.set_max(ctx.max_frame);
         // ppft's server drops a client that does not take its answers
         // within its socket timeout; so does -k here.
-        self.conn.set_write_stall(self.ctx.socket_timeout);
-        let _client = self.ctx.connections.client();
+        self.conn.set_write_stall(ctx.socket_timeout);
         match &kind[..] {
             b"STAT" => {
                 self.shown.become_kind(ConnKind::Stat);
@@ -251,16 +304,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .await?
             .ok_or(SessionError::Closed(BEFORE_ANSWER))?;
         if !auth::answer_matches(&expected, &answer) {
-            // Best effort: the client may already be gone.
-            metrics().failed_logins.inc();
-            let _ = self.conn.write_frame(b"FAILED").await;
-            return Err(SessionError::AuthFailed);
+            return Err(SessionError::WrongAnswer);
         }
+        // No place among the clients: closed without OK, as if refused at
+        // accept, so a client tries again later rather than giving up.
+        self.place.authenticate().map_err(SessionError::Refused)?;
         self.conn.write_frame(b"OK").await?;
         self.conn
             .read_frame()
             .await?
             .ok_or(SessionError::Closed("naming the connection type"))
+    }
+
+    /// Tells a peer that gave a wrong answer `FAILED`, once the delay its
+    /// address owes is served. The connection keeps its place in the
+    /// handshake budget meanwhile: that, capped per address, is what keeps
+    /// one address from guessing on many connections at once.
+    async fn refuse_login(&mut self) -> SessionError {
+        metrics().failed_logins.inc();
+        let penalty = self.ctx.logins.failed(self.peer.ip(), Instant::now());
+        if !penalty.wait.is_zero() {
+            tokio::time::sleep(penalty.wait).await;
+        }
+        // Best effort: the client may already be gone.
+        let failed = self.conn.write_frame(b"FAILED");
+        let _ = tokio::time::timeout(FAILED_WRITE_TIMEOUT, failed).await;
+        SessionError::AuthFailed(penalty)
     }
 
     /// Reads the client's next frame within the socket timeout; `None`
@@ -326,8 +395,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     .packages
                     .admit(frame, memory)
                     .await
-                    .map_err(Refused::UnknownPackage),
-                Incoming::TooLarge(len) => Err(Refused::TooLarge("function package", len)),
+                    .map_err(Unrunnable::UnknownPackage),
+                Incoming::TooLarge(len) => Err(Unrunnable::TooLarge("function package", len)),
             };
             if let Ok(p) = &package {
                 sent.entry(p.hash).or_insert_with(|| p.clone());
@@ -339,11 +408,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             let (package, args, held) = match (package, args) {
                 (Ok(package), Incoming::Frame(args, held)) => (package, args, held),
                 (Err(why), _) => {
-                    self.refuse(why).await?;
+                    self.refuse_job(why).await?;
                     continue;
                 }
                 (_, Incoming::TooLarge(len)) => {
-                    self.refuse(Refused::TooLarge("arguments", len)).await?;
+                    self.refuse_job(Unrunnable::TooLarge("arguments", len))
+                        .await?;
                     continue;
                 }
             };
@@ -394,18 +464,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// Answers a job that cannot be run with `(None, reason)`, as pp
     /// clients expect of a failed job. Closing the connection instead
     /// would make the client resend the same job forever.
-    async fn refuse(&mut self, why: Refused) -> Result<(), SessionError> {
+    async fn refuse_job(&mut self, why: Unrunnable) -> Result<(), SessionError> {
         metrics().jobs_received.inc();
         metrics().server_answered(match &why {
-            Refused::UnknownPackage(_) => "unknown_package",
-            Refused::TooLarge(..) => "oversize",
+            Unrunnable::UnknownPackage(_) => "unknown_package",
+            Unrunnable::TooLarge(..) => "oversize",
         });
         let text = match &why {
-            Refused::UnknownPackage(e) => format!(
+            Unrunnable::UnknownPackage(e) => format!(
                 "ppserver: {e}: the server no longer holds this function package \
                  (dropped from its cache); the job was not run, submit it again\n"
             ),
-            Refused::TooLarge(what, len) => format!(
+            Unrunnable::TooLarge(what, len) => format!(
                 "ppserver: the job's {what} ({len} bytes) is larger than the server's whole \
                  memory budget (--memory-limit {} bytes); the job was not run\n",
                 self.ctx.budget.limit()
@@ -479,11 +549,37 @@ enum Incoming {
 
 /// Why a job was answered without being run.
 #[derive(Debug)]
-enum Refused {
+enum Unrunnable {
     /// Its `H` names a package the server does not hold.
     UnknownPackage(UnknownPackage),
     /// One of its frames (named) is larger than the whole memory budget.
     TooLarge(&'static str, usize),
+}
+
+/// Runs `handshake` within [`HANDSHAKE_TIMEOUT`] of now, cut to
+/// [`TIGHT_HANDSHAKE_TIMEOUT`] of now if the handshake budget is or becomes
+/// tight meanwhile.
+async fn within_handshake_timeout<T>(
+    connections: &Connections,
+    handshake: impl Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    let start = tokio::time::Instant::now();
+    let mut tight = connections.tight();
+    let mut limit = HANDSHAKE_TIMEOUT;
+    tokio::pin!(handshake);
+    loop {
+        if *tight.borrow_and_update() {
+            limit = TIGHT_HANDSHAKE_TIMEOUT;
+        }
+        tokio::select! {
+            done = &mut handshake => return done,
+            () = tokio::time::sleep_until(start + limit) => {
+                return Err(SessionError::Timeout("the handshake"));
+            }
+            // Once cut short, the timeout stays short: no more wake-ups.
+            Ok(()) = tight.changed(), if limit == HANDSHAKE_TIMEOUT => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -508,12 +604,14 @@ mod tests {
     }
 
     fn session(stream: DuplexStream, ctx: &SessionContext) -> Session<'_, DuplexStream> {
+        let peer = "127.0.0.1:9".parse().unwrap();
         Session {
             conn: Connection::new(stream, PREAUTH_MAX_FRAME),
-            peer: "127.0.0.1:9".parse().unwrap(),
+            peer,
             ctx,
             draining: ctx.drain.watch(),
-            shown: metrics().connection("127.0.0.1".parse().unwrap(), ConnKind::PreAuth),
+            shown: metrics().connection(peer.ip(), ConnKind::PreAuth),
+            place: ctx.connections.admit(peer).unwrap(),
         }
     }
 
@@ -548,6 +646,135 @@ mod tests {
         let err = err.unwrap_err();
         assert!(matches!(err, SessionError::Closed(_)), "{err:?}");
         assert!(!err.to_string().contains("timed out"), "{err}");
+    }
+
+    /// Answers the nonce with `secret`; returns the server's reply, or
+    /// `None` if it closed the connection instead.
+    async fn answer_with(client: &mut FrameReader<DuplexStream>, secret: &[u8]) -> Option<Bytes> {
+        client.read_frame().await.unwrap().unwrap();
+        let nonce = client.read_frame().await.unwrap().unwrap();
+        let answer = auth::expected_answer(&nonce, secret);
+        crate::wire::write_frame(client.get_mut(), &answer)
+            .await
+            .unwrap();
+        client.read_frame().await.ok().flatten()
+    }
+
+    #[tokio::test]
+    async fn a_wrong_answer_is_told_after_its_delay_and_a_right_one_at_once() {
+        let ctx = context();
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // The address has guessed a lot: its next failure waits for the
+        // eight before it to be told, then its own delay.
+        for _ in 0..(auth::FREE_FAILURES + 8) {
+            ctx.logins.failed(peer.ip(), Instant::now());
+        }
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let started = Instant::now();
+        let (ended, reply) = tokio::join!(served, answer_with(&mut client, b"wrong"));
+        assert_eq!(reply.as_deref(), Some(&b"FAILED"[..]));
+        let Err(SessionError::AuthFailed(penalty)) = ended else {
+            panic!("{ended:?}");
+        };
+        assert!(penalty.wait >= auth::DEFAULT_LOGIN_DELAY * 2, "{penalty:?}");
+        assert!(started.elapsed() >= penalty.wait);
+
+        // The right secret from the same address, with that address owing
+        // ever more: OK without waiting (the bound is only against a hang).
+        for _ in 0..1000 {
+            ctx.logins.failed(peer.ip(), Instant::now());
+        }
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            let reply = answer_with(&mut client, b"s").await;
+            client.get_mut().shutdown().await.unwrap();
+            reply
+        };
+        let both = async { tokio::join!(served, client_side) };
+        let (_, reply) = tokio::time::timeout(Duration::from_secs(30), both)
+            .await
+            .expect("a right answer is not held back");
+        assert_eq!(reply.as_deref(), Some(&b"OK"[..]));
+    }
+
+    #[tokio::test]
+    async fn an_authenticated_peer_without_a_client_place_gets_no_ok() {
+        let cfg = Config {
+            secret: "s".into(),
+            max_connections: 1,
+            ..Config::default()
+        };
+        let ctx = SessionContext::new(
+            &cfg,
+            "1.7.8".into(),
+            Arc::new(Scheduler::default()),
+            Arc::new(Stats::default()),
+        );
+        // Admitted while the one client place was free...
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let mut late = session(server, &ctx);
+        // ...then another client took it.
+        let mut first = ctx
+            .connections
+            .admit("127.0.0.2:9".parse().unwrap())
+            .unwrap();
+        first.authenticate().unwrap();
+        let served = async move {
+            let ended = late.run().await;
+            drop(late);
+            ended
+        };
+        let (ended, reply) = tokio::join!(served, answer_with(&mut client, b"s"));
+        assert_eq!(reply, None, "closed without OK");
+        assert!(
+            matches!(ended, Err(SessionError::Refused(Refused::Clients))),
+            "{ended:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tight_handshake_budget_cuts_the_timeout_short() {
+        let cfg = Config {
+            max_handshakes: 4,
+            max_handshakes_per_address: Some(4),
+            ..Config::default()
+        };
+        let ctx = SessionContext::new(
+            &cfg,
+            "1.7.8".into(),
+            Arc::new(Scheduler::default()),
+            Arc::new(Stats::default()),
+        );
+        // A silent peer, then a second connection makes the budget tight
+        // (2 of 4).
+        let (_client, server) = tokio::io::duplex(1 << 16);
+        let mut silent = session(server, &ctx);
+        assert!(!*ctx.connections.tight().borrow());
+        let started = tokio::time::Instant::now();
+        let run = silent.run();
+        tokio::pin!(run);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut run)
+                .await
+                .is_err(),
+            "still in its handshake"
+        );
+        let _other = ctx
+            .connections
+            .admit("127.0.0.3:9".parse().unwrap())
+            .unwrap();
+        let ended = run.await;
+        assert!(matches!(ended, Err(SessionError::Timeout(_))), "{ended:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= TIGHT_HANDSHAKE_TIMEOUT && took < HANDSHAKE_TIMEOUT,
+            "{took:?}"
+        );
     }
 
     #[tokio::test]
