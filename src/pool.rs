@@ -317,6 +317,7 @@ mod tests {
         let (tx, mut rx) = oneshot::channel();
         let mut job = Job {
             id: 7,
+            client: std::net::Ipv4Addr::LOCALHOST.into(),
             package: c.receive(Bytes::from_static(b"Na")).unwrap(),
             args: Bytes::new(),
             reply: tx,
