@@ -100,6 +100,9 @@ pub struct Config {
     /// Let a running job whose client left finish, as ppft does, instead
     /// of stopping its worker (`--keep-abandoned`).
     pub keep_abandoned: bool,
+    /// Stop a job's worker and answer the job with `None` once it has run
+    /// this long (`--job-timeout`); `None`: no limit.
+    pub job_timeout: Option<Duration>,
     /// Things worth a warning found while reading the config file (unknown
     /// keys), logged once logging is up.
     pub notes: Vec<String>,
@@ -135,6 +138,7 @@ impl Default for Config {
             memory_limit: crate::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
             max_jobs_per_worker: 0,
             keep_abandoned: false,
+            job_timeout: None,
             notes: Vec::new(),
         }
     }
@@ -259,6 +263,7 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [--max-frame-size BYTES] [--max-connections N]
                 [--ready-file PATH] [--drain-timeout SECONDS] [--memory-limit SIZE]
                 [--max-jobs-per-worker N] [--keep-abandoned]
+                [--job-timeout SECONDS]
 
 Options:
 -h                 : this help message
@@ -313,6 +318,9 @@ Options:
                      (for leaky extensions; default 0: never)
 --keep-abandoned   : let a running job whose client left finish, as ppft
                      does (default: stop its worker and start a fresh one)
+--job-timeout S    : stop the worker of a job that has run S seconds, answer
+                     the job with None and a message, and start a fresh
+                     worker (default 0: no limit)
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).
@@ -346,6 +354,7 @@ enum Setting {
     MemoryLimit,
     MaxJobsPerWorker,
     KeepAbandoned,
+    JobTimeout,
     Autodiscovery,
     Interface,
     Broadcast,
@@ -369,6 +378,7 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "memory_limit", Setting::MemoryLimit),
     ("general", "max_jobs_per_worker", Setting::MaxJobsPerWorker),
     ("general", "keep_abandoned", Setting::KeepAbandoned),
+    ("general", "job_timeout", Setting::JobTimeout),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
@@ -490,6 +500,10 @@ fn apply(
         }
         Setting::MaxJobsPerWorker => cfg.max_jobs_per_worker = number(name, value)?,
         Setting::KeepAbandoned => cfg.keep_abandoned = boolean(name, value)?,
+        Setting::JobTimeout => {
+            let secs: u64 = number(name, value)?;
+            cfg.job_timeout = (secs > 0).then(|| Duration::from_secs(secs));
+        }
         Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
         Setting::Interface => {
             if value.is_empty() {
@@ -714,6 +728,7 @@ where
                 continue;
             }
             Long("max-jobs-per-worker") => ("--max-jobs-per-worker", Setting::MaxJobsPerWorker),
+            Long("job-timeout") => ("--job-timeout", Setting::JobTimeout),
             Long("keep-abandoned") => {
                 cfg.keep_abandoned = true;
                 continue;
@@ -1039,6 +1054,31 @@ mod tests {
         let path = temp_file("m2.conf", "[general]\nmax_jobs_per_worker = lots\n");
         let e = err(&["-c", path.to_str().unwrap()]);
         assert!(e.contains("[general] max_jobs_per_worker"), "{e}");
+    }
+
+    #[test]
+    fn job_timeout_flag_and_key() {
+        assert_eq!(run(&[]).job_timeout, None, "default: no limit");
+        assert_eq!(
+            run(&["--job-timeout", "30"]).job_timeout,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(run(&["--job-timeout=0"]).job_timeout, None, "0: no limit");
+        assert!(err(&["--job-timeout", "-1"]).contains("--job-timeout"));
+        assert!(err(&["--job-timeout", "1.5"]).contains("--job-timeout"));
+        assert!(err(&["--job-timeout"]).contains("--job-timeout"));
+        let path = temp_file("j.conf", "[general]\njob_timeout = 600\n");
+        let c = run(&["-c", path.to_str().unwrap()]);
+        assert_eq!(c.job_timeout, Some(Duration::from_secs(600)));
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        assert_eq!(
+            run(&["-c", path.to_str().unwrap(), "--job-timeout", "0"]).job_timeout,
+            None,
+            "a later flag turns the file's limit off"
+        );
+        let path = temp_file("j2.conf", "[general]\njob_timeout = soon\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(e.contains("[general] job_timeout"), "{e}");
     }
 
     #[test]
