@@ -120,6 +120,9 @@ pub struct Config {
     /// Longest delay before a wrong answer to the nonce is told `FAILED`
     /// (`--login-delay`); zero: no delays.
     pub login_delay: Duration,
+    /// Stop a job's worker and answer the job with `None` once it has run
+    /// this long (`--job-timeout`); `None`: no limit.
+    pub job_timeout: Option<Duration>,
     /// Things worth a warning found while reading the config file (unknown
     /// keys), logged once logging is up.
     pub notes: Vec<String>,
@@ -160,6 +163,7 @@ impl Default for Config {
             max_handshakes_per_address: None,
             allow: AllowList::default(),
             login_delay: DEFAULT_LOGIN_DELAY,
+            job_timeout: None,
             notes: Vec::new(),
         }
     }
@@ -286,7 +290,7 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [--max-jobs-per-worker N] [--keep-abandoned]
                 [--metrics ADDR:PORT] [--max-handshakes N]
                 [--max-handshakes-per-address N] [--allow CIDR]...
-                [--login-delay SECONDS]
+                [--login-delay SECONDS] [--job-timeout SECONDS]
 
 Options:
 -h                 : this help message
@@ -329,8 +333,6 @@ Options:
                      reading new frames until memory is freed; K/M/G/T
                      suffixes (default: half of the smaller of the
                      machine's memory and the cgroup limit; here {memory})
---max-connections N: most client connections at once (default {max_conn})
-                     in bytes (default {max_frame})
 --max-connections N: most authenticated client connections at once (default
                      {max_conn})
 --max-handshakes N : most connections not yet authenticated, at once
@@ -361,6 +363,9 @@ Options:
                      does (default: stop its worker and start a fresh one)
 --metrics ADDR:PORT: serve Prometheus metrics at http://ADDR:PORT/metrics and
                      a summary at /status (default: off)
+--job-timeout S    : stop the worker of a job that has run S seconds, answer
+                     the job with None and a message, and start a fresh
+                     worker (default 0: no limit)
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).
@@ -397,6 +402,7 @@ enum Setting {
     Metrics,
     MaxJobsPerWorker,
     KeepAbandoned,
+    JobTimeout,
     Autodiscovery,
     Interface,
     Broadcast,
@@ -426,6 +432,7 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "keep_abandoned", Setting::KeepAbandoned),
     ("network", "metrics", Setting::Metrics),
     ("general", "login_delay", Setting::LoginDelay),
+    ("general", "job_timeout", Setting::JobTimeout),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
@@ -559,6 +566,10 @@ fn apply(
                 Some(value.trim().parse().map_err(|_| {
                     invalid(name, value, "expected ADDRESS:PORT, e.g. 127.0.0.1:9464")
                 })?)
+        }
+        Setting::JobTimeout => {
+            let secs: u64 = number(name, value)?;
+            cfg.job_timeout = (secs > 0).then(|| Duration::from_secs(secs));
         }
         Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
         Setting::Interface => {
@@ -809,6 +820,7 @@ where
                 continue;
             }
             Long("max-jobs-per-worker") => ("--max-jobs-per-worker", Setting::MaxJobsPerWorker),
+            Long("job-timeout") => ("--job-timeout", Setting::JobTimeout),
             Long("keep-abandoned") => {
                 cfg.keep_abandoned = true;
                 continue;
@@ -1204,6 +1216,31 @@ mod tests {
         let path = temp_file("bad-allow.conf", "[network]\nallow = 300.0.0.0/8\n");
         let e = err(&["-c", path.to_str().unwrap()]);
         assert!(e.contains("[network] allow") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn job_timeout_flag_and_key() {
+        assert_eq!(run(&[]).job_timeout, None, "default: no limit");
+        assert_eq!(
+            run(&["--job-timeout", "30"]).job_timeout,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(run(&["--job-timeout=0"]).job_timeout, None, "0: no limit");
+        assert!(err(&["--job-timeout", "-1"]).contains("--job-timeout"));
+        assert!(err(&["--job-timeout", "1.5"]).contains("--job-timeout"));
+        assert!(err(&["--job-timeout"]).contains("--job-timeout"));
+        let path = temp_file("j.conf", "[general]\njob_timeout = 600\n");
+        let c = run(&["-c", path.to_str().unwrap()]);
+        assert_eq!(c.job_timeout, Some(Duration::from_secs(600)));
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        assert_eq!(
+            run(&["-c", path.to_str().unwrap(), "--job-timeout", "0"]).job_timeout,
+            None,
+            "a later flag turns the file's limit off"
+        );
+        let path = temp_file("j2.conf", "[general]\njob_timeout = soon\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(e.contains("[general] job_timeout"), "{e}");
     }
 
     #[test]

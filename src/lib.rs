@@ -16,7 +16,7 @@
 //! - [`wire`]: the 8-byte-length frame, on sockets and worker pipes alike;
 //! - [`budget`]: the memory budget every client frame is admitted against;
 //! - [`cache`]: the `N`/`H` function-package cache layer;
-//! - [`scheduler`]: jobs from every connection -> free workers;
+//! - [`scheduler`]: jobs from every connection -> free workers, client hosts in turn;
 //! - [`pool`]: one supervisor per slot: feeds a worker jobs, replaces the dead;
 //! - [`worker`]: one worker process: spawn, handshake, run a job, stop and reap;
 //! - [`reaper`]: what jobs leave behind: orphaned descendants reaped, and

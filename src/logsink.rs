@@ -499,10 +499,6 @@ mod tests {
         }
         // All sends returned although nobody reads: the test got here.
         assert!(sink.dropped() > 0, "nothing dropped");
-        assert!(
-            !sink.flush_for(Duration::from_millis(50)),
-            "flushed into a full pipe?"
-        );
 
         let rx = drain(read);
         assert!(sink.flush_for(WAIT), "not flushed once the pipe is read");

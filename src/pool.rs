@@ -14,6 +14,11 @@
 //! `--max-jobs-per-worker`, and at once when the only client waiting for
 //! its running job has left (unless `--keep-abandoned`): the slot then
 //! serves the next client instead of a result nobody reads.
+//!
+//! With `--job-timeout`, a job that runs longer has its worker (and the
+//! worker's process group) stopped and replaced, and its client gets
+//! `(None, "job exceeded --job-timeout of N s on HOST")`; the job is not
+//! retried.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,6 +132,12 @@ pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
                     job.id
                 );
             }
+            Ended::TimedOut { job, limit } => {
+                metrics().worker_restart("job_timeout");
+                let pid = worker.pid;
+                let how = worker.stop(false).await;
+                answer_timed_out(job, limit, pid, &how, &ctx.spec.host);
+            }
             Ended::Died { job, refused } => {
                 metrics().worker_restart("died");
                 let pid = worker.pid;
@@ -175,6 +186,13 @@ enum Ended {
     Abandoned {
         /// Nobody waits for its answer.
         job: Job,
+    },
+    /// `job` ran for `limit` (`--job-timeout`): stop the worker now.
+    TimedOut {
+        /// Still to be answered, once its worker is gone.
+        job: Job,
+        /// The limit it reached.
+        limit: Duration,
     },
     /// The worker died, while running `job` if there is one.
     Died {
@@ -249,9 +267,16 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
             ..
         } = &mut job;
         let outcome = tokio::select! {
+            // A result that is in wins over a limit or an abandonment that
+            // comes at the same moment: the job is done, and its answer owed.
+            biased;
             o = worker.run(&mut cache, package, args) => o,
             () = abandoned(reply), if !ctx.spec.keep_abandoned => {
                 return Ended::Abandoned { job };
+            }
+            limit = time_limit(ctx.spec.job_timeout) => {
+                ctx.stats.record_job(started.elapsed());
+                return Ended::TimedOut { job, limit };
             }
             _ = ctx.shutdown.wait_for(|&s| s) => return Ended::Shutdown,
         };
@@ -303,6 +328,38 @@ async fn abandoned(reply: &mut oneshot::Sender<Bytes>) {
     tokio::time::sleep(ABANDON_GRACE).await;
 }
 
+/// Completes once a job has run for `limit` (`--job-timeout`), and
+/// returns it; never without a limit.
+async fn time_limit(limit: Option<Duration>) -> Duration {
+    match limit {
+        Some(limit) => {
+            tokio::time::sleep(limit).await;
+            limit
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Tells the client its job ran past `--job-timeout`, once the worker
+/// that ran it is gone (so nothing of the job runs on when the answer
+/// arrives).
+fn answer_timed_out(job: Job, limit: Duration, pid: u32, how: &str, host: &str) {
+    let secs = limit.as_secs();
+    log::warn!(
+        "job {} from {}: still running after --job-timeout of {secs} s; its worker pid {pid} \
+         was stopped ({how}) and is replaced",
+        job.id,
+        job.client
+    );
+    metrics().server_answered("job_timeout");
+    job.fail(&timeout_text(secs, host));
+}
+
+/// The output a pp client shows for a job stopped by `--job-timeout`.
+fn timeout_text(secs: u64, host: &str) -> String {
+    format!("job exceeded --job-timeout of {secs} s on {host}\n")
+}
+
 /// Tells the client its job's worker died.
 fn answer_died(job: Job, pid: u32, how: &str) {
     log::warn!(
@@ -340,11 +397,49 @@ mod tests {
     use crate::cache::PackageCache;
 
     #[tokio::test]
+    async fn a_job_past_its_time_limit_is_answered_with_the_limit_and_host() {
+        let c = PackageCache::new(1 << 20);
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            id: 8,
+            client: std::net::Ipv4Addr::LOCALHOST.into(),
+            package: c.receive(Bytes::from_static(b"Na")).unwrap(),
+            args: Bytes::new(),
+            reply: tx,
+            attempts: 0,
+            submitted: Instant::now(),
+            _held: crate::budget::Reservation::none(),
+        };
+        answer_timed_out(
+            job,
+            Duration::from_secs(2),
+            42,
+            "killed by signal 9",
+            "node7",
+        );
+        assert_eq!(
+            rx.await.unwrap(),
+            crate::pickle::none_with_text("job exceeded --job-timeout of 2 s on node7\n")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_time_limit_completes_after_the_limit_and_never_without_one() {
+        let limit = Duration::from_secs(36000);
+        let begun = tokio::time::Instant::now();
+        assert_eq!(time_limit(Some(limit)).await, limit);
+        assert_eq!(begun.elapsed(), limit);
+        let none = tokio::time::timeout(Duration::from_secs(1 << 30), time_limit(None));
+        assert!(none.await.is_err(), "no limit: never");
+    }
+
+    #[tokio::test]
     async fn a_job_that_never_starts_is_retried_then_answered() {
         let c = PackageCache::new(1 << 20);
         let (tx, mut rx) = oneshot::channel();
         let mut job = Job {
             id: 7,
+            client: std::net::Ipv4Addr::LOCALHOST.into(),
             package: c.receive(Bytes::from_static(b"Na")).unwrap(),
             args: Bytes::new(),
             reply: tx,

@@ -1,13 +1,27 @@
-//! Hands jobs from every client connection to the worker pool.
+//! Hands jobs from every client connection to the worker pool, in fair
+//! shares between client hosts.
 //!
-//! First come, first served: a job goes to an idle worker at once if there
-//! is one (preferring a worker that already holds the job's package, so it
-//! is sent the 33-byte `H` frame and skips unpickling the sources again),
-//! otherwise it waits in one queue shared by all connections and is taken
-//! by the next worker that becomes free. A job never waits while a worker
-//! is idle.
+//! A job goes to an idle worker at once if there is one (preferring a
+//! worker that already holds the job's package, so it is sent the 33-byte
+//! `H` frame and skips unpickling the sources again); a job never waits
+//! while a worker is idle. Otherwise it waits in its client host's queue:
+//! hosts are told apart by IP address, so all connections of one host
+//! share a queue. A worker that becomes free serves the hosts with queued
+//! jobs in turn (round robin): one job of the host whose turn it is, which
+//! then goes to the back of the line. A host with 200 connections thus
+//! gets one worker in two while one other host has jobs waiting, not all
+//! of them.
+//!
+//! Within a host, jobs start oldest first, with one exception for package
+//! affinity: a worker takes a job whose package it already holds from
+//! among the first [`AFFINITY_WINDOW`] queued jobs of that host, ahead of
+//! older ones, and no job is overtaken more than once. A single client
+//! running one function sees plain first come, first served. A job put
+//! back because its worker was found dead before starting it goes back to
+//! the head of its host's queue, and its host gets its turn back.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -17,12 +31,20 @@ use tokio::sync::oneshot;
 use crate::budget::Reservation;
 use crate::cache::{Package, WorkerCache};
 
+/// How many of its host's queued jobs, counted from the oldest, a free
+/// worker looks through for one whose package it already holds. Small, so
+/// package affinity reorders a host's jobs only a little: a pp client
+/// keeps about as many jobs queued on a server as it has workers.
+pub(crate) const AFFINITY_WINDOW: usize = 4;
+
 /// One job: a function package, its pickled arguments, and where its result
 /// goes.
 #[derive(Debug)]
 pub(crate) struct Job {
     /// Number for log lines.
     pub id: u64,
+    /// The client's host: jobs queue per host, and hosts take turns.
+    pub client: IpAddr,
     /// The function package (shared with the connection's cache).
     pub package: Arc<Package>,
     /// The pickled argument tuple, relayed as received.
@@ -65,15 +87,132 @@ struct IdleWorker {
     tx: oneshot::Sender<(Job, WorkerCache)>,
 }
 
+/// A job waiting for a worker.
+#[derive(Debug)]
+struct QueuedJob {
+    /// The job itself.
+    job: Job,
+    /// A later job of the same host went ahead of this one (package
+    /// affinity); it may not happen again, so this job bounds the search
+    /// for the next one.
+    overtaken: bool,
+}
+
+/// What the scheduler's mutex guards.
 #[derive(Debug, Default)]
 struct State {
-    /// Jobs no worker was free for, oldest first.
-    queue: VecDeque<Job>,
+    /// Jobs no worker was free for, by client host, each queue oldest
+    /// first. A host without queued jobs has no entry, so hosts that come
+    /// and go leave nothing behind.
+    queues: HashMap<IpAddr, VecDeque<QueuedJob>>,
+    /// The hosts that have queued jobs, each once, in the order they get
+    /// the next free workers.
+    turns: VecDeque<IpAddr>,
     /// Workers with nothing to do; most recently idle last.
     idle: Vec<IdleWorker>,
 }
 
-/// The shared job queue and the list of idle workers.
+/// Where a queued job goes in its host's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Behind the host's other jobs: a new job.
+    Back,
+    /// Ahead of them, with the host's turn given back: a job that was
+    /// taken but never started.
+    Front,
+}
+
+impl State {
+    /// Queues `job` in its host's queue; a host whose queue was empty
+    /// joins the line of turns (at its end for a new job).
+    fn enqueue(&mut self, job: Job, place: Place) {
+        let host = host_of(&job);
+        let queue = self.queues.entry(host).or_default();
+        let waiting = !queue.is_empty();
+        match place {
+            Place::Back => queue.push_back(QueuedJob {
+                job,
+                overtaken: false,
+            }),
+            // It keeps its place: nothing overtakes it any more.
+            Place::Front => queue.push_front(QueuedJob {
+                job,
+                overtaken: true,
+            }),
+        }
+        match (place, waiting) {
+            (Place::Back, true) => {}
+            (Place::Back, false) => self.turns.push_back(host),
+            (Place::Front, _) => {
+                // Its host's turn went to this job, which never ran: the
+                // host is next again. (Rare: a few hosts to look through.)
+                if waiting {
+                    self.turns.retain(|h| *h != host);
+                }
+                self.turns.push_front(host);
+            }
+        }
+    }
+
+    /// The next job for a worker holding `cache`: from the host whose
+    /// turn it is, which then goes to the back of the line if it has more.
+    /// Jobs of clients that left are dropped on the way.
+    fn dequeue(&mut self, cache: &WorkerCache) -> Option<Job> {
+        while let Some(host) = self.turns.pop_front() {
+            let Some(queue) = self.queues.get_mut(&host) else {
+                continue;
+            };
+            let taken = take(queue, cache);
+            if queue.is_empty() {
+                self.queues.remove(&host);
+            } else {
+                self.turns.push_back(host);
+            }
+            if taken.is_some() {
+                return taken;
+            }
+        }
+        None
+    }
+}
+
+/// The key of a job's host: an IPv4 client seen on an IPv6 listener is
+/// the same host as on an IPv4 one.
+fn host_of(job: &Job) -> IpAddr {
+    job.client.to_canonical()
+}
+
+/// Takes the job a worker holding `cache` runs next from one host's
+/// queue: the oldest, unless one of the first [`AFFINITY_WINDOW`] has a
+/// package the worker holds and no job it would pass was passed before.
+/// Abandoned jobs at the head are dropped; `None` if no job is left.
+fn take(queue: &mut VecDeque<QueuedJob>, cache: &WorkerCache) -> Option<Job> {
+    while queue.front()?.job.is_abandoned() {
+        if let Some(gone) = queue.pop_front() {
+            crate::metrics::metrics().dropped("abandoned");
+            log::debug!(
+                "job {} dropped: its client went away before it started",
+                gone.job.id
+            );
+        }
+    }
+    let mut pick = 0;
+    for (i, q) in queue.iter().enumerate().take(AFFINITY_WINDOW) {
+        if cache.contains(&q.job.package.hash) && !q.job.is_abandoned() {
+            pick = i;
+            break;
+        }
+        if q.overtaken {
+            break;
+        }
+    }
+    for passed in queue.iter_mut().take(pick) {
+        passed.overtaken = true;
+    }
+    queue.remove(pick).map(|q| q.job)
+}
+
+/// The job queues of the client hosts and the list of idle workers.
 #[derive(Debug, Default)]
 pub struct Scheduler {
     /// Guarded by a plain mutex: it is held for a few pointer moves, never
@@ -121,45 +260,40 @@ impl Waiting {
 impl Scheduler {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-changed
-        // in a way that matters (each step is a single push or pop).
+        // in a way that matters: the steps under it are pushes, pops and
+        // moves that do not panic short of running out of memory.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Submits a job: to an idle worker if there is one, else to the queue.
+    /// Submits a job: to an idle worker if there is one, else to the back
+    /// of its host's queue.
     pub(crate) fn submit(&self, job: Job) {
         let mut st = self.lock();
         if let Some(job) = hand_to_idle(&mut st, job) {
-            st.queue.push_back(job);
+            st.enqueue(job, Place::Back);
         }
     }
 
     /// Puts back a job that was taken but never started (its worker turned
-    /// out to be dead): to an idle worker, else at the head of the queue, so
-    /// it keeps its turn.
+    /// out to be dead): to an idle worker, else at the head of its host's
+    /// queue, with its host next in turn, so it keeps its place.
     pub(crate) fn requeue_front(&self, job: Job) {
         let mut st = self.lock();
         if let Some(job) = hand_to_idle(&mut st, job) {
-            st.queue.push_front(job);
+            st.enqueue(job, Place::Front);
         }
     }
 
-    /// A worker asks for its next job: the oldest queued job still wanted
-    /// by its client, or else it goes on the idle list.
+    /// A worker asks for its next job: one still wanted by its client, from
+    /// the host whose turn it is (see the module doc), or else it goes on
+    /// the idle list.
     pub(crate) fn next_job(
         &self,
         slot: usize,
         cache: WorkerCache,
     ) -> Result<(Job, WorkerCache), Waiting> {
         let mut st = self.lock();
-        while let Some(job) = st.queue.pop_front() {
-            if job.is_abandoned() {
-                crate::metrics::metrics().dropped("abandoned");
-                log::debug!(
-                    "job {} dropped: its client went away before it started",
-                    job.id
-                );
-                continue;
-            }
+        if let Some(job) = st.dequeue(&cache) {
             return Ok((job, cache));
         }
         let (tx, rx) = oneshot::channel();
@@ -203,9 +337,12 @@ impl Scheduler {
             return 0;
         }
         let mut answered = 0;
-        for job in st.queue.drain(..) {
-            if job.reply.send(answer.clone()).is_ok() {
-                answered += 1;
+        st.turns.clear();
+        for (_, queue) in st.queues.drain() {
+            for q in queue {
+                if q.job.reply.send(answer.clone()).is_ok() {
+                    answered += 1;
+                }
             }
         }
         answered
@@ -213,7 +350,7 @@ impl Scheduler {
 
     /// Number of jobs waiting for a worker.
     pub(crate) fn queued(&self) -> usize {
-        self.lock().queue.len()
+        self.lock().queues.values().map(VecDeque::len).sum()
     }
 
     /// Drops every idle entry and queued job: on shutdown, waiting workers
@@ -221,7 +358,8 @@ impl Scheduler {
     pub(crate) fn close(&self) {
         let mut st = self.lock();
         st.idle.clear();
-        st.queue.clear();
+        st.queues.clear();
+        st.turns.clear();
     }
 }
 
@@ -258,11 +396,21 @@ mod tests {
     use crate::cache::PackageCache;
 
     fn job(cache: &PackageCache, pkg: &'static [u8]) -> (Job, oneshot::Receiver<Bytes>) {
+        job_from(cache, pkg, "127.0.0.1")
+    }
+
+    /// A job with package `pkg` from client host `host`.
+    fn job_from(
+        cache: &PackageCache,
+        pkg: &'static [u8],
+        host: &str,
+    ) -> (Job, oneshot::Receiver<Bytes>) {
         let (tx, rx) = oneshot::channel();
         let package = cache.receive(Bytes::from_static(pkg)).unwrap();
         (
             Job {
                 id: 0,
+                client: host.parse().unwrap(),
                 package,
                 args: Bytes::new(),
                 reply: tx,
@@ -388,5 +536,244 @@ mod tests {
         s.requeue_front(got);
         let (first, _) = s.next_job(0, WorkerCache::default()).unwrap();
         assert_eq!(&first.package.new_frame[..], b"Na");
+    }
+
+    /// The packages (without the `N`) of the jobs that workers holding no
+    /// package take one after another, until none is queued.
+    fn drain(s: &Scheduler) -> Vec<String> {
+        let mut order = Vec::new();
+        while let Ok((job, _)) = s.next_job(0, WorkerCache::default()) {
+            order.push(String::from_utf8_lossy(&job.package.new_frame[1..]).into_owned());
+        }
+        order
+    }
+
+    #[tokio::test]
+    async fn hosts_take_turns_and_each_host_keeps_its_order() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let mut replies = Vec::new();
+        for (pkg, host) in [
+            (&b"Na1"[..], "192.0.2.1"),
+            (b"Na2", "192.0.2.1"),
+            (b"Na3", "192.0.2.1"),
+            (b"Nb1", "192.0.2.2"),
+            (b"Na4", "192.0.2.1"),
+            (b"Nb2", "192.0.2.2"),
+            (b"Nc1", "192.0.2.3"),
+        ] {
+            let (j, r) = job_from(&c, pkg, host);
+            replies.push(r);
+            s.submit(j);
+        }
+        assert_eq!(
+            drain(&s),
+            ["a1", "b1", "c1", "a2", "b2", "a3", "a4"],
+            "one job per host in turn, in the order hosts first queued"
+        );
+        let st = s.lock();
+        assert!(st.queues.is_empty() && st.turns.is_empty(), "nothing left");
+    }
+
+    #[tokio::test]
+    async fn a_single_job_of_another_host_waits_behind_one_job_of_a_busy_host() {
+        // The issue: one host's 40 connections held every worker while
+        // another host's single job waited behind all of them.
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let mut replies = Vec::new();
+        for _ in 0..40 {
+            let (j, r) = job_from(&c, b"Nbusy", "127.0.0.2");
+            replies.push(r);
+            s.submit(j);
+        }
+        let (single, _r) = job_from(&c, b"Nsingle", "127.0.0.3");
+        s.submit(single);
+        let order = drain(&s);
+        assert_eq!(
+            order.iter().position(|p| p == "single"),
+            Some(1),
+            "{order:?}"
+        );
+        assert_eq!(order.len(), 41);
+    }
+
+    #[tokio::test]
+    async fn ports_of_one_address_are_one_host_and_ipv4_mapped_is_ipv4() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let (a1, _r1) = job_from(&c, b"Na1", "192.0.2.1");
+        let (a2, _r2) = job_from(&c, b"Na2", "::ffff:192.0.2.1");
+        let (b1, _r3) = job_from(&c, b"Nb1", "192.0.2.2");
+        s.submit(a1);
+        s.submit(a2);
+        s.submit(b1);
+        assert_eq!(drain(&s), ["a1", "b1", "a2"]);
+    }
+
+    #[tokio::test]
+    async fn one_host_running_one_function_is_served_first_come_first_served() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let mut replies = Vec::new();
+        for id in 0..10 {
+            let (mut j, r) = job(&c, b"Nf");
+            j.id = id;
+            replies.push(r);
+            s.submit(j);
+        }
+        let (first, mut warm) = s.next_job(0, WorkerCache::default()).unwrap();
+        warm.insert(first.package.hash);
+        let mut ids = vec![first.id];
+        while let Ok((j, back)) = s.next_job(0, warm) {
+            ids.push(j.id);
+            warm = back;
+        }
+        assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_free_worker_prefers_a_job_whose_package_it_holds_within_its_host() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let (a, _ra) = job(&c, b"Na");
+        let (b, _rb) = job(&c, b"Nb");
+        let (b2, _rb2) = job(&c, b"Nb");
+        let mut warm = WorkerCache::default();
+        warm.insert(b.package.hash);
+        s.submit(a);
+        s.submit(b);
+        s.submit(b2);
+        // Holding b, the worker takes b ahead of the older a...
+        let (got, warm) = s.next_job(0, warm).unwrap();
+        assert_eq!(&got.package.new_frame[..], b"Nb");
+        // ...but a may be overtaken only once: next comes a, though the
+        // worker holds b and another b waits.
+        let (got, warm) = s.next_job(0, warm).unwrap();
+        assert_eq!(&got.package.new_frame[..], b"Na");
+        let (got, _) = s.next_job(0, warm).unwrap();
+        assert_eq!(&got.package.new_frame[..], b"Nb");
+    }
+
+    #[tokio::test]
+    async fn package_affinity_looks_only_a_few_jobs_ahead_and_never_across_hosts() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let mut replies = Vec::new();
+        for pkg in [&b"N1"[..], b"N2", b"N3", b"N4", b"Nheld"] {
+            let (j, r) = job_from(&c, pkg, "192.0.2.1");
+            replies.push(r);
+            s.submit(j);
+        }
+        let (other, _ro) = job_from(&c, b"Nheld", "192.0.2.2");
+        let mut warm = WorkerCache::default();
+        warm.insert(other.package.hash);
+        s.submit(other);
+        // The held package is fifth in the first host's queue: past the
+        // window. The worker takes that host's oldest job, not the other
+        // host's job it holds the package of, nor its fifth.
+        assert_eq!(AFFINITY_WINDOW, 4);
+        let (got, warm) = s.next_job(0, warm).unwrap();
+        assert_eq!(&got.package.new_frame[..], b"N1");
+        // The other host's turn: its job.
+        let (got, warm) = s.next_job(0, warm).unwrap();
+        assert_eq!(got.client, "192.0.2.2".parse::<IpAddr>().unwrap());
+        // Now the held package is within reach.
+        let (got, _) = s.next_job(0, warm).unwrap();
+        assert_eq!(&got.package.new_frame[..], b"Nheld");
+        assert_eq!(drain(&s), ["2", "3", "4"], "the passed jobs in order");
+    }
+
+    #[tokio::test]
+    async fn an_idle_worker_holding_the_package_is_preferred_whatever_the_host() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let (a, _ra) = job_from(&c, b"Na", "192.0.2.1");
+        let (b, _rb) = job_from(&c, b"Nb", "192.0.2.2");
+        let mut warm_a = WorkerCache::default();
+        warm_a.insert(a.package.hash);
+        let mut warm_b = WorkerCache::default();
+        warm_b.insert(b.package.hash);
+        let mut wa = s.next_job(0, warm_a).unwrap_err();
+        let mut wb = s.next_job(1, warm_b).unwrap_err();
+        s.submit(b);
+        s.submit(a);
+        assert_eq!(&wa.job().await.unwrap().0.package.new_frame[..], b"Na");
+        assert_eq!(&wb.job().await.unwrap().0.package.new_frame[..], b"Nb");
+    }
+
+    #[tokio::test]
+    async fn a_requeued_job_goes_first_and_its_host_gets_its_turn_back() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let mut replies = Vec::new();
+        for (pkg, host) in [
+            (&b"Na1"[..], "192.0.2.1"),
+            (b"Na2", "192.0.2.1"),
+            (b"Nb1", "192.0.2.2"),
+        ] {
+            let (j, r) = job_from(&c, pkg, host);
+            replies.push(r);
+            s.submit(j);
+        }
+        // a1 is taken; its worker turns out dead before starting it.
+        let (a1, _) = s.next_job(0, WorkerCache::default()).unwrap();
+        s.requeue_front(a1);
+        assert_eq!(drain(&s), ["a1", "b1", "a2"]);
+        // A host whose queue had emptied gets its turn back too.
+        let (b2, _rb2) = job_from(&c, b"Nb2", "192.0.2.2");
+        let (a3, _ra3) = job_from(&c, b"Na3", "192.0.2.1");
+        s.submit(b2);
+        s.submit(a3);
+        let (b2, _) = s.next_job(0, WorkerCache::default()).unwrap();
+        s.requeue_front(b2);
+        assert_eq!(drain(&s), ["b2", "a3"]);
+    }
+
+    #[tokio::test]
+    async fn a_requeued_job_is_never_overtaken() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let (a, _ra) = job(&c, b"Na");
+        let (b, _rb) = job(&c, b"Nb");
+        let mut warm = WorkerCache::default();
+        warm.insert(b.package.hash);
+        s.submit(a);
+        s.submit(b);
+        let (a, _) = s.next_job(0, WorkerCache::default()).unwrap();
+        s.requeue_front(a);
+        let (got, _) = s.next_job(0, warm).unwrap();
+        assert_eq!(&got.package.new_frame[..], b"Na");
+    }
+
+    #[tokio::test]
+    async fn abandoned_jobs_are_skipped_across_hosts_and_empty_hosts_forgotten() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let (a, ra) = job_from(&c, b"Na", "192.0.2.1");
+        let (b, _rb) = job_from(&c, b"Nb", "192.0.2.2");
+        s.submit(a);
+        s.submit(b);
+        drop(ra);
+        let (got, _) = s.next_job(0, WorkerCache::default()).unwrap();
+        assert_eq!(&got.package.new_frame[..], b"Nb");
+        let st = s.lock();
+        assert!(st.queues.is_empty() && st.turns.is_empty());
+    }
+
+    #[tokio::test]
+    async fn queued_jobs_of_every_host_are_answered_when_no_worker_can_run_them() {
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let (a, ra) = job_from(&c, b"Na", "192.0.2.1");
+        let (b, rb) = job_from(&c, b"Nb", "192.0.2.2");
+        s.submit(a);
+        s.submit(b);
+        let answer = Bytes::from_static(b"no workers");
+        assert_eq!(s.fail_queued_if_no_workers(&answer), 2);
+        assert_eq!(ra.await.unwrap(), answer);
+        assert_eq!(rb.await.unwrap(), answer);
+        assert_eq!(s.queued(), 0);
+        assert!(s.lock().turns.is_empty());
     }
 }

@@ -182,6 +182,12 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         restart: cfg.restart,
         max_jobs: cfg.max_jobs_per_worker,
         keep_abandoned: cfg.keep_abandoned,
+        job_timeout: cfg.job_timeout,
+        host: nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| local.ip().to_string()),
     });
     let mut workers = JoinSet::new();
     for slot in 0..cfg.workers {

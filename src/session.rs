@@ -422,6 +422,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             let (reply, result) = oneshot::channel();
             self.ctx.scheduler.submit(Job {
                 id,
+                client: peer.ip(),
                 package,
                 args,
                 reply,

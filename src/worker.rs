@@ -80,6 +80,12 @@ pub(crate) struct WorkerSpec {
     /// Let a running job whose client left run to its end
     /// (`--keep-abandoned`) instead of stopping its worker.
     pub(crate) keep_abandoned: bool,
+    /// Stop the worker of a job that has run this long, and answer the
+    /// job (`--job-timeout`); `None`: no limit.
+    pub(crate) job_timeout: Option<Duration>,
+    /// The server's host name, named in the answer to a job stopped by
+    /// `--job-timeout`: a client of many servers learns which one.
+    pub(crate) host: String,
 }
 
 /// `PYTHONPATH` for workers: the inherited entries, then the server's
