@@ -11,6 +11,8 @@
 //! - [`connections`]: the connection cap and the clients `-t` waits for;
 //! - [`session`]: one client connection: handshake ([`auth`]), then STAT or EXEC;
 //! - [`wire`]: the 8-byte-length frame, on sockets and worker pipes alike;
+//! - [`mapped`]: large frames in mappings of their own, handed to workers
+//!   by `vmsplice` without a copy;
 //! - [`budget`]: the memory budget every client frame is admitted against;
 //! - [`cache`]: the `N`/`H` function-package cache layer;
 //! - [`scheduler`]: jobs from every connection -> free workers;
@@ -37,6 +39,7 @@ mod inifile;
 mod install;
 pub mod logfmt;
 pub mod logsink;
+mod mapped;
 mod pickle;
 mod pool;
 mod ratelimit;

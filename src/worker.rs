@@ -33,11 +33,13 @@ use bytes::Bytes;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWrite};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::net::unix::pipe;
+use tokio::process::{Child, ChildStdout, Command};
 
 use crate::cache::{Package, WorkerCache};
+use crate::mapped::{self, MAPPED_MIN};
 use crate::reaper::{self, Registration};
-use crate::wire::{write_frame, write_frames, FrameError, FrameReader};
+use crate::wire::{write_frame, write_frames, write_heads, FrameError, FrameReader};
 
 /// How long a new worker may take to announce its pid (importing ppft and
 /// dill on a loaded machine can take seconds).
@@ -255,8 +257,10 @@ pub(crate) struct Worker {
     child: Child,
     /// Keeps the scans for orphans off this child, which tokio reaps.
     _registered: Registration,
-    /// Jobs go in here.
-    stdin: ChildStdin,
+    /// Jobs go in here. A pipe sender rather than tokio's `ChildStdin`,
+    /// which cannot wait for room without writing: large arguments go in
+    /// by `vmsplice` ([`mapped::vmsplice_all`]).
+    stdin: pipe::Sender,
     /// Results come out here.
     stdout: FrameReader<ChildStdout>,
     /// The worker's pid (and process group id), for log lines.
@@ -305,6 +309,7 @@ impl Worker {
         };
         widen_pipe(&stdin);
         widen_pipe(&stdout);
+        let stdin = pipe::Sender::from_owned_fd(stdin.into_owned_fd()?)?;
         let pid = child.id().unwrap_or(0);
         let mut w = Worker {
             group: ProcessGroup::of(pid),
@@ -360,10 +365,9 @@ impl Worker {
             pipe: &mut self.stdin,
             written: 0,
         };
-        let frames = [&package_frame[..], args];
         let sent = tokio::select! {
             biased;
-            r = write_frames(&mut stdin, &frames) => Some(r),
+            r = send_job(&mut stdin, package_frame, args) => Some(r),
             _ = self.child.wait() => None,
         };
         let written = stdin.written;
@@ -566,11 +570,36 @@ fn worker_oom_score_adj(server: i32) -> i32 {
         .clamp(WORKER_OOM_SCORE_ADJ, 1000)
 }
 
+/// Writes one job into a worker's stdin: the package frame, then the
+/// args frame. Large arguments read into a mapping of their own go in by
+/// reference (`vmsplice`) after the package and their header: the worker
+/// reads them straight from the server's memory, and the server copies
+/// nothing. Everything else goes in one `writev`.
+async fn send_job(
+    stdin: &mut Counted<'_>,
+    package_frame: &[u8],
+    args: &[u8],
+) -> Result<(), crate::wire::PartialWrite> {
+    if args.len() < MAPPED_MIN || !mapped::is_mapped(args) {
+        return write_frames(stdin, &[package_frame, args]).await;
+    }
+    write_heads(stdin, package_frame, args.len()).await?;
+    // Counted in place, so a send cut short by the worker's exit still
+    // tells how much went in.
+    let Counted { pipe, written } = stdin;
+    mapped::vmsplice_all(pipe, args, written)
+        .await
+        .map_err(|error| crate::wire::PartialWrite {
+            written: *written,
+            error,
+        })
+}
+
 /// A worker's stdin that counts the bytes written, so a write cut short
 /// by the worker's exit still tells a job the worker never read from one
 /// it took.
 struct Counted<'a> {
-    pipe: &'a mut ChildStdin,
+    pipe: &'a mut pipe::Sender,
     written: usize,
 }
 
@@ -624,7 +653,7 @@ fn widen_pipe(pipe: &impl AsRawFd) {
 
 /// Bytes written into a pipe that its reader has not read yet (FIONREAD
 /// works on either end of a Linux pipe); 0 if it cannot be told.
-fn unread_bytes(pipe: &ChildStdin) -> usize {
+fn unread_bytes(pipe: &impl AsRawFd) -> usize {
     let mut n: nix::libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer we pass.
     let rc = unsafe { nix::libc::ioctl(pipe.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
