@@ -365,9 +365,10 @@ impl Worker {
             pipe: &mut self.stdin,
             written: 0,
         };
+        let by_reference = args.len() >= MAPPED_MIN && mapped::is_mapped(args);
         let sent = tokio::select! {
             biased;
-            r = send_job(&mut stdin, package_frame, args) => Some(r),
+            r = send_job(&mut stdin, package_frame, args, by_reference) => Some(r),
             _ = self.child.wait() => None,
         };
         let written = stdin.written;
@@ -382,7 +383,16 @@ impl Worker {
         }
         cache.insert(package.hash);
         match self.read_or_exit().await {
-            Some(Ok(Some(result))) => self.answered(result),
+            Some(Ok(Some(result))) => {
+                let outcome = self.answered(result);
+                // A worker that answered and goes on has read its args
+                // whole; an empty pipe holds no reference to their pages,
+                // so their mapping may serve a later frame.
+                if by_reference && !self.exiting && unread(&self.stdin) == Some(0) {
+                    mapped::drained(args);
+                }
+                outcome
+            }
             Some(Ok(None)) => self.unanswered(written),
             Some(Err(e)) => Outcome::Died {
                 refused: Some(e.to_string()),
@@ -571,16 +581,18 @@ fn worker_oom_score_adj(server: i32) -> i32 {
 }
 
 /// Writes one job into a worker's stdin: the package frame, then the
-/// args frame. Large arguments read into a mapping of their own go in by
-/// reference (`vmsplice`) after the package and their header: the worker
+/// args frame. Arguments read into a mapping of their own
+/// ([`mapped::is_mapped`]) go in `by_reference` (`vmsplice`) after the
+/// package and their header: the worker
 /// reads them straight from the server's memory, and the server copies
 /// nothing. Everything else goes in one `writev`.
 async fn send_job(
     stdin: &mut Counted<'_>,
     package_frame: &[u8],
     args: &[u8],
+    by_reference: bool,
 ) -> Result<(), crate::wire::PartialWrite> {
-    if args.len() < MAPPED_MIN || !mapped::is_mapped(args) {
+    if !by_reference {
         return write_frames(stdin, &[package_frame, args]).await;
     }
     write_heads(stdin, package_frame, args.len()).await?;
@@ -654,13 +666,18 @@ fn widen_pipe(pipe: &impl AsRawFd) {
 /// Bytes written into a pipe that its reader has not read yet (FIONREAD
 /// works on either end of a Linux pipe); 0 if it cannot be told.
 fn unread_bytes(pipe: &impl AsRawFd) -> usize {
+    unread(pipe).unwrap_or(0)
+}
+
+/// [`unread_bytes`], `None` if it cannot be told.
+fn unread(pipe: &impl AsRawFd) -> Option<usize> {
     let mut n: nix::libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer we pass.
     let rc = unsafe { nix::libc::ioctl(pipe.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
     if rc == 0 {
-        usize::try_from(n).unwrap_or(0)
+        usize::try_from(n).ok()
     } else {
-        0
+        None
     }
 }
 
