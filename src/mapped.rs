@@ -53,7 +53,7 @@ const HUGE_PAGE: usize = 2 << 20;
 const FIRST_STEP: usize = 4 << 20;
 
 /// At most this many mappings of dropped frames are kept for reuse...
-const SPARE_COUNT: usize = 2;
+const SPARE_COUNT: usize = 4;
 /// ...holding at most this many bytes together: memory outside the budget,
 /// kept only while large frames keep coming...
 const SPARE_BYTES: usize = 64 << 20;
