@@ -583,9 +583,9 @@ fn worker_oom_score_adj(server: i32) -> i32 {
 /// Writes one job into a worker's stdin: the package frame, then the
 /// args frame. Arguments read into a mapping of their own
 /// ([`mapped::is_mapped`]) go in `by_reference` (`vmsplice`) after the
-/// package and their header: the worker
-/// reads them straight from the server's memory, and the server copies
-/// nothing. Everything else goes in one `writev`.
+/// package and their header: the worker reads them straight from the
+/// server's memory, and the server copies nothing. Everything else goes
+/// in one `writev`.
 async fn send_job(
     stdin: &mut Counted<'_>,
     package_frame: &[u8],
