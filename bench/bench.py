@@ -6,11 +6,18 @@ server under test, drives it with real, unmodified clients (bench/client.py
 run in the matching venv), and writes bench/results.md and bench/chart.png.
 
 Configurations (2 workers everywhere):
-  ours-ppft   ppft 1.7.8 client -> target/release/ppserver, ppft workers
-  ppft-py     ppft 1.7.8 client -> python -m ppft.server
-  local       ppft 1.7.8 client alone, pp.Server(ncpus=2): no server at all
-  pp170-py    pp 1.7.0 client   -> python -m pp.cli (pp 1.7.0's ppserver)
-  ours-pp170  pp 1.7.0 client   -> target/release/ppserver, pp._worker workers
+  ours-ppft    ppft 1.7.8 client -> target/release/ppserver, ppft workers
+  ppft-py      ppft 1.7.8 client -> python -m ppft.server
+  local        ppft 1.7.8 client alone, pp.Server(ncpus=2): no server at all
+  pp170-py     pp 1.7.0 client   -> python -m pp.cli (pp 1.7.0's ppserver)
+  ours-pp170   pp 1.7.0 client   -> target/release/ppserver, pp._worker workers
+  local-pp170  pp 1.7.0 client alone, pp.Server(ncpus=2): no server at all
+
+Every server is started once and kept for the whole run. Tiny jobs and the
+concurrent clients are measured one configuration after the other; bulk
+runs alternate between the configurations, round after round, so that
+whatever else loads the machine at some moment falls on all of them alike,
+and each configuration's figure is the median of its rounds.
 
 Everything that can block has a deadline, every process started here is
 started in its own process group and killed on the way out (normal end,
@@ -52,7 +59,9 @@ WORKERS = 2
 TINY_FAST, TINY_SLOW, SLOW_BELOW = 2000, 200, 250
 TINY_REPS_FAST, TINY_REPS_SLOW = 3, 1  # median of 3 where it is cheap
 WARMUP_JOBS = 30
-BULK_JOBS, BULK_MB, BULK_REPS = 16, 16, 3  # median of 3: it is noisy here
+# Bulk: BULK_ROUNDS rounds, each one client run per configuration in turn;
+# the median of the rounds. Noisy on a shared 2-core machine, hence 5.
+BULK_JOBS, BULK_MB, BULK_ROUNDS = 16, 16, 5
 SCALE_CLIENTS = (1, 4, 16)
 SCALE_N_FAST, SCALE_N_SLOW = 1000, 50  # tiny jobs per client
 
@@ -61,7 +70,7 @@ SCALE_N_FAST, SCALE_N_SLOW = 1000, 50  # tiny jobs per client
 GLOBAL_DEADLINE = 10 * 60
 SERVER_START_TIMEOUT = 30
 STOP_GRACE = 5
-CLIENT_TIMEOUT = 120  # one client: warm-up, tiny runs and bulk
+CLIENT_TIMEOUT = 120  # one client: warm-up, then tiny runs or one bulk run
 SCALE_READY_TIMEOUT = 60  # all N clients connected and warmed up
 SCALE_RUN_TIMEOUT = 60
 SETTLE = 1.0  # let a server go idle before reading its RSS
@@ -345,15 +354,26 @@ def client_cfg(server, ncpus, **kw):
 
 
 def run_single(python, server, ncpus, logdir, cwd, name):
-    """Tiny jobs (count chosen by calibration) then bulk, in one client."""
+    """Tiny jobs (count chosen by calibration), in one client."""
     cfg = client_cfg(server, ncpus, phases=[
         {"name": "tiny_auto", "n_fast": TINY_FAST, "n_slow": TINY_SLOW,
          "slow_below": SLOW_BELOW, "reps": TINY_REPS_FAST, "reps_slow": TINY_REPS_SLOW},
-        {"name": "bulk", "jobs": BULK_JOBS, "mb": BULK_MB, "reps": BULK_REPS},
     ])
     client = Client(python, cfg, logdir / ("client-%s.log" % name), cwd)
     try:
         return wait_all([client], "result", CLIENT_TIMEOUT)[0]
+    finally:
+        client.close()
+
+
+def run_bulk(python, server, ncpus, logdir, cwd, name, round_no):
+    """One timed bulk run (after an untimed bulk job), in a fresh client."""
+    cfg = client_cfg(server, ncpus, phases=[
+        {"name": "bulk", "jobs": BULK_JOBS, "mb": BULK_MB, "reps": 1},
+    ])
+    client = Client(python, cfg, logdir / ("bulk-%s-%d.log" % (name, round_no)), cwd)
+    try:
+        return wait_all([client], "result", CLIENT_TIMEOUT)[0]["bulk"][0]
     finally:
         client.close()
 
@@ -411,20 +431,33 @@ def configs():
                [PY_PP, "-m", "pp.cli"] + common),
         Config("ours-pp170", "ppserver (Rust), pp 1.7.0 client", PY_PP,
                [BINARY] + common + ["--python", PY_PP, "--worker-module", "pp._worker"]),
+        Config("local-pp170", "no server: pp 1.7.0 ncpus=2", PY_PP, None),
     ]
 
 
-def measure(cfg, logdir, workdir):
-    """All figures for one configuration; errors are recorded, not raised,
-    so that one broken configuration does not cost the others."""
-    res = {"key": cfg.key, "label": cfg.label, "errors": []}
-    server = None
+def start_servers(cfgs, logdir, workdir):
+    """Starts the server of every configuration that has one; returns
+    {key: Server}, and records startup errors and idle RSS in results."""
+    servers, results = {}, {}
+    for cfg in cfgs:
+        res = results[cfg.key] = {"key": cfg.key, "label": cfg.label, "errors": []}
+        if cfg.server_argv:
+            try:
+                servers[cfg.key] = start_server(cfg.key, cfg.server_argv, logdir, workdir)
+            except BenchError as exc:
+                res["errors"].append(str(exc))
+    time.sleep(SETTLE)
+    for key, server in servers.items():
+        results[key]["rss_idle_kib"] = proc_status(server.proc.pid, "VmRSS")
+    return servers, results
+
+
+def measure(cfg, server, res, logdir, workdir):
+    """Tiny jobs and concurrent clients for one configuration; errors are
+    recorded, not raised, so that one broken configuration does not cost
+    the others."""
     started = time.monotonic()
     try:
-        if cfg.server_argv:
-            server = start_server(cfg.key, cfg.server_argv, logdir, workdir)
-            time.sleep(SETTLE)
-            res["rss_idle_kib"] = proc_status(server.proc.pid, "VmRSS")
         single = run_single(cfg.client_python, server, cfg.ncpus, logdir, workdir, cfg.key)
         res["client_version"] = single["client_version"]
         tiny = single["tiny"]
@@ -441,10 +474,6 @@ def measure(cfg, logdir, workdir):
             res["cpu_ms_per_1000"] = cpu / sum(r["n"] for r in tiny) * 1000 * 1000
         res["client_cpu_ms_per_1000"] = (sum(r["client_cpu_s"] for r in tiny)
                                          / sum(r["n"] for r in tiny) * 1000 * 1000)
-        bulk = single["bulk"]
-        res["bulk_rates"] = [b["jobs"] * b["mb"] / b["seconds"] for b in bulk]
-        res["bulk_mb_per_s"] = statistics.median(res["bulk_rates"])
-        res["bulk_wrong"] = sum(b["wrong"] for b in bulk)
         slow = res["tiny_jobs_per_s"] < SLOW_BELOW
         per_client = SCALE_N_SLOW if slow else SCALE_N_FAST
         res["scale"] = []
@@ -455,19 +484,57 @@ def measure(cfg, logdir, workdir):
             except BenchError as exc:
                 res["errors"].append("%d clients: %s" % (n, exc))
                 res["scale"].append({"clients": n, "jobs": n * per_client, "error": str(exc)})
-        if server:
-            time.sleep(SETTLE)
+    except BenchError as exc:
+        res["errors"].append(str(exc))
+    res["seconds"] = time.monotonic() - started
+
+
+def measure_bulk(cfgs, servers, results, logdir, workdir):
+    """BULK_ROUNDS rounds of one bulk run per configuration, in turn."""
+    for cfg in cfgs:
+        results[cfg.key].update(bulk_rates=[], bulk_wrong=0, bulk_server_cpu_s=[])
+    for round_no in range(BULK_ROUNDS):
+        line = []
+        for cfg in cfgs:
+            res = results[cfg.key]
+            if cfg.server_argv and cfg.key not in servers:
+                continue  # its server did not start
+            server = servers.get(cfg.key)
+            try:
+                run = run_bulk(cfg.client_python, server, cfg.ncpus, logdir, workdir,
+                               cfg.key, round_no)
+            except BenchError as exc:
+                res["errors"].append("bulk round %d: %s" % (round_no, exc))
+                continue
+            rate = run["jobs"] * run["mb"] / run["seconds"]
+            res["bulk_rates"].append(rate)
+            res["bulk_wrong"] += run["wrong"]
+            if run.get("server_cpu_s") is not None:
+                res["bulk_server_cpu_s"].append(run["server_cpu_s"])
+            line.append("%s %.0f" % (cfg.key, rate))
+        print("   bulk round %d: %s MB/s" % (round_no + 1, ", ".join(line)), flush=True)
+    for cfg in cfgs:
+        res = results[cfg.key]
+        if res["bulk_rates"]:
+            res["bulk_mb_per_s"] = statistics.median(res["bulk_rates"])
+        if res["bulk_server_cpu_s"]:
+            # Per 16 MB job: the relay's own cost, whatever the throughput.
+            res["bulk_cpu_ms_per_job"] = (statistics.median(res["bulk_server_cpu_s"])
+                                          / BULK_JOBS * 1000)
+
+
+def finish_servers(servers, results):
+    """RSS after all runs and the peak, then stops every server."""
+    time.sleep(SETTLE)
+    for key, server in servers.items():
+        res = results[key]
+        try:
             res["rss_after_kib"] = proc_status(server.proc.pid, "VmRSS")
             res["rss_peak_kib"] = proc_status(server.proc.pid, "VmHWM")
             res["workers"] = len(descendants(server.proc.pid))
-    except BenchError as exc:
-        res["errors"].append(str(exc))
-    finally:
-        if server:
+        finally:
             server.stop()
             res["leftovers"] = server.leftovers
-    res["seconds"] = time.monotonic() - started
-    return res
 
 
 # --------------------------------------------------------------- reporting
@@ -574,8 +641,10 @@ def targets(by):
           None if cpu is None else cpu * 100, 5, higher_is_better=False, unit="%")
     check("bulk MB/s >= 1.5x ppft's Python ppserver",
           ratio(g("ours-ppft", "bulk_mb_per_s"), g("ppft-py", "bulk_mb_per_s")), 1.5)
-    check("bulk MB/s >= 0.9x no server",
+    check("bulk MB/s >= 0.9x no server (ppft 1.7.8 client)",
           ratio(g("ours-ppft", "bulk_mb_per_s"), g("local", "bulk_mb_per_s")), 0.9)
+    check("bulk MB/s >= 1.2x pp 1.7.0's Python ppserver (pp 1.7.0 client)",
+          ratio(g("ours-pp170", "bulk_mb_per_s"), g("pp170-py", "bulk_mb_per_s")), 1.2)
     for key in ("ours-ppft", "ours-pp170"):
         check("our server's RSS after the runs <= 10 MiB (%s)" % key,
               mib(g(key, "rss_after_kib")), 10, higher_is_better=False, unit=" MiB")
@@ -657,10 +726,11 @@ def render(results, machine, pickles, total_s):
              "Client CPU: the same for the client process (not its local workers); "
              "the machine has 2 cores for client, server and workers together.")
     L.append("- bulk: %d jobs, each with a %d MB random `bytes` argument, returning its "
-             "length; MB/s of argument data (after one untimed job), median of %d runs, "
-             "range in brackets." % (BULK_JOBS, BULK_MB, BULK_REPS))
+             "length; MB/s of argument data (after one untimed job), median of %d rounds "
+             "in which the configurations take turns (one fresh client each), range in "
+             "brackets." % (BULK_JOBS, BULK_MB, BULK_ROUNDS))
     L.append("- RSS: VmRSS of the server process after startup (+%.0f s) and after all "
-             "runs; peak is VmHWM (reached during the bulk run)." % SETTLE)
+             "runs; peak is VmHWM (reached during the bulk runs)." % SETTLE)
     L.append("")
     L.append("### Scaling: concurrent clients")
     L.append("")
@@ -684,12 +754,41 @@ def render(results, machine, pickles, total_s):
         cells += ["n/a"] * (len(SCALE_CLIENTS) - len(cells))
         L.append("| %s | %s | %d |" % (r["key"], " | ".join(cells), lost))
     L.append("")
+    L.append("### Bulk, per client family")
+    L.append("")
+    L.append("The client's pickling bounds every configuration of a family alike, so "
+             "the gap to no server is what the relay costs. Server CPU: utime+stime of "
+             "the server process per %d MB job, median over the rounds (10 ms ticks)."
+             % BULK_MB)
+    L.append("")
+    L.append("| client | this server MB/s | its Python ppserver MB/s | no server MB/s "
+             "| vs Python ppserver | vs no server | server CPU ms / job: ours, Python |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    g = lambda k, f: by.get(k, {}).get(f)  # noqa: E731
+
+    def rate(key):
+        r = by.get(key, {})
+        if "bulk_mb_per_s" not in r:
+            return "n/a"
+        rates = r["bulk_rates"]
+        return "%.0f (%.0f-%.0f)" % (r["bulk_mb_per_s"], min(rates), max(rates))
+
+    for client, ours, py, local in (("ppft 1.7.8", "ours-ppft", "ppft-py", "local"),
+                                    ("pp 1.7.0", "ours-pp170", "pp170-py", "local-pp170")):
+        L.append("| %s | %s | %s | %s | %s | %s | %s, %s |" % (
+            client, rate(ours), rate(py), rate(local),
+            fmt(ratio(g(ours, "bulk_mb_per_s"), g(py, "bulk_mb_per_s")), "%.2fx"),
+            fmt(ratio(g(ours, "bulk_mb_per_s"), g(local, "bulk_mb_per_s")), "%.2fx"),
+            fmt(g(ours, "bulk_cpu_ms_per_job"), "%.1f"),
+            fmt(g(py, "bulk_cpu_ms_per_job"), "%.1f")))
+    L.append("")
     L.append("## Headline ratios")
     L.append("")
     g = lambda k, f: by.get(k, {}).get(f)  # noqa: E731
     pairs = [("ours-ppft", "ppft-py", "ours vs ppft 1.7.8's Python ppserver"),
              ("ours-pp170", "pp170-py", "ours vs pp 1.7.0's Python ppserver"),
-             ("ours-ppft", "local", "ours vs no server (ppft, ncpus=2)")]
+             ("ours-ppft", "local", "ours vs no server (ppft, ncpus=2)"),
+             ("ours-pp170", "local-pp170", "ours vs no server (pp 1.7.0, ncpus=2)")]
     L.append("| comparison | tiny jobs/s | server CPU per job | bulk MB/s |")
     L.append("|---|---:|---:|---:|")
     for a, b, desc in pairs:
@@ -734,6 +833,11 @@ def render(results, machine, pickles, total_s):
         if r.get("leftovers"):
             L.append("- %s: on SIGTERM: %s" % (r["key"], "; ".join(r["leftovers"])))
     L.append("")
+    profile = BENCH / "profile.md"
+    if profile.exists():
+        # Written by hand from bench/profile.py runs; kept across reruns.
+        L.append(profile.read_text().rstrip())
+        L.append("")
     return "\n".join(L)
 
 
@@ -747,20 +851,27 @@ def chart(results, path):
     ours = ["#d95f02" if k.startswith("ours") else "#7570b3" for k in keys]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
 
-    def bars(ax, values, title, log):
-        drawn = ax.bar(keys, [v or 0 for v in values], color=ours)
+    def bars(ax, values, title, log, spread=None):
+        drawn = ax.bar(keys, [v or 0 for v in values], color=ours, yerr=spread,
+                       capsize=3 if spread else 0)
         if log:
             ax.set_yscale("log")
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
-        for rect, v in zip(drawn, values):
+        tops = [(v or 0) + up for v, up in zip(values, spread[1])] if spread else values
+        for rect, v, top in zip(drawn, values, tops):
             if v:
-                ax.annotate("%.0f" % v, (rect.get_x() + rect.get_width() / 2, v),
+                # Above the whisker, where there is one.
+                ax.annotate("%.0f" % v, (rect.get_x() + rect.get_width() / 2, top),
                             ha="center", va="bottom", fontsize=8)
 
     bars(axes[0], [r["tiny_jobs_per_s"] for r in ok], "tiny jobs/s (log scale)", True)
-    bars(axes[1], [r.get("bulk_mb_per_s") for r in ok],
-         "bulk MB/s (%d x %d MB arguments)" % (BULK_JOBS, BULK_MB), False)
+    bulk = [r.get("bulk_mb_per_s") for r in ok]
+    # Whiskers: the range over the alternating rounds.
+    spread = [[(m - min(r["bulk_rates"])) if m else 0 for m, r in zip(bulk, ok)],
+              [(max(r["bulk_rates"]) - m) if m else 0 for m, r in zip(bulk, ok)]]
+    bars(axes[1], bulk, "bulk MB/s (%d x %d MB arguments; median, range of %d rounds)"
+         % (BULK_JOBS, BULK_MB, BULK_ROUNDS), False, spread)
     ax = axes[2]
     width = 0.8 / len(SCALE_CLIENTS)
     for i, n in enumerate(SCALE_CLIENTS):
@@ -822,21 +933,27 @@ def main():
     workdir = logdir / "cwd"
     workdir.mkdir()
     started = time.monotonic()
-    results = []
+    cfgs = [c for c in configs() if not args.only or c.key in args.only]
+    servers, by_key = {}, {}
     failed = False
     try:
-        for cfg in configs():
-            if args.only and cfg.key not in args.only:
+        print("== starting %d servers" % sum(1 for c in cfgs if c.server_argv), flush=True)
+        servers, by_key = start_servers(cfgs, logdir, workdir)
+        for cfg in cfgs:
+            res = by_key[cfg.key]
+            if cfg.server_argv and cfg.key not in servers:
+                print("== %s: server did not start" % cfg.key, flush=True)
                 continue
             print("== %s: %s" % (cfg.key, cfg.label), flush=True)
-            res = measure(cfg, logdir, workdir)
-            results.append(res)
-            failed |= bool(res["errors"])
-            print("   %s in %.0f s%s" % (
-                "tiny %s jobs/s, bulk %s MB/s" % (fmt(res.get("tiny_jobs_per_s")),
-                                                  fmt(res.get("bulk_mb_per_s"), "%.1f")),
-                res["seconds"], ", ERRORS: %d" % len(res["errors"]) if res["errors"] else ""),
-                flush=True)
+            measure(cfg, servers.get(cfg.key), res, logdir, workdir)
+            print("   tiny %s jobs/s in %.0f s%s" % (
+                fmt(res.get("tiny_jobs_per_s")), res["seconds"],
+                ", ERRORS: %d" % len(res["errors"]) if res["errors"] else ""), flush=True)
+        print("== bulk: %d rounds, configurations alternating" % BULK_ROUNDS, flush=True)
+        measure_bulk(cfgs, servers, by_key, logdir, workdir)
+        finish_servers(servers, by_key)
+        results = [by_key[c.key] for c in cfgs]
+        failed = any(r["errors"] for r in results)
         pickles = pickle_rates()
     except KeyboardInterrupt as exc:
         print("\ninterrupted (%s): stopping everything; logs in %s" % (exc or "Ctrl-C", logdir),

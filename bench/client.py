@@ -145,11 +145,15 @@ def main():
                 raise SystemExit("bulk warm-up: wrong answer")
             runs = []
             for _ in range(phase.get("reps", 1)):
+                cpu0 = cpu_seconds(cfg.get("server_pid"))
                 t0 = time.monotonic()
                 jobs = [server.submit(blen, (payload,)) for _ in range(phase["jobs"])]
                 wrong = sum(1 for job in jobs if job() != size)
+                seconds = time.monotonic() - t0
+                cpu1 = cpu_seconds(cfg.get("server_pid"))
                 runs.append({"jobs": phase["jobs"], "mb": phase["mb"],
-                             "seconds": time.monotonic() - t0, "wrong": wrong})
+                             "seconds": seconds, "wrong": wrong,
+                             "server_cpu_s": None if cpu0 is None else cpu1 - cpu0})
             out["bulk"] = runs
         else:
             raise SystemExit("unknown phase %r" % name)

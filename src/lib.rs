@@ -14,6 +14,8 @@
 //! - [`session`]: one client connection: handshake ([`auth`], with the delay
 //!   after wrong answers), then STAT or EXEC;
 //! - [`wire`]: the 8-byte-length frame, on sockets and worker pipes alike;
+//! - [`mapped`]: large frames in mappings of their own, handed to workers
+//!   by `vmsplice` without a copy;
 //! - [`budget`]: the memory budget every client frame is admitted against;
 //! - [`cache`]: the `N`/`H` function-package cache layer;
 //! - [`scheduler`]: jobs from every connection -> free workers, client hosts in turn;
@@ -42,6 +44,7 @@ mod inifile;
 mod install;
 pub mod logfmt;
 pub mod logsink;
+mod mapped;
 mod metrics;
 mod pickle;
 mod pool;

@@ -6,7 +6,9 @@
 //! [`FrameReader`] owns a stream and its read buffer (a worker's stdout),
 //! and [`Connection`] adds the writes for a two-way stream (a client
 //! socket). Payloads come out as [`Bytes`] cut from the read buffer, so
-//! relaying them costs no copy.
+//! relaying them costs no copy; payloads of [`crate::mapped::MAPPED_MIN`]
+//! or more skip the read buffer and are read into a mapping of their own,
+//! which a worker's pipe can take by reference.
 //!
 //! The reader is written by hand rather than taken from tokio-util's
 //! `LengthDelimitedCodec`: that codec reserves the whole announced length
@@ -22,6 +24,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::mapped::{Filling, MAPPED_MIN};
 
 /// Size of the length header in front of every frame.
 pub const HEADER_LEN: usize = 8;
@@ -141,6 +145,9 @@ pub struct FrameReader<R> {
     buf: BytesMut,
     /// Largest payload accepted; see [`FrameReader::set_max`].
     max: usize,
+    /// A large frame whose header is consumed, being read straight into a
+    /// mapping of its own ([`crate::mapped`]) rather than into `buf`.
+    large: Option<Filling>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -150,6 +157,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: BytesMut::with_capacity(8 * 1024),
             max,
+            large: None,
         }
     }
 
@@ -161,7 +169,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Bytes the read buffer can hold now: what reading has cost in memory.
     pub fn buffered_capacity(&self) -> usize {
-        self.buf.capacity()
+        self.buf.capacity() + self.large.as_ref().map_or(0, Filling::filled)
     }
 
     /// The stream, for writing answers on it.
@@ -173,6 +181,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// frames; an end of stream inside a frame is [`FrameError::Truncated`].
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         loop {
+            if let Some(large) = &mut self.large {
+                if large.is_full() {
+                    return Ok(self.large.take().map(Filling::freeze));
+                }
+                // Straight into the frame's own memory: no copy out of a
+                // read buffer, and no buffer to grow.
+                match self.inner.read(large.unfilled()?).await? {
+                    0 => return Err(FrameError::Truncated),
+                    n => large.advance(n),
+                }
+                continue;
+            }
             let missing = match decode(&mut self.buf, self.max)? {
                 Decoded::Frame(frame) => {
                     if frame.len() >= EAGER_RESERVE {
@@ -182,6 +202,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 Decoded::Incomplete { missing } => missing,
             };
+            if self.buf.len() >= HEADER_LEN && self.map_large_frame(missing)? {
+                continue;
+            }
             if self.buf.capacity() - self.buf.len() < missing {
                 // Grow geometrically past EAGER_RESERVE instead of trusting
                 // the announced length with a single huge allocation.
@@ -196,6 +219,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
         }
+    }
+
+    /// With a whole header in `buf` and `missing` bytes of its frame still
+    /// to come: if the frame is large, moves it to a mapping of its own
+    /// (header consumed, the payload bytes already read copied over) and
+    /// says so. False when the frame is small or no mapping can be had.
+    fn map_large_frame(&mut self, missing: usize) -> io::Result<bool> {
+        let len = self.buf.len() - HEADER_LEN + missing;
+        if len < MAPPED_MIN {
+            return Ok(false);
+        }
+        let Some(mut large) = Filling::new(len) else {
+            return Ok(false);
+        };
+        self.buf.advance(HEADER_LEN);
+        let taken = large.extend_from(&self.buf)?;
+        self.buf.advance(taken);
+        if self.buf.capacity() > EAGER_RESERVE {
+            // What the buffer grew to for this frame's start goes back.
+            self.buf = BytesMut::with_capacity(8 * 1024);
+        }
+        self.large = Some(large);
+        Ok(true)
     }
 
     /// A large frame shares its allocation with the read buffer; if the
@@ -262,6 +308,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Cancel-safe.
     pub async fn read_header(&mut self) -> Result<Option<usize>, FrameError> {
         let r = &mut self.reader;
+        if let Some(large) = &r.large {
+            // Its header was taken when its payload started to arrive.
+            return Ok(Some(large.len()));
+        }
         while r.buf.len() < HEADER_LEN {
             r.buf.reserve(HEADER_LEN);
             if r.inner.read_buf(&mut r.buf).await? == 0 {
@@ -286,12 +336,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// holding at most one read buffer of it; returns its length. For a
     /// frame too large to keep, whose job is answered without it.
     pub async fn discard_frame(&mut self) -> Result<usize, FrameError> {
-        let Some(len) = self.read_header().await? else {
-            return Err(FrameError::Truncated);
+        let (len, mut left) = match self.reader.large.take() {
+            Some(large) => (large.len(), large.len() - large.filled()),
+            None => {
+                let Some(len) = self.read_header().await? else {
+                    return Err(FrameError::Truncated);
+                };
+                self.reader.buf.advance(HEADER_LEN);
+                (len, len)
+            }
         };
         let r = &mut self.reader;
-        r.buf.advance(HEADER_LEN);
-        let mut left = len;
         loop {
             let take = left.min(r.buf.len());
             r.buf.advance(take);
@@ -369,6 +424,24 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     write_frames_within(w, payloads, None).await
 }
 
+/// Writes `payload` as a frame, then only the header of a frame of
+/// `next_len` bytes, in one `writev`: what goes ahead of a payload that is
+/// sent by other means (`vmsplice`, [`crate::mapped`]).
+pub(crate) async fn write_heads<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+    next_len: usize,
+) -> Result<(), PartialWrite> {
+    let header = (payload.len() as u64).to_be_bytes();
+    let next = (next_len as u64).to_be_bytes();
+    let mut slices = [
+        IoSlice::new(&header),
+        IoSlice::new(payload),
+        IoSlice::new(&next),
+    ];
+    write_slices(w, &mut slices, None).await
+}
+
 /// [`write_frames`], failing with `TimedOut` when a single write makes no
 /// progress for `stall`.
 async fn write_frames_within<W: AsyncWrite + Unpin>(
@@ -386,7 +459,17 @@ async fn write_frames_within<W: AsyncWrite + Unpin>(
         slices[2 * i] = IoSlice::new(&headers[i]);
         slices[2 * i + 1] = IoSlice::new(p);
     }
-    let mut rest = &mut slices[..2 * payloads.len()];
+    write_slices(w, &mut slices[..2 * payloads.len()], stall).await
+}
+
+/// Writes all of `slices` with vectored writes, then flushes; see
+/// [`write_frames_within`] for `stall`.
+async fn write_slices<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    slices: &mut [IoSlice<'_>],
+    stall: Option<Duration>,
+) -> Result<(), PartialWrite> {
+    let mut rest = slices;
     let mut written = 0;
     loop {
         // Skip drained slices so an empty payload never looks like the end.
@@ -620,6 +703,64 @@ mod tests {
             "{}",
             r.buffered_capacity()
         );
+    }
+
+    /// A payload whose bytes say where they are, so a misplaced chunk
+    /// shows.
+    fn counting(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_arrives_whole_in_a_mapping_of_its_own() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let big = counting(5 * MAPPED_MIN + 17);
+        let mut bytes = encode_frame(&big);
+        bytes.extend(encode_frame(b"after"));
+        tokio::spawn(async move {
+            for chunk in bytes.chunks(100_003) {
+                a.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut r = FrameReader::new(b, 1 << 30);
+        let frame = r.read_frame().await.unwrap().unwrap();
+        assert!(frame == big, "the payload came out changed");
+        assert!(crate::mapped::is_mapped(&frame));
+        assert_eq!(r.read_frame().await.unwrap().unwrap(), &b"after"[..]);
+        assert!(r.read_frame().await.unwrap().is_none());
+        assert!(r.buffered_capacity() < EAGER_RESERVE);
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_cut_off_is_an_error() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let bytes = encode_frame(&counting(2 * MAPPED_MIN));
+        tokio::spawn(async move {
+            a.write_all(&bytes[..MAPPED_MIN + 5]).await.unwrap();
+        });
+        let mut r = FrameReader::new(b, 1 << 30);
+        assert!(matches!(r.read_frame().await, Err(FrameError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_half_read_can_still_be_discarded() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let len = 3 * MAPPED_MIN;
+        let bytes = encode_frame(&counting(len));
+        let (go, rest) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            a.write_all(&bytes[..2 * MAPPED_MIN]).await.unwrap();
+            rest.await.unwrap();
+            a.write_all(&bytes[2 * MAPPED_MIN..]).await.unwrap();
+            a.write_all(&encode_frame(b"next")).await.unwrap();
+        });
+        let mut c = Connection::new(b, 1 << 30);
+        let first = tokio::time::timeout(Duration::from_millis(100), c.read_frame()).await;
+        assert!(first.is_err(), "the frame cannot be whole yet");
+        assert_eq!(c.read_header().await.unwrap(), Some(len), "its header");
+        go.send(()).unwrap();
+        assert_eq!(c.discard_frame().await.unwrap(), len);
+        assert_eq!(c.read_frame().await.unwrap().unwrap(), &b"next"[..]);
     }
 
     #[tokio::test]

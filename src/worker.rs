@@ -33,11 +33,13 @@ use bytes::Bytes;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWrite};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::net::unix::pipe;
+use tokio::process::{Child, ChildStdout, Command};
 
 use crate::cache::{Package, WorkerCache};
+use crate::mapped::{self, MAPPED_MIN};
 use crate::reaper::{self, Registration};
-use crate::wire::{write_frame, write_frames, FrameError, FrameReader};
+use crate::wire::{write_frame, write_frames, write_heads, FrameError, FrameReader};
 
 /// How long a new worker may take to announce its pid (importing ppft and
 /// dill on a loaded machine can take seconds).
@@ -261,8 +263,10 @@ pub(crate) struct Worker {
     child: Child,
     /// Keeps the scans for orphans off this child, which tokio reaps.
     _registered: Registration,
-    /// Jobs go in here.
-    stdin: ChildStdin,
+    /// Jobs go in here. A pipe sender rather than tokio's `ChildStdin`,
+    /// which cannot wait for room without writing: large arguments go in
+    /// by `vmsplice` ([`mapped::vmsplice_all`]).
+    stdin: pipe::Sender,
     /// Results come out here.
     stdout: FrameReader<ChildStdout>,
     /// The worker's pid (and process group id), for log lines.
@@ -311,6 +315,7 @@ impl Worker {
         };
         widen_pipe(&stdin);
         widen_pipe(&stdout);
+        let stdin = pipe::Sender::from_owned_fd(stdin.into_owned_fd()?)?;
         let pid = child.id().unwrap_or(0);
         let mut w = Worker {
             group: ProcessGroup::of(pid),
@@ -366,10 +371,10 @@ impl Worker {
             pipe: &mut self.stdin,
             written: 0,
         };
-        let frames = [&package_frame[..], args];
+        let by_reference = args.len() >= MAPPED_MIN && mapped::is_mapped(args);
         let sent = tokio::select! {
             biased;
-            r = write_frames(&mut stdin, &frames) => Some(r),
+            r = send_job(&mut stdin, package_frame, args, by_reference) => Some(r),
             _ = self.child.wait() => None,
         };
         let written = stdin.written;
@@ -384,7 +389,16 @@ impl Worker {
         }
         cache.insert(package.hash);
         match self.read_or_exit().await {
-            Some(Ok(Some(result))) => self.answered(result),
+            Some(Ok(Some(result))) => {
+                let outcome = self.answered(result);
+                // A worker that answered and goes on has read its args
+                // whole; an empty pipe holds no reference to their pages,
+                // so their mapping may serve a later frame.
+                if by_reference && !self.exiting && unread(&self.stdin) == Some(0) {
+                    mapped::drained(args);
+                }
+                outcome
+            }
             Some(Ok(None)) => self.unanswered(written),
             Some(Err(e)) => Outcome::Died {
                 refused: Some(e.to_string()),
@@ -572,11 +586,38 @@ fn worker_oom_score_adj(server: i32) -> i32 {
         .clamp(WORKER_OOM_SCORE_ADJ, 1000)
 }
 
+/// Writes one job into a worker's stdin: the package frame, then the
+/// args frame. Arguments read into a mapping of their own
+/// ([`mapped::is_mapped`]) go in `by_reference` (`vmsplice`) after the
+/// package and their header: the worker reads them straight from the
+/// server's memory, and the server copies nothing. Everything else goes
+/// in one `writev`.
+async fn send_job(
+    stdin: &mut Counted<'_>,
+    package_frame: &[u8],
+    args: &[u8],
+    by_reference: bool,
+) -> Result<(), crate::wire::PartialWrite> {
+    if !by_reference {
+        return write_frames(stdin, &[package_frame, args]).await;
+    }
+    write_heads(stdin, package_frame, args.len()).await?;
+    // Counted in place, so a send cut short by the worker's exit still
+    // tells how much went in.
+    let Counted { pipe, written } = stdin;
+    mapped::vmsplice_all(pipe, args, written)
+        .await
+        .map_err(|error| crate::wire::PartialWrite {
+            written: *written,
+            error,
+        })
+}
+
 /// A worker's stdin that counts the bytes written, so a write cut short
 /// by the worker's exit still tells a job the worker never read from one
 /// it took.
 struct Counted<'a> {
-    pipe: &'a mut ChildStdin,
+    pipe: &'a mut pipe::Sender,
     written: usize,
 }
 
@@ -630,14 +671,19 @@ fn widen_pipe(pipe: &impl AsRawFd) {
 
 /// Bytes written into a pipe that its reader has not read yet (FIONREAD
 /// works on either end of a Linux pipe); 0 if it cannot be told.
-fn unread_bytes(pipe: &ChildStdin) -> usize {
+fn unread_bytes(pipe: &impl AsRawFd) -> usize {
+    unread(pipe).unwrap_or(0)
+}
+
+/// [`unread_bytes`], `None` if it cannot be told.
+fn unread(pipe: &impl AsRawFd) -> Option<usize> {
     let mut n: nix::libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer we pass.
     let rc = unsafe { nix::libc::ioctl(pipe.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
     if rc == 0 {
-        usize::try_from(n).unwrap_or(0)
+        usize::try_from(n).ok()
     } else {
-        0
+        None
     }
 }
 
