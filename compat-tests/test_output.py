@@ -91,7 +91,10 @@ def unread_server(tmp_path):
     """The server under test (-d, 2 workers) with stdout and stderr each on
     a pipe this test does not read until it says so; stopped afterwards."""
     port = free_port()
-    argv = server_command("-i", "127.0.0.1", "-p", port, "-w", 2, "-s", SECRET, "-d")
+    # Its wrong secrets make log lines; the login throttle (test_hostile.py)
+    # would only stretch the run.
+    argv = server_command("-i", "127.0.0.1", "-p", port, "-w", 2, "-s", SECRET, "-d",
+                          "--login-delay", 0)
     log_path = tmp_path / "server.log"
     log_path.write_text("$ %s\n(stdout and stderr: pipes nobody reads)\n" % argv[0])
     proc = subprocess.Popen(argv, cwd=str(HERE), env=server_env(), stdin=subprocess.DEVNULL,

@@ -395,6 +395,12 @@ enum Setting {
     Restart,
     PidFile,
     Quiet,
+    Python,
+    SecretFile,
+    WorkerModule,
+    PpVersion,
+    MaxFrameSize,
+    MaxConnections,
     Verbose,
     ReadyFile,
     DrainTimeout,
@@ -424,6 +430,12 @@ const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("general", "restart", Setting::Restart),
     ("general", "pid_file", Setting::PidFile),
     ("general", "quiet", Setting::Quiet),
+    ("general", "python", Setting::Python),
+    ("general", "secret_file", Setting::SecretFile),
+    ("general", "worker_module", Setting::WorkerModule),
+    ("general", "pp_version", Setting::PpVersion),
+    ("general", "max_frame_size", Setting::MaxFrameSize),
+    ("network", "max_connections", Setting::MaxConnections),
     ("general", "verbose", Setting::Verbose),
     ("general", "ready_file", Setting::ReadyFile),
     ("general", "drain_timeout", Setting::DrainTimeout),
@@ -567,6 +579,46 @@ fn apply(
                     invalid(name, value, "expected ADDRESS:PORT, e.g. 127.0.0.1:9464")
                 })?)
         }
+        Setting::Python => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty path"));
+            }
+            cfg.python = Some(PathBuf::from(value));
+        }
+        Setting::SecretFile => {
+            cfg.secret = secret_from_file(Path::new(value))?;
+            cfg.secret_is_default = false;
+        }
+        Setting::WorkerModule => {
+            let module_name =
+                |p: &str| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_');
+            if !value.split('.').all(module_name) {
+                return Err(invalid(
+                    name,
+                    value,
+                    "expected a Python module name such as ppft or pp._worker",
+                ));
+            }
+            cfg.worker_module = Some(value.to_string());
+        }
+        Setting::PpVersion => {
+            if value.is_empty() || !value.is_ascii() {
+                return Err(invalid(name, value, "must be non-empty ASCII"));
+            }
+            cfg.pp_version = Some(value.to_string());
+        }
+        Setting::MaxFrameSize => {
+            let bytes = size(name, value)?;
+            if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&bytes) {
+                return Err(invalid(
+                    name,
+                    value,
+                    &format!("must be from {MIN_MAX_FRAME} to {MAX_MAX_FRAME} bytes"),
+                ));
+            }
+            cfg.max_frame_size = bytes;
+        }
+        Setting::MaxConnections => cfg.max_connections = at_least_one(name, value)?,
         Setting::JobTimeout => {
             let secs: u64 = number(name, value)?;
             cfg.job_timeout = (secs > 0).then(|| Duration::from_secs(secs));
@@ -773,52 +825,10 @@ where
                 cfg.python = Some(PathBuf::from(parser.value()?));
                 continue;
             }
-            Long("worker-module") => {
-                let m = text("--worker-module", parser.value()?)?;
-                if m.is_empty()
-                    || !m.split('.').all(|p| {
-                        !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_')
-                    })
-                {
-                    return Err(invalid(
-                        &Origin::Flag("--worker-module"),
-                        &m,
-                        "expected a Python module name such as ppft or pp._worker",
-                    ));
-                }
-                cfg.worker_module = Some(m);
-                continue;
-            }
-            Long("pp-version") => {
-                let v = text("--pp-version", parser.value()?)?;
-                if v.is_empty() || !v.is_ascii() {
-                    return Err(invalid(
-                        &Origin::Flag("--pp-version"),
-                        &v,
-                        "must be non-empty ASCII",
-                    ));
-                }
-                cfg.pp_version = Some(v);
-                continue;
-            }
-            Long("max-frame-size") => {
-                let v = text("--max-frame-size", parser.value()?)?;
-                let at = Origin::Flag("--max-frame-size");
-                cfg.max_frame_size = size(&at, &v)?;
-                if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&cfg.max_frame_size) {
-                    return Err(invalid(
-                        &at,
-                        &v,
-                        &format!("must be from {MIN_MAX_FRAME} to {MAX_MAX_FRAME} bytes"),
-                    ));
-                }
-                continue;
-            }
-            Long("max-connections") => {
-                let v = text("--max-connections", parser.value()?)?;
-                cfg.max_connections = at_least_one(&Origin::Flag("--max-connections"), &v)?;
-                continue;
-            }
+            Long("worker-module") => ("--worker-module", Setting::WorkerModule),
+            Long("pp-version") => ("--pp-version", Setting::PpVersion),
+            Long("max-frame-size") => ("--max-frame-size", Setting::MaxFrameSize),
+            Long("max-connections") => ("--max-connections", Setting::MaxConnections),
             Long("max-jobs-per-worker") => ("--max-jobs-per-worker", Setting::MaxJobsPerWorker),
             Long("job-timeout") => ("--job-timeout", Setting::JobTimeout),
             Long("keep-abandoned") => {
@@ -1277,5 +1287,29 @@ mod tests {
         let mut c = parse(&["-s", "flag"], pp("shared"));
         c.settle_for_worker(PP170_WORKER);
         assert_eq!(c.secret, "flag");
+    }
+
+    #[test]
+    fn every_long_flag_that_makes_sense_has_a_key() {
+        let secret = temp_file("keysecret", "from a file\n");
+        let path = temp_file(
+            "keys.conf",
+            &format!(
+                "[general]\npython = /opt/py/bin/python\nworker_module = pp._worker\n\
+                 pp_version = 1.7.0\nmax_frame_size = 64M\nsecret_file = {}\n\
+                 [network]\nmax_connections = 99\n",
+                secret.display()
+            ),
+        );
+        let c = run(&["-c", path.to_str().unwrap()]);
+        assert_eq!(c.python, Some(PathBuf::from("/opt/py/bin/python")));
+        assert_eq!(c.worker_module.as_deref(), Some("pp._worker"));
+        assert_eq!(c.pp_version.as_deref(), Some("1.7.0"));
+        assert_eq!(c.max_frame_size, 64 << 20);
+        assert_eq!(c.max_connections, 99);
+        assert_eq!(c.secret, "from a file");
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        let bad = temp_file("badkey.conf", "[general]\nworker_module = a b\n");
+        assert!(err(&["-c", bad.to_str().unwrap()]).contains("[general] worker_module"));
     }
 }
