@@ -395,21 +395,12 @@ fn retry_or_answer(mut job: Job, pid: u32, how: &str) -> Option<Job> {
 mod tests {
     use super::*;
     use crate::cache::PackageCache;
+    use crate::scheduler::test_job;
 
     #[tokio::test]
     async fn a_job_past_its_time_limit_is_answered_with_the_limit_and_host() {
         let c = PackageCache::new(1 << 20);
-        let (tx, rx) = oneshot::channel();
-        let job = Job {
-            id: 8,
-            client: std::net::Ipv4Addr::LOCALHOST.into(),
-            package: c.receive(Bytes::from_static(b"Na")).unwrap(),
-            args: Bytes::new(),
-            reply: tx,
-            attempts: 0,
-            submitted: Instant::now(),
-            _held: crate::budget::Reservation::none(),
-        };
+        let (job, rx) = test_job(&c, b"Na", "127.0.0.1");
         answer_timed_out(
             job,
             Duration::from_secs(2),
@@ -436,17 +427,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_that_never_starts_is_retried_then_answered() {
         let c = PackageCache::new(1 << 20);
-        let (tx, mut rx) = oneshot::channel();
-        let mut job = Job {
-            id: 7,
-            client: std::net::Ipv4Addr::LOCALHOST.into(),
-            package: c.receive(Bytes::from_static(b"Na")).unwrap(),
-            args: Bytes::new(),
-            reply: tx,
-            attempts: 0,
-            submitted: Instant::now(),
-            _held: crate::budget::Reservation::none(),
-        };
+        let (mut job, mut rx) = test_job(&c, b"Na", "127.0.0.1");
         for _ in 1..MAX_START_ATTEMPTS {
             job = retry_or_answer(job, 42, "exit code 1").expect("retried");
         }

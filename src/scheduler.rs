@@ -390,36 +390,39 @@ fn pick(idle: &[IdleWorker], job: &Job) -> Option<usize> {
         .or_else(|| idle.len().checked_sub(1))
 }
 
+/// A job with package `pkg` from client host `host`, holding no memory,
+/// and the receiving end of its answer: for the scheduler's and the pool's
+/// tests.
+#[cfg(test)]
+pub(crate) fn test_job(
+    cache: &crate::cache::PackageCache,
+    pkg: &'static [u8],
+    host: &str,
+) -> (Job, oneshot::Receiver<Bytes>) {
+    let (tx, rx) = oneshot::channel();
+    let package = cache.receive(Bytes::from_static(pkg)).unwrap();
+    (
+        Job {
+            id: 0,
+            client: host.parse().unwrap(),
+            package,
+            args: Bytes::new(),
+            reply: tx,
+            attempts: 0,
+            submitted: std::time::Instant::now(),
+            _held: Reservation::none(),
+        },
+        rx,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cache::PackageCache;
 
     fn job(cache: &PackageCache, pkg: &'static [u8]) -> (Job, oneshot::Receiver<Bytes>) {
-        job_from(cache, pkg, "127.0.0.1")
-    }
-
-    /// A job with package `pkg` from client host `host`.
-    fn job_from(
-        cache: &PackageCache,
-        pkg: &'static [u8],
-        host: &str,
-    ) -> (Job, oneshot::Receiver<Bytes>) {
-        let (tx, rx) = oneshot::channel();
-        let package = cache.receive(Bytes::from_static(pkg)).unwrap();
-        (
-            Job {
-                id: 0,
-                client: host.parse().unwrap(),
-                package,
-                args: Bytes::new(),
-                reply: tx,
-                attempts: 0,
-                submitted: std::time::Instant::now(),
-                _held: Reservation::none(),
-            },
-            rx,
-        )
+        test_job(cache, pkg, "127.0.0.1")
     }
 
     #[tokio::test]
@@ -562,7 +565,7 @@ mod tests {
             (b"Nb2", "192.0.2.2"),
             (b"Nc1", "192.0.2.3"),
         ] {
-            let (j, r) = job_from(&c, pkg, host);
+            let (j, r) = test_job(&c, pkg, host);
             replies.push(r);
             s.submit(j);
         }
@@ -583,11 +586,11 @@ mod tests {
         let c = PackageCache::new(1 << 20);
         let mut replies = Vec::new();
         for _ in 0..40 {
-            let (j, r) = job_from(&c, b"Nbusy", "127.0.0.2");
+            let (j, r) = test_job(&c, b"Nbusy", "127.0.0.2");
             replies.push(r);
             s.submit(j);
         }
-        let (single, _r) = job_from(&c, b"Nsingle", "127.0.0.3");
+        let (single, _r) = test_job(&c, b"Nsingle", "127.0.0.3");
         s.submit(single);
         let order = drain(&s);
         assert_eq!(
@@ -602,9 +605,9 @@ mod tests {
     async fn ports_of_one_address_are_one_host_and_ipv4_mapped_is_ipv4() {
         let s = Scheduler::default();
         let c = PackageCache::new(1 << 20);
-        let (a1, _r1) = job_from(&c, b"Na1", "192.0.2.1");
-        let (a2, _r2) = job_from(&c, b"Na2", "::ffff:192.0.2.1");
-        let (b1, _r3) = job_from(&c, b"Nb1", "192.0.2.2");
+        let (a1, _r1) = test_job(&c, b"Na1", "192.0.2.1");
+        let (a2, _r2) = test_job(&c, b"Na2", "::ffff:192.0.2.1");
+        let (b1, _r3) = test_job(&c, b"Nb1", "192.0.2.2");
         s.submit(a1);
         s.submit(a2);
         s.submit(b1);
@@ -661,11 +664,11 @@ mod tests {
         let c = PackageCache::new(1 << 20);
         let mut replies = Vec::new();
         for pkg in [&b"N1"[..], b"N2", b"N3", b"N4", b"Nheld"] {
-            let (j, r) = job_from(&c, pkg, "192.0.2.1");
+            let (j, r) = test_job(&c, pkg, "192.0.2.1");
             replies.push(r);
             s.submit(j);
         }
-        let (other, _ro) = job_from(&c, b"Nheld", "192.0.2.2");
+        let (other, _ro) = test_job(&c, b"Nheld", "192.0.2.2");
         let mut warm = WorkerCache::default();
         warm.insert(other.package.hash);
         s.submit(other);
@@ -688,8 +691,8 @@ mod tests {
     async fn an_idle_worker_holding_the_package_is_preferred_whatever_the_host() {
         let s = Scheduler::default();
         let c = PackageCache::new(1 << 20);
-        let (a, _ra) = job_from(&c, b"Na", "192.0.2.1");
-        let (b, _rb) = job_from(&c, b"Nb", "192.0.2.2");
+        let (a, _ra) = test_job(&c, b"Na", "192.0.2.1");
+        let (b, _rb) = test_job(&c, b"Nb", "192.0.2.2");
         let mut warm_a = WorkerCache::default();
         warm_a.insert(a.package.hash);
         let mut warm_b = WorkerCache::default();
@@ -712,7 +715,7 @@ mod tests {
             (b"Na2", "192.0.2.1"),
             (b"Nb1", "192.0.2.2"),
         ] {
-            let (j, r) = job_from(&c, pkg, host);
+            let (j, r) = test_job(&c, pkg, host);
             replies.push(r);
             s.submit(j);
         }
@@ -721,8 +724,8 @@ mod tests {
         s.requeue_front(a1);
         assert_eq!(drain(&s), ["a1", "b1", "a2"]);
         // A host whose queue had emptied gets its turn back too.
-        let (b2, _rb2) = job_from(&c, b"Nb2", "192.0.2.2");
-        let (a3, _ra3) = job_from(&c, b"Na3", "192.0.2.1");
+        let (b2, _rb2) = test_job(&c, b"Nb2", "192.0.2.2");
+        let (a3, _ra3) = test_job(&c, b"Na3", "192.0.2.1");
         s.submit(b2);
         s.submit(a3);
         let (b2, _) = s.next_job(0, WorkerCache::default()).unwrap();
@@ -750,8 +753,8 @@ mod tests {
     async fn abandoned_jobs_are_skipped_across_hosts_and_empty_hosts_forgotten() {
         let s = Scheduler::default();
         let c = PackageCache::new(1 << 20);
-        let (a, ra) = job_from(&c, b"Na", "192.0.2.1");
-        let (b, _rb) = job_from(&c, b"Nb", "192.0.2.2");
+        let (a, ra) = test_job(&c, b"Na", "192.0.2.1");
+        let (b, _rb) = test_job(&c, b"Nb", "192.0.2.2");
         s.submit(a);
         s.submit(b);
         drop(ra);
@@ -765,8 +768,8 @@ mod tests {
     async fn queued_jobs_of_every_host_are_answered_when_no_worker_can_run_them() {
         let s = Scheduler::default();
         let c = PackageCache::new(1 << 20);
-        let (a, ra) = job_from(&c, b"Na", "192.0.2.1");
-        let (b, rb) = job_from(&c, b"Nb", "192.0.2.2");
+        let (a, ra) = test_job(&c, b"Na", "192.0.2.1");
+        let (b, rb) = test_job(&c, b"Nb", "192.0.2.2");
         s.submit(a);
         s.submit(b);
         let answer = Bytes::from_static(b"no workers");

@@ -590,14 +590,23 @@ mod tests {
     use crate::wire::{encode_frame, FrameReader};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-    fn context() -> SessionContext {
-        let cfg = Config {
+    /// What every session test runs with: secret `s`, 2 workers, and a
+    /// scheduler no worker serves (jobs stay queued).
+    fn test_config() -> Config {
+        Config {
             secret: "s".into(),
             workers: 2,
             ..Config::default()
-        };
+        }
+    }
+
+    fn context() -> SessionContext {
+        context_from(&test_config())
+    }
+
+    fn context_from(cfg: &Config) -> SessionContext {
         SessionContext::new(
-            &cfg,
+            cfg,
             "1.7.8".into(),
             Arc::new(Scheduler::default()),
             Arc::new(Stats::default()),
@@ -614,6 +623,13 @@ mod tests {
             shown: metrics().connection(peer.ip(), ConnKind::PreAuth),
             place: ctx.connections.admit(peer).unwrap(),
         }
+    }
+
+    /// One job's two frames: a new package, then `args`.
+    fn job_frames(args: &[u8]) -> Vec<u8> {
+        let mut frames = encode_frame(b"Npackage");
+        frames.extend(encode_frame(args));
+        frames
     }
 
     /// Plays the client's side of the handshake with secret `s`.
@@ -791,8 +807,7 @@ mod tests {
             let served = async { session(server, &ctx).run().await };
             let client_side = async {
                 log_in(&mut client, b"EXEC").await;
-                let mut job = encode_frame(b"Npackage");
-                job.extend(encode_frame(b"args"));
+                let job = job_frames(b"args");
                 client.get_mut().write_all(&job).await.unwrap();
                 // No worker serves this scheduler: the job stays queued
                 // while the session waits for its result.
@@ -821,8 +836,7 @@ mod tests {
         let served = async { session(server, &ctx).run().await };
         let client_side = async {
             log_in(&mut client, b"EXEC").await;
-            let mut job = encode_frame(b"Npackage");
-            job.extend(encode_frame(b"args"));
+            let job = job_frames(b"args");
             client.get_mut().write_all(&job).await.unwrap();
             client.get_mut().shutdown().await.unwrap();
         };
@@ -848,8 +862,7 @@ mod tests {
         let served = async { session(server, &ctx).run().await };
         let client_side = async {
             log_in(&mut client, b"EXEC").await;
-            let mut job = encode_frame(b"Npackage");
-            job.extend(encode_frame(b"args"));
+            let mut job = job_frames(b"args");
             job.extend([0u8; 4096]);
             client.get_mut().write_all(&job).await.unwrap();
         };
@@ -871,8 +884,7 @@ mod tests {
         let served = async { session(server, &ctx).run().await };
         let client_side = async {
             log_in(&mut client, b"EXEC").await;
-            let mut job = encode_frame(b"Npackage");
-            job.extend(encode_frame(b"args"));
+            let job = job_frames(b"args");
             client.get_mut().write_all(&job).await.unwrap();
             while ctx.scheduler.queued() == 0 {
                 tokio::task::yield_now().await;
@@ -910,18 +922,10 @@ mod tests {
     }
 
     fn small_budget_context(limit: usize) -> SessionContext {
-        let cfg = Config {
-            secret: "s".into(),
-            workers: 2,
+        context_from(&Config {
             memory_limit: limit,
-            ..Config::default()
-        };
-        SessionContext::new(
-            &cfg,
-            "1.7.8".into(),
-            Arc::new(Scheduler::default()),
-            Arc::new(Stats::default()),
-        )
+            ..test_config()
+        })
     }
 
     /// The `(None, text)` answer's text, from the pickle the server wrote.
@@ -939,8 +943,7 @@ mod tests {
         let served = async { session(server, &ctx).run().await };
         let client_side = async {
             log_in(&mut client, b"EXEC").await;
-            let mut job = encode_frame(b"Npackage");
-            job.extend(encode_frame(&vec![1u8; 2 << 20]));
+            let job = job_frames(&vec![1u8; 2 << 20]);
             client.get_mut().write_all(&job).await.unwrap();
             let answer = client.read_frame().await.unwrap().unwrap();
             assert!(
@@ -982,8 +985,7 @@ mod tests {
         let served = async { session(server, &ctx).run().await };
         let client_side = async {
             log_in(&mut client, b"EXEC").await;
-            let mut job = encode_frame(b"Npackage");
-            job.extend(encode_frame(&[9u8; 1000]));
+            let job = job_frames(&[9u8; 1000]);
             client.get_mut().write_all(&job).await.unwrap();
             for _ in 0..20 {
                 tokio::task::yield_now().await;
