@@ -3,58 +3,38 @@
 //! Only what the binary and the integration tests use is public: the
 //! config, the server, a session over any stream, and the frame codec.
 //!
-//! Map of the crate, in the order a job travels:
-//! - [`config`]: command line -> [`config::Config`];
-//! - [`install`]: where the binary is installed: the worker interpreter beside it,
-//!   and whether the `ppserver` beside it is this binary;
-//! - [`server`]: startup checks, the listener, the accept loop, shutdown;
-//! - [`allow`]: `--allow`, and what counts as one source address;
-//! - [`connections`]: the budgets a connection is admitted under (before and
-//!   after authentication, per address) and the clients `-t` waits for;
-//! - [`session`]: one client connection: handshake ([`auth`], with the delay
-//!   after wrong answers), then STAT or EXEC;
-//! - [`wire`]: the 8-byte-length frame, on sockets and worker pipes alike;
-//! - [`mapped`]: large frames in mappings of their own, handed to workers
-//!   by `vmsplice` without a copy;
-//! - [`budget`]: the memory budget every client frame is admitted against;
-//! - [`cache`]: the `N`/`H` function-package cache layer;
-//! - [`scheduler`]: jobs from every connection -> free workers, client hosts in turn;
-//! - [`pool`]: one supervisor per slot: feeds a worker jobs, replaces the dead;
-//! - [`worker`]: one worker process: spawn, handshake, run a job, stop and reap;
-//! - [`reaper`]: what jobs leave behind: orphaned descendants reaped, and
-//!   all killed when the server stops;
-//! - [`stats`]: job counts and times; [`pickle`]: the failure result we write;
-//! - [`metrics`]: Prometheus metrics and the status page (`--metrics`);
-//! - [`ratelimit`]: warnings about peers, limited so floods cannot bury the log;
-//! - [`discovery`]: UDP autodiscovery (`-a`);
-//! - [`runfiles`]: the pid file (`-P`) and ready file (`--ready-file`);
-//! - [`shutdown`]: stop requests (signals) and the drain they start;
-//! - [`logsink`]: stderr and stdout, written by threads: a full pipe never stalls the server;
-//! - [`inifile`], [`logfmt`]: the config file (`-c`) and log format (`-f`).
+//! Map of the crate, one folder per concern, in the order a job travels:
+//! - [`config`]: command line and config file -> [`config::Config`];
+//! - [`server`]: the wiring: startup checks, the listener, the accept
+//!   loop, shutdown;
+//! - [`front`]: the front door: `--allow` ([`front::allow`]), the budgets a
+//!   connection is admitted under ([`front::connections`]), one client
+//!   connection from handshake to close ([`front::session`]), and UDP
+//!   autodiscovery ([`front::discovery`]);
+//! - [`protocol`]: the 8-byte-length frame on sockets and worker pipes
+//!   ([`protocol::wire`]), the secret handshake ([`protocol::auth`]), the
+//!   failure pickle we write ([`protocol::pickle`]);
+//! - [`memory`]: the `--memory-limit` budget every client frame is admitted
+//!   against ([`memory::budget`]), and large frames in mappings of their
+//!   own, handed to workers by `vmsplice` ([`memory::mapped`]);
+//! - [`jobs`]: the `N`/`H` function-package cache ([`jobs::cache`]) and the
+//!   scheduler: jobs from every connection -> free workers, client hosts
+//!   in turn ([`jobs::scheduler`]);
+//! - [`workers`]: the worker interpreter and its probe
+//!   ([`workers::install`]), one supervisor per slot ([`workers::pool`]),
+//!   one worker process ([`workers::worker`]), and what jobs leave behind
+//!   ([`workers::reaper`]);
+//! - [`ops`]: metrics and the status page, job stats, stop requests and
+//!   the drain, the pid and ready files;
+//! - [`logging`]: stderr and stdout written by threads, the `-f` format,
+//!   rate-limited warnings about peers.
 
-mod allow;
-pub mod auth;
-mod budget;
-mod cache;
 pub mod config;
-mod connections;
-mod discovery;
-mod hex;
-mod inifile;
-mod install;
-pub mod logfmt;
-pub mod logsink;
-mod mapped;
-mod metrics;
-mod pickle;
-mod pool;
-mod ratelimit;
-pub mod reaper;
-pub mod runfiles;
-pub mod scheduler;
+pub mod front;
+pub mod jobs;
+pub mod logging;
+pub(crate) mod memory;
+pub mod ops;
+pub mod protocol;
 pub mod server;
-pub mod session;
-pub mod shutdown;
-pub mod stats;
-pub mod wire;
-mod worker;
+pub mod workers;

@@ -7,17 +7,17 @@
 //!
 //! The server is a child subreaper: processes that jobs start and that
 //! lose their parent come to it, not to init, so they are reaped while it
-//! runs and killed when it stops ([`ppserver::reaper`]).
+//! runs and killed when it stops ([`ppserver::workers::reaper`]).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use ppserver::config::{self, Command};
-use ppserver::logfmt::LogFormat;
-use ppserver::logsink;
-use ppserver::reaper;
-use ppserver::runfiles::RunFile;
-use ppserver::shutdown::StopRequests;
+use ppserver::logging::format::LogFormat;
+use ppserver::logging::sink;
+use ppserver::ops::runfiles::RunFile;
+use ppserver::ops::shutdown::StopRequests;
+use ppserver::workers::reaper;
 
 /// How long exit waits for queued log lines (and a statistics table) to be
 /// written: plenty for an output someone reads, and a pipe nobody reads
@@ -85,7 +85,7 @@ pub(crate) fn main() -> ExitCode {
         reaper::sweep().await;
         ExitCode::SUCCESS
     });
-    logsink::flush_outputs(EXIT_FLUSH);
+    sink::flush_outputs(EXIT_FLUSH);
     code
 }
 
@@ -108,7 +108,7 @@ fn stderr_is_pipe() -> bool {
 /// writer thread, so a stderr nobody reads drops lines instead of stopping
 /// the server.
 fn init_logging(level: log::LevelFilter, format: LogFormat) {
-    if let Err(e) = logsink::Logger::install(level, format) {
+    if let Err(e) = sink::Logger::install(level, format) {
         eprintln!("ppserver: cannot set up logging: {e}");
     }
 }

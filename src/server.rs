@@ -16,16 +16,18 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::discovery::Discovery;
-use crate::install;
-use crate::pool::{self, PoolContext};
-use crate::ratelimit::LogLimit;
-use crate::runfiles::RunFile;
-use crate::scheduler::Scheduler;
-use crate::session::{self, SessionContext};
-use crate::shutdown::StopRequests;
-use crate::stats::Stats;
-use crate::worker::{self, ProbeError, WorkerSpec};
+use crate::front::discovery::Discovery;
+use crate::front::session::{self, SessionContext};
+use crate::jobs::scheduler::Scheduler;
+use crate::logging::ratelimit::LogLimit;
+use crate::ops::metrics::{self, LevelSource, Levels};
+use crate::ops::runfiles::RunFile;
+use crate::ops::shutdown::StopRequests;
+use crate::ops::stats::Stats;
+use crate::workers::install;
+use crate::workers::install::ProbeError;
+use crate::workers::pool::{self, PoolContext};
+use crate::workers::worker::{self, WorkerSpec};
 
 /// Listen backlog; ppft's 5 drops connections when many clients start at
 /// once.
@@ -132,7 +134,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let pythonpath = worker::worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
     let candidates: Vec<&str> = match &cfg.worker_module {
         Some(m) => vec![m.as_str()],
-        None => worker::WORKER_MODULES.to_vec(),
+        None => install::WORKER_MODULES.to_vec(),
     };
     let (python, module, found) =
         install::worker_python(cfg.python.as_deref(), &candidates, &pythonpath)
@@ -163,7 +165,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
 
     let metrics = match cfg.metrics {
         Some(addr) => Some(
-            crate::metrics::bind(addr)
+            metrics::bind(addr)
                 .await
                 .map_err(|source| StartError::Metrics { addr, source })?,
         ),
@@ -219,7 +221,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         } else {
             String::new()
         },
-        crate::budget::human(cfg.memory_limit),
+        crate::memory::budget::human(cfg.memory_limit),
     );
 
     let ctx = Arc::new(SessionContext::new(&cfg, version, scheduler, stats));
@@ -275,13 +277,13 @@ impl Server {
     }
 
     /// Serves clients until the first stop request (or `-t`), drains (see
-    /// [`crate::shutdown`]), then stops and reaps every worker.
+    /// [`crate::ops::shutdown`]), then stops and reaps every worker.
     pub async fn run(mut self, mut stops: StopRequests) {
         let discovery = self.discovery.take().map(|d| tokio::spawn(d.run()));
         let metrics = self
             .metrics
             .take()
-            .map(|l| tokio::spawn(crate::metrics::serve(l, self.ctx.clone())));
+            .map(|l| tokio::spawn(metrics::serve(l, levels(self.ctx.clone()))));
         let idle_exit = idle_exit(self.idle_exit, self.ctx.clone());
         tokio::pin!(idle_exit);
         let mut usr1 =
@@ -441,5 +443,23 @@ async fn idle_exit(limit: Option<Duration>, ctx: Arc<SessionContext>) {
 
 /// SIGUSR1: ppft's statistics table on stdout.
 fn print_stats(ctx: &SessionContext, workers: usize) {
-    crate::logsink::stdout().send(ctx.stats.table(workers));
+    crate::logging::sink::stdout().send(ctx.stats.table(workers));
+}
+
+/// What the metrics pages read of the sessions' shared state: the levels
+/// that state keeps, gathered here so the metrics need not know it.
+fn levels(ctx: Arc<SessionContext>) -> LevelSource {
+    Arc::new(move || {
+        let (package_entries, package_bytes) = ctx.packages.usage();
+        Levels {
+            version: ctx.version.clone(),
+            workers: ctx.workers,
+            live_workers: ctx.scheduler.live_workers(),
+            queued: ctx.scheduler.queued(),
+            package_entries,
+            package_bytes,
+            memory_held: ctx.budget.used(),
+            memory_limit: ctx.budget.limit(),
+        }
+    })
 }

@@ -14,12 +14,12 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use ppserver::auth;
 use ppserver::config::Config;
-use ppserver::scheduler::Scheduler;
-use ppserver::session::{serve_stream, SessionContext};
-use ppserver::stats::Stats;
-use ppserver::wire::{
+use ppserver::front::session::{serve_stream, SessionContext};
+use ppserver::jobs::scheduler::Scheduler;
+use ppserver::ops::stats::Stats;
+use ppserver::protocol::auth;
+use ppserver::protocol::wire::{
     decode, encode_frame as framed, write_frame, Decoded, FrameReader, HEADER_LEN,
 };
 
@@ -191,7 +191,7 @@ fn a_huge_announced_frame_reserves_little() {
         let mut r = FrameReader::new(b, 1 << 30);
         assert!(matches!(
             r.read_frame().await,
-            Err(ppserver::wire::FrameError::Truncated)
+            Err(ppserver::protocol::wire::FrameError::Truncated)
         ));
         assert!(
             r.buffered_capacity() <= 4 << 20,

@@ -193,7 +193,7 @@ fn start_server(fixture: &Fixture, python: &Path, log: &Path) -> (ServerGuard, T
 
 fn send_frame(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {
     // One write per frame: header and payload in one segment.
-    stream.write_all(&ppserver::wire::encode_frame(payload))
+    stream.write_all(&ppserver::protocol::wire::encode_frame(payload))
 }
 
 fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {

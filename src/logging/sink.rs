@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 
-use crate::logfmt::LogFormat;
+use crate::logging::format::LogFormat;
 
 /// Bytes of text an output may hold back while its writer is stuck: a few
 /// thousand log lines. Beyond that, lines are dropped and counted rather

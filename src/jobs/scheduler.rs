@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::budget::Reservation;
-use crate::cache::{Package, WorkerCache};
+use crate::jobs::cache::{Package, WorkerCache};
+use crate::memory::budget::Reservation;
 
 /// How many of its host's queued jobs, counted from the oldest, a free
 /// worker looks through for one whose package it already holds. Small, so
@@ -71,7 +71,9 @@ impl Job {
     /// failed job with `text` as its output. A client that went away needs
     /// no answer, so a closed reply channel is not an error.
     pub(crate) fn fail(self, text: &str) {
-        let _ = self.reply.send(crate::pickle::none_with_text(text));
+        let _ = self
+            .reply
+            .send(crate::protocol::pickle::none_with_text(text));
     }
 }
 
@@ -189,7 +191,7 @@ fn host_of(job: &Job) -> IpAddr {
 fn take(queue: &mut VecDeque<QueuedJob>, cache: &WorkerCache) -> Option<Job> {
     while queue.front()?.job.is_abandoned() {
         if let Some(gone) = queue.pop_front() {
-            crate::metrics::metrics().dropped("abandoned");
+            crate::ops::metrics::metrics().dropped("abandoned");
             log::debug!(
                 "job {} dropped: its client went away before it started",
                 gone.job.id
@@ -395,7 +397,7 @@ fn pick(idle: &[IdleWorker], job: &Job) -> Option<usize> {
 /// tests.
 #[cfg(test)]
 pub(crate) fn test_job(
-    cache: &crate::cache::PackageCache,
+    cache: &crate::jobs::cache::PackageCache,
     pkg: &'static [u8],
     host: &str,
 ) -> (Job, oneshot::Receiver<Bytes>) {
@@ -419,7 +421,7 @@ pub(crate) fn test_job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::PackageCache;
+    use crate::jobs::cache::PackageCache;
 
     fn job(cache: &PackageCache, pkg: &'static [u8]) -> (Job, oneshot::Receiver<Bytes>) {
         test_job(cache, pkg, "127.0.0.1")
@@ -495,7 +497,7 @@ mod tests {
         a.fail("worker died\n");
         assert_eq!(
             ra.await.unwrap(),
-            crate::pickle::none_with_text("worker died\n")
+            crate::protocol::pickle::none_with_text("worker died\n")
         );
         // Nobody is waiting any more: failing it is quietly nothing.
         let (b, rb) = job(&c, b"Nb");

@@ -1,6 +1,6 @@
 //! Supervision of the worker pool: one task per slot keeps a live worker
 //! in it, feeds it jobs from the scheduler, and decides what happens when
-//! a worker fails. The worker process itself is [`crate::worker`].
+//! a worker fails. The worker process itself is [`crate::workers::worker`].
 //!
 //! A worker that dies is noticed at once (its process exits, or its stdout
 //! ends, also while idle), reaped, and replaced. The job it was running is
@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
-use crate::cache::WorkerCache;
-use crate::metrics::metrics;
-use crate::scheduler::{Job, Scheduler};
-use crate::stats::Stats;
-use crate::worker::{Outcome, Worker, WorkerSpec};
+use crate::jobs::cache::WorkerCache;
+use crate::jobs::scheduler::{Job, Scheduler};
+use crate::ops::metrics::metrics;
+use crate::ops::stats::Stats;
+use crate::workers::worker::{Outcome, Worker, WorkerSpec};
 
 /// First and largest pause between attempts to start a worker that fails.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -93,7 +93,7 @@ pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
                     );
                     let answered = ctx
                         .scheduler
-                        .fail_queued_if_no_workers(&crate::pickle::none_with_text(&text));
+                        .fail_queued_if_no_workers(&crate::protocol::pickle::none_with_text(&text));
                     if answered > 0 {
                         metrics().server_answered_n("no_worker", answered);
                         log::error!(
@@ -394,8 +394,8 @@ fn retry_or_answer(mut job: Job, pid: u32, how: &str) -> Option<Job> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::PackageCache;
-    use crate::scheduler::test_job;
+    use crate::jobs::cache::PackageCache;
+    use crate::jobs::scheduler::test_job;
 
     #[tokio::test]
     async fn a_job_past_its_time_limit_is_answered_with_the_limit_and_host() {
@@ -410,7 +410,7 @@ mod tests {
         );
         assert_eq!(
             rx.await.unwrap(),
-            crate::pickle::none_with_text("job exceeded --job-timeout of 2 s on node7\n")
+            crate::protocol::pickle::none_with_text("job exceeded --job-timeout of 2 s on node7\n")
         );
     }
 

@@ -1,5 +1,7 @@
-//! Where the binary is installed: the interpreter beside it, and whether
-//! the `ppserver` beside it is this binary.
+//! Where the binary is installed: the interpreter beside it, whether it
+//! can run workers (the probe, [`probe_worker`], which also reads the
+//! worker package's version) and whether the `ppserver` beside it is this
+//! binary.
 //!
 //! The wheel (`pip install ppserver-rs`) puts the binary into an
 //! environment's `bin/`, next to the `python` that has the worker package.
@@ -10,11 +12,16 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
+use std::io;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
-use crate::worker::{self, ProbeError};
+use tokio::process::Command;
+
+use crate::workers::reaper;
+use crate::workers::worker::STARTUP_TIMEOUT;
 
 /// The wheel's distribution name, for the pip command in messages.
 pub(crate) const DIST_NAME: &str = "ppserver-rs";
@@ -43,6 +50,8 @@ static MARKER: &[u8] = concat!(
 const MAX_SCANNED: u64 = 256 << 20;
 /// Most links followed from argv[0] (the kernel's own limit is 40).
 const MAX_LINKS: usize = 40;
+/// Kept in a file of its own so it reads (and can be tried) as Python.
+const PROBE_SCRIPT: &str = include_str!("worker_probe.py");
 
 /// The directories the binary was started from: the real file's, then,
 /// when it was started through links (pathos runs `~/bin/ppserver.py`, a
@@ -137,12 +146,12 @@ pub(crate) async fn worker_python(
     pythonpath: &OsStr,
 ) -> Result<(PathBuf, String, String), ProbeError> {
     if let Some(python) = given {
-        let (module, version) = worker::probe_worker(python, candidates, pythonpath).await?;
+        let (module, version) = probe_worker(python, candidates, pythonpath).await?;
         return Ok((python.to_path_buf(), module, version));
     }
     let mut beside: Option<ProbeError> = None;
     for python in neighbour_pythons(&install_dirs()) {
-        match worker::probe_worker(&python, candidates, pythonpath).await {
+        match probe_worker(&python, candidates, pythonpath).await {
             Ok((module, version)) => return Ok((python, module, version)),
             Err(e) => {
                 beside.get_or_insert(with_wheel_hint(e));
@@ -150,7 +159,7 @@ pub(crate) async fn worker_python(
         }
     }
     let fallback = PathBuf::from(FALLBACK_PYTHON);
-    match worker::probe_worker(&fallback, candidates, pythonpath).await {
+    match probe_worker(&fallback, candidates, pythonpath).await {
         Ok((module, version)) => {
             if let Some(e) = beside {
                 log::info!(
@@ -223,6 +232,137 @@ fn holds_marker(bytes: &[u8]) -> bool {
     // it stays one piece in the binary rather than becoming immediates.
     let marker = std::hint::black_box(MARKER);
     bytes.windows(marker.len()).any(|w| w == marker)
+}
+
+/// Worker modules tried, in order, when none is chosen: ppft's worker, then
+/// pp 1.7's. (ppft also installs a `pp` shim, but it has no `_worker`.)
+pub(crate) const WORKER_MODULES: &[&str] = &["ppft", "pp._worker"];
+
+/// Finds which of `candidates` the interpreter can run as a worker, and the
+/// `__version__` of its package (what clients compare against). This is
+/// also the startup check that the worker package is installed at all.
+pub(crate) async fn probe_worker(
+    python: &Path,
+    candidates: &[&str],
+    pythonpath: &OsStr,
+) -> Result<(String, String), ProbeError> {
+    let mut cmd = Command::new(python);
+    cmd.arg("-c")
+        .arg(PROBE_SCRIPT)
+        .args(candidates)
+        .env("PYTHONPATH", pythonpath)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let run = async {
+        let (child, _registered) = reaper::spawn(&mut cmd)?;
+        child.wait_with_output().await
+    };
+    let python = python.to_path_buf();
+    let out = match tokio::time::timeout(STARTUP_TIMEOUT, run).await {
+        Err(_) => return Err(ProbeError::Timeout { python }),
+        Ok(Err(source)) => return Err(ProbeError::Run { python, source }),
+        Ok(Ok(out)) => out,
+    };
+    let answer = String::from_utf8_lossy(&out.stdout);
+    match answer.trim().split_once(' ') {
+        Some((module, version)) if out.status.success() && !version.is_empty() => {
+            if !version.is_ascii() {
+                return Err(ProbeError::NonAscii {
+                    module: module.to_string(),
+                    version: version.to_string(),
+                });
+            }
+            Ok((module.to_string(), version.to_string()))
+        }
+        _ => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            Err(ProbeError::Missing {
+                python,
+                candidates: candidates.iter().map(|c| c.to_string()).collect(),
+                detail: err.lines().last().unwrap_or("").trim().to_string(),
+                wheel: false,
+            })
+        }
+    }
+}
+
+/// Why the worker interpreter cannot run workers.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// The interpreter could not be run at all.
+    Run { python: PathBuf, source: io::Error },
+    /// It ran but did not answer within [`STARTUP_TIMEOUT`].
+    Timeout { python: PathBuf },
+    /// None of `candidates` can be imported; `detail` is the last line the
+    /// interpreter printed on stderr, if any.
+    Missing {
+        python: PathBuf,
+        candidates: Vec<String>,
+        detail: String,
+        /// This server's wheel is installed beside the interpreter: the
+        /// hint is its extra, which adds ppft to it ([`crate::workers::install`]).
+        wheel: bool,
+    },
+    /// The package's `__version__` is not ASCII, and clients receive it in
+    /// an ASCII frame.
+    NonAscii { module: String, version: String },
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Run { python, source } => write!(
+                f,
+                "cannot run the worker interpreter {} (--python): {source}",
+                python.display()
+            ),
+            ProbeError::Timeout { python } => write!(
+                f,
+                "the worker interpreter {} did not answer within {STARTUP_TIMEOUT:?}",
+                python.display()
+            ),
+            ProbeError::Missing {
+                python,
+                candidates,
+                detail,
+                wheel,
+            } => {
+                let shown = python.display();
+                write!(
+                    f,
+                    "the worker interpreter {shown} cannot import {}",
+                    candidates.join(" or ")
+                )?;
+                if !detail.is_empty() {
+                    write!(f, " ({detail})")?;
+                }
+                let package = if *wheel {
+                    format!("'{}[ppft]'", DIST_NAME)
+                } else {
+                    "ppft==1.7.8 dill".to_string()
+                };
+                write!(
+                    f,
+                    "; install ppft with: {shown} -m pip install {package}  \
+                     (or choose another with --python)"
+                )
+            }
+            ProbeError::NonAscii { module, version } => {
+                write!(f, "{module}'s __version__ is not ASCII: {version:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ProbeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProbeError::Run { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

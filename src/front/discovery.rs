@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
-use crate::allow::AllowList;
-use crate::ratelimit::{warn_limited, LogLimit};
+use crate::config::allow::AllowList;
+use crate::logging::ratelimit::{warn_limited, LogLimit};
 
 /// How often the server announces itself, as ppft does.
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(10);

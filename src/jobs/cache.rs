@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::budget::{Reservation, Use};
+use crate::memory::budget::{Reservation, Use};
 use md5::{Digest, Md5};
 
 /// Bytes of packages the server keeps; function packages are source text,
@@ -240,7 +240,7 @@ impl CacheInner {
 fn md5_hex(frame: &[u8]) -> PackageHash {
     let body = frame.get(1..).unwrap_or_default();
     let mut hash = [0u8; 32];
-    crate::hex::encode_into(&Md5::digest(body), &mut hash);
+    crate::protocol::hex::encode_into(&Md5::digest(body), &mut hash);
     hash
 }
 
@@ -371,7 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn admitted_packages_hold_their_memory_parked() {
-        use crate::budget::Budget;
+        use crate::memory::budget::Budget;
         let budget = Budget::new(1000);
         let c = PackageCache::new(usize::MAX);
         let memory = budget.force(6, Use::InFlight);

@@ -10,8 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::allow::host_key;
-
 /// Lets one log line through about once a second; the lines held back in
 /// between go to debug level and are counted in the next one let through.
 /// One per kind of event (a `static`), so that a flood of one kind cannot
@@ -72,7 +70,7 @@ pub(crate) fn warn_limited(message: std::fmt::Arguments<'_>) {
     PEERS.log(log::Level::Warn, message);
 }
 
-/// Allows one event per source address ([`host_key`]) per interval: for
+/// Allows one event per source address per interval: for
 /// warnings that matter once per host (a client of the wrong pp version)
 /// but would repeat on every one of its connections.
 #[derive(Debug)]
@@ -100,24 +98,26 @@ impl PerAddress {
         }
     }
 
-    /// Logs a warning about `ip` if its address has had none for the
-    /// interval (and the warnings of all addresses together stay at about
-    /// one a second); else logs it at debug level.
-    pub(crate) fn warn(&self, ip: IpAddr, message: std::fmt::Arguments<'_>) {
-        if self.allow(ip) {
+    /// Logs a warning about `host` if it has had none for the interval
+    /// (and the warnings of all addresses together stay at about one a
+    /// second); else logs it at debug level. `host` is the address under
+    /// which the caller counts one peer (the front's
+    /// [`crate::config::allow::host_key`]), so the log needs no notion of
+    /// its own.
+    pub(crate) fn warn(&self, host: IpAddr, message: std::fmt::Arguments<'_>) {
+        if self.allow(host) {
             self.overall.log(log::Level::Warn, message);
         } else {
             log::debug!("{message}");
         }
     }
 
-    /// Whether an event from `ip` may go through now.
-    pub(crate) fn allow(&self, ip: IpAddr) -> bool {
-        let ip = host_key(ip);
+    /// Whether an event from `host` may go through now.
+    pub(crate) fn allow(&self, host: IpAddr) -> bool {
         let now = Instant::now();
         // A map of instants cannot be left inconsistent by a panic.
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&seen) = last.get(&ip) {
+        if let Some(&seen) = last.get(&host) {
             if now.duration_since(seen) < self.interval {
                 return false;
             }
@@ -125,7 +125,7 @@ impl PerAddress {
         if last.len() >= MAX_ADDRESSES {
             last.clear();
         }
-        last.insert(ip, now);
+        last.insert(host, now);
         true
     }
 }

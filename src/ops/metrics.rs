@@ -38,8 +38,6 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::session::SessionContext;
-
 /// Labels of a family: one `(name, value)` pair.
 type Label = Vec<(&'static str, &'static str)>;
 
@@ -134,6 +132,31 @@ impl ConnKind {
         self as usize
     }
 }
+
+/// The levels a page shows that other parts of the server keep (queue,
+/// workers, caches, memory), read when a page is asked for. The server
+/// fills it in ([`LevelSource`]), so this module needs to know none of
+/// those parts.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Levels {
+    /// The version string clients are sent.
+    pub(crate) version: String,
+    /// Workers the pool is configured for.
+    pub(crate) workers: usize,
+    /// Workers running now.
+    pub(crate) live_workers: usize,
+    /// Jobs waiting for a worker.
+    pub(crate) queued: usize,
+    /// Function packages held for clients, and their bytes.
+    pub(crate) package_entries: usize,
+    pub(crate) package_bytes: usize,
+    /// Bytes held against `--memory-limit`, and the limit.
+    pub(crate) memory_held: usize,
+    pub(crate) memory_limit: usize,
+}
+
+/// Reads the current [`Levels`]; called once per page.
+pub(crate) type LevelSource = Arc<dyn Fn() -> Levels + Send + Sync>;
 
 /// The process's metrics.
 pub(crate) fn metrics() -> &'static Metrics {
@@ -385,29 +408,27 @@ impl Metrics {
         lock(&self.clients)
     }
 
-    /// Reads the levels kept elsewhere into their gauges.
-    fn refresh(&self, ctx: &SessionContext) {
-        let queued = ctx.scheduler.queued();
-        let live = ctx.scheduler.live_workers();
+    /// Sets the gauges of the levels kept elsewhere from `levels`.
+    fn refresh(&self, levels: &Levels) {
         let busy = self.jobs_running.get().max(0) as usize;
-        self.jobs_queued.set(queued as i64);
+        self.jobs_queued.set(levels.queued as i64);
         self.workers
             .get_or_create(&label("state", "busy"))
-            .set(busy.min(live) as i64);
+            .set(busy.min(levels.live_workers) as i64);
         self.workers
             .get_or_create(&label("state", "idle"))
-            .set(live.saturating_sub(busy) as i64);
-        let (entries, bytes) = ctx.packages.usage();
-        self.package_cache_entries.set(entries as i64);
-        self.package_cache_bytes.set(bytes as i64);
-        self.memory_held_bytes.set(ctx.budget.used() as i64);
-        self.memory_limit_bytes.set(ctx.budget.limit() as i64);
+            .set(levels.live_workers.saturating_sub(busy) as i64);
+        self.package_cache_entries
+            .set(levels.package_entries as i64);
+        self.package_cache_bytes.set(levels.package_bytes as i64);
+        self.memory_held_bytes.set(levels.memory_held as i64);
+        self.memory_limit_bytes.set(levels.memory_limit as i64);
     }
 
     /// The `/metrics` page: OpenMetrics text, or Prometheus' classic text
     /// format (what `promtool check metrics` and older scrapers read).
-    pub(crate) fn render(&self, ctx: &SessionContext, openmetrics: bool) -> String {
-        self.refresh(ctx);
+    pub(crate) fn render(&self, levels: &Levels, openmetrics: bool) -> String {
+        self.refresh(levels);
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry());
@@ -419,28 +440,28 @@ impl Metrics {
     }
 
     /// The `/status` page: a summary for people.
-    pub(crate) fn status(&self, ctx: &SessionContext) -> String {
-        self.refresh(ctx);
+    pub(crate) fn status(&self, levels: &Levels) -> String {
+        self.refresh(levels);
         let mut out = String::new();
         let uptime = self.started.elapsed().as_secs();
         let _ = writeln!(
             out,
             "ppserver {} (pp version {}), up {}h{:02}m{:02}s",
             env!("CARGO_PKG_VERSION"),
-            ctx.version,
+            levels.version,
             uptime / 3600,
             uptime / 60 % 60,
             uptime % 60
         );
-        let live = ctx.scheduler.live_workers();
+        let live = levels.live_workers;
         let busy = (self.jobs_running.get().max(0) as usize).min(live);
         let _ = writeln!(
             out,
             "workers: {live} up ({busy} busy, {} idle) of {}",
             live - busy,
-            ctx.workers
+            levels.workers
         );
-        let _ = writeln!(out, "jobs queued: {}", ctx.scheduler.queued());
+        let _ = writeln!(out, "jobs queued: {}", levels.queued);
         let _ = writeln!(
             out,
             "jobs: {} received, {} answered by workers",
@@ -450,8 +471,8 @@ impl Metrics {
         let _ = writeln!(
             out,
             "memory: {} held of {}",
-            crate::budget::human(ctx.budget.used()),
-            crate::budget::human(ctx.budget.limit())
+            crate::memory::budget::human(levels.memory_held),
+            crate::memory::budget::human(levels.memory_limit)
         );
         let mut running: Vec<(u64, RunningJob)> = lock(&self.running)
             .iter()
@@ -635,13 +656,13 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves `/metrics` and `/status` until dropped.
-pub(crate) async fn serve(listener: TcpListener, ctx: Arc<SessionContext>) {
+pub(crate) async fn serve(listener: TcpListener, levels: LevelSource) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let ctx = ctx.clone();
+                let levels = levels.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &ctx)).await;
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &*levels)).await;
                 });
             }
             Err(e) => {
@@ -653,7 +674,10 @@ pub(crate) async fn serve(listener: TcpListener, ctx: Arc<SessionContext>) {
 }
 
 /// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, ctx: &SessionContext) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    levels: &(dyn Fn() -> Levels + Send + Sync),
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
@@ -683,7 +707,7 @@ async fn answer(mut stream: TcpStream, ctx: &SessionContext) -> std::io::Result<
             let openmetrics = String::from_utf8_lossy(&head)
                 .to_ascii_lowercase()
                 .contains("application/openmetrics-text");
-            let body = metrics().render(ctx, openmetrics);
+            let body = metrics().render(&levels(), openmetrics);
             let content_type = if openmetrics {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8"
             } else {
@@ -692,7 +716,7 @@ async fn answer(mut stream: TcpStream, ctx: &SessionContext) -> std::io::Result<
             respond(&mut stream, "200 OK", content_type, &body).await
         }
         ("GET", "/status") => {
-            let body = metrics().status(ctx);
+            let body = metrics().status(&levels());
             respond(&mut stream, "200 OK", "text/plain; charset=utf-8", &body).await
         }
         ("GET", "/") => {

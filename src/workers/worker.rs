@@ -17,7 +17,7 @@
 //! child it left holds its pipes open. Workers get a higher
 //! `oom_score_adj` than the server: under memory pressure the kernel takes
 //! a worker, not the server. Deciding what to do when a worker fails is
-//! [`crate::pool`]'s business.
+//! [`crate::workers::pool`]'s business.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -36,14 +36,14 @@ use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::unix::pipe;
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::cache::{Package, WorkerCache};
-use crate::mapped::{self, MAPPED_MIN};
-use crate::reaper::{self, Registration};
-use crate::wire::{write_frame, write_frames, write_heads, FrameError, FrameReader};
+use crate::jobs::cache::{Package, WorkerCache};
+use crate::memory::mapped::{self, MAPPED_MIN};
+use crate::protocol::wire::{write_frame, write_frames, write_heads, FrameError, FrameReader};
+use crate::workers::reaper::{self, Registration};
 
 /// How long a new worker may take to announce its pid (importing ppft and
 /// dill on a loaded machine can take seconds).
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// After a worker's stdout closes, how long it may take to exit by itself
 /// before it is killed; and after it exits, how long an answer it wrote
 /// just before may take to be read from a pipe a child of it still holds.
@@ -58,8 +58,6 @@ const FATAL_MARKER: &[u8] = b"A fatal error has occured during the function exec
 /// Only results this small are searched for [`FATAL_MARKER`]: a fatal
 /// result holds a traceback, never bulk data.
 const FATAL_SCAN_LIMIT: usize = 64 * 1024;
-/// Kept in a file of its own so it reads (and can be tried) as Python.
-const PROBE_SCRIPT: &str = include_str!("worker_probe.py");
 
 /// How to start a worker.
 #[derive(Debug)]
@@ -105,137 +103,6 @@ pub(crate) fn worker_pythonpath(inherited: Option<&OsStr>, cwd: &Path) -> OsStri
         parts.push(cwd.to_path_buf());
     }
     std::env::join_paths(parts).unwrap_or_else(|_| cwd.as_os_str().to_owned())
-}
-
-/// Worker modules tried, in order, when none is chosen: ppft's worker, then
-/// pp 1.7's. (ppft also installs a `pp` shim, but it has no `_worker`.)
-pub(crate) const WORKER_MODULES: &[&str] = &["ppft", "pp._worker"];
-
-/// Finds which of `candidates` the interpreter can run as a worker, and the
-/// `__version__` of its package (what clients compare against). This is
-/// also the startup check that the worker package is installed at all.
-pub(crate) async fn probe_worker(
-    python: &Path,
-    candidates: &[&str],
-    pythonpath: &OsStr,
-) -> Result<(String, String), ProbeError> {
-    let mut cmd = Command::new(python);
-    cmd.arg("-c")
-        .arg(PROBE_SCRIPT)
-        .args(candidates)
-        .env("PYTHONPATH", pythonpath)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let run = async {
-        let (child, _registered) = reaper::spawn(&mut cmd)?;
-        child.wait_with_output().await
-    };
-    let python = python.to_path_buf();
-    let out = match tokio::time::timeout(STARTUP_TIMEOUT, run).await {
-        Err(_) => return Err(ProbeError::Timeout { python }),
-        Ok(Err(source)) => return Err(ProbeError::Run { python, source }),
-        Ok(Ok(out)) => out,
-    };
-    let answer = String::from_utf8_lossy(&out.stdout);
-    match answer.trim().split_once(' ') {
-        Some((module, version)) if out.status.success() && !version.is_empty() => {
-            if !version.is_ascii() {
-                return Err(ProbeError::NonAscii {
-                    module: module.to_string(),
-                    version: version.to_string(),
-                });
-            }
-            Ok((module.to_string(), version.to_string()))
-        }
-        _ => {
-            let err = String::from_utf8_lossy(&out.stderr);
-            Err(ProbeError::Missing {
-                python,
-                candidates: candidates.iter().map(|c| c.to_string()).collect(),
-                detail: err.lines().last().unwrap_or("").trim().to_string(),
-                wheel: false,
-            })
-        }
-    }
-}
-
-/// Why the worker interpreter cannot run workers.
-#[derive(Debug)]
-pub enum ProbeError {
-    /// The interpreter could not be run at all.
-    Run { python: PathBuf, source: io::Error },
-    /// It ran but did not answer within [`STARTUP_TIMEOUT`].
-    Timeout { python: PathBuf },
-    /// None of `candidates` can be imported; `detail` is the last line the
-    /// interpreter printed on stderr, if any.
-    Missing {
-        python: PathBuf,
-        candidates: Vec<String>,
-        detail: String,
-        /// This server's wheel is installed beside the interpreter: the
-        /// hint is its extra, which adds ppft to it ([`crate::install`]).
-        wheel: bool,
-    },
-    /// The package's `__version__` is not ASCII, and clients receive it in
-    /// an ASCII frame.
-    NonAscii { module: String, version: String },
-}
-
-impl std::fmt::Display for ProbeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ProbeError::Run { python, source } => write!(
-                f,
-                "cannot run the worker interpreter {} (--python): {source}",
-                python.display()
-            ),
-            ProbeError::Timeout { python } => write!(
-                f,
-                "the worker interpreter {} did not answer within {STARTUP_TIMEOUT:?}",
-                python.display()
-            ),
-            ProbeError::Missing {
-                python,
-                candidates,
-                detail,
-                wheel,
-            } => {
-                let shown = python.display();
-                write!(
-                    f,
-                    "the worker interpreter {shown} cannot import {}",
-                    candidates.join(" or ")
-                )?;
-                if !detail.is_empty() {
-                    write!(f, " ({detail})")?;
-                }
-                let package = if *wheel {
-                    format!("'{}[ppft]'", crate::install::DIST_NAME)
-                } else {
-                    "ppft==1.7.8 dill".to_string()
-                };
-                write!(
-                    f,
-                    "; install ppft with: {shown} -m pip install {package}  \
-                     (or choose another with --python)"
-                )
-            }
-            ProbeError::NonAscii { module, version } => {
-                write!(f, "{module}'s __version__ is not ASCII: {version:?}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ProbeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ProbeError::Run { source, .. } => Some(source),
-            _ => None,
-        }
-    }
 }
 
 /// How a job ended on a worker.
@@ -597,7 +464,7 @@ async fn send_job(
     package_frame: &[u8],
     args: &[u8],
     by_reference: bool,
-) -> Result<(), crate::wire::PartialWrite> {
+) -> Result<(), crate::protocol::wire::PartialWrite> {
     if !by_reference {
         return write_frames(stdin, &[package_frame, args]).await;
     }
@@ -607,7 +474,7 @@ async fn send_job(
     let Counted { pipe, written } = stdin;
     mapped::vmsplice_all(pipe, args, written)
         .await
-        .map_err(|error| crate::wire::PartialWrite {
+        .map_err(|error| crate::protocol::wire::PartialWrite {
             written: *written,
             error,
         })

@@ -1,6 +1,6 @@
 //! One client connection, from handshake to close.
 //!
-//! After the handshake (see [`crate::auth`]) the client names the
+//! After the handshake (see [`crate::protocol::auth`]) the client names the
 //! connection's type:
 //!
 //! - `STAT`: the server sends its worker count as a decimal string, then
@@ -14,7 +14,7 @@
 //! whole handshake at [`HANDSHAKE_TIMEOUT`] ([`TIGHT_HANDSHAKE_TIMEOUT`]
 //! while the handshake budget is tight), so unauthenticated peers cost
 //! little; a wrong answer waits out its address's delay
-//! ([`auth::LoginThrottle`]) before `FAILED`. Log lines name the peer and
+//! ([`crate::front::login::LoginThrottle`]) before `FAILED`. Log lines name the peer and
 //! job; never the secret or payloads.
 
 use std::collections::HashMap;
@@ -29,17 +29,21 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::auth::{self, LoginThrottle, Penalty};
-use crate::budget::{Budget, Reservation, Use};
-use crate::cache::{Package, PackageCache, PackageHash, UnknownPackage, PACKAGE_CACHE_BUDGET};
+use crate::config::allow::host_key;
 use crate::config::Config;
-use crate::connections::{Connections, Place, Refused};
-use crate::metrics::{metrics, ConnKind, ConnectionGuard, Counted};
-use crate::ratelimit::{warn_limited, PerAddress};
-use crate::scheduler::{Job, Scheduler};
-use crate::shutdown::{DrainSwitch, Draining};
-use crate::stats::{format_seconds, Stats};
-use crate::wire::{Connection, FrameError, QuickAck};
+use crate::front::connections::{Connections, Place, Refused};
+use crate::front::login::{LoginThrottle, Penalty};
+use crate::jobs::cache::{
+    Package, PackageCache, PackageHash, UnknownPackage, PACKAGE_CACHE_BUDGET,
+};
+use crate::jobs::scheduler::{Job, Scheduler};
+use crate::logging::ratelimit::{warn_limited, PerAddress};
+use crate::memory::budget::{Budget, Reservation, Use};
+use crate::ops::metrics::{metrics, ConnKind, ConnectionGuard, Counted};
+use crate::ops::shutdown::{DrainSwitch, Draining};
+use crate::ops::stats::{format_seconds, Stats};
+use crate::protocol::auth;
+use crate::protocol::wire::{Connection, FrameError, QuickAck};
 
 /// Largest frame accepted before the client has authenticated: the answer
 /// is 40 bytes and the connection type 4.
@@ -220,7 +224,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // logs an error on its side and closes without a word; the server
         // is the only place its operator may look.
         Err(SessionError::Closed(BEFORE_ANSWER)) => ctx.mismatch_warnings.warn(
-            peer.ip(),
+            host_key(peer.ip()),
             format_args!(
                 "{peer}: closed the connection on receiving the version ({:?}) without \
                  answering: most likely a pp client of another version; clients require \
@@ -488,7 +492,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             text.trim_start_matches("ppserver: ").trim_end()
         ));
         self.conn
-            .write_frame(&crate::pickle::none_with_text(&text))
+            .write_frame(&crate::protocol::pickle::none_with_text(&text))
             .await?;
         Ok(())
     }
@@ -586,8 +590,8 @@ async fn within_handshake_timeout<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::WorkerCache;
-    use crate::wire::{encode_frame, FrameReader};
+    use crate::jobs::cache::WorkerCache;
+    use crate::protocol::wire::{encode_frame, FrameReader};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     /// What every session test runs with: secret `s`, 2 workers, and a
@@ -637,11 +641,11 @@ mod tests {
         assert_eq!(client.read_frame().await.unwrap().unwrap(), &b"1.7.8"[..]);
         let nonce = client.read_frame().await.unwrap().unwrap();
         let answer = auth::expected_answer(&nonce, b"s");
-        crate::wire::write_frame(client.get_mut(), &answer)
+        crate::protocol::wire::write_frame(client.get_mut(), &answer)
             .await
             .unwrap();
         assert_eq!(client.read_frame().await.unwrap().unwrap(), &b"OK"[..]);
-        crate::wire::write_frame(client.get_mut(), kind)
+        crate::protocol::wire::write_frame(client.get_mut(), kind)
             .await
             .unwrap();
     }
@@ -671,7 +675,7 @@ mod tests {
         client.read_frame().await.unwrap().unwrap();
         let nonce = client.read_frame().await.unwrap().unwrap();
         let answer = auth::expected_answer(&nonce, secret);
-        crate::wire::write_frame(client.get_mut(), &answer)
+        crate::protocol::wire::write_frame(client.get_mut(), &answer)
             .await
             .unwrap();
         client.read_frame().await.ok().flatten()
@@ -683,7 +687,7 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
         // The address has guessed a lot: its next failure waits for the
         // eight before it to be told, then its own delay.
-        for _ in 0..(auth::FREE_FAILURES + 8) {
+        for _ in 0..(crate::front::login::FREE_FAILURES + 8) {
             ctx.logins.failed(peer.ip(), Instant::now());
         }
         let (client, server) = tokio::io::duplex(1 << 16);
@@ -695,7 +699,10 @@ mod tests {
         let Err(SessionError::AuthFailed(penalty)) = ended else {
             panic!("{ended:?}");
         };
-        assert!(penalty.wait >= auth::DEFAULT_LOGIN_DELAY * 2, "{penalty:?}");
+        assert!(
+            penalty.wait >= crate::config::DEFAULT_LOGIN_DELAY * 2,
+            "{penalty:?}"
+        );
         assert!(started.elapsed() >= penalty.wait);
 
         // The right secret from the same address, with that address owing

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::allow::{host_key, AllowList};
+use crate::config::allow::{host_key, AllowList};
 use crate::config::Config;
-use crate::ratelimit::warn_limited;
+use crate::logging::ratelimit::warn_limited;
 
 /// Open connections and connected clients.
 #[derive(Debug)]
@@ -99,7 +99,7 @@ impl Refused {
     /// Logs the refusal of `peer`, rate-limited: a flood of refused
     /// connections must not flood the log; and counts it in the metrics.
     pub(crate) fn log(self, peer: SocketAddr) {
-        crate::metrics::metrics().refused(self.label());
+        crate::ops::metrics::metrics().refused(self.label());
         warn_limited(format_args!("{peer}: {self}; closed"));
     }
 

@@ -5,15 +5,25 @@
 //! options for what ppft does not have. Parsing is a pure function of the
 //! argument list ([`parse_args`]) so it can be tested without a process.
 
+pub mod allow;
+pub(crate) mod inifile;
+
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::allow::AllowList;
-use crate::auth::{DEFAULT_LOGIN_DELAY, DEFAULT_SECRET, MAX_LOGIN_DELAY};
-use crate::inifile;
-use crate::logfmt::{LogFormat, DEFAULT_FORMAT};
+use crate::config::allow::AllowList;
+use crate::logging::format::{LogFormat, DEFAULT_FORMAT};
+use crate::protocol::auth::DEFAULT_SECRET;
+
+/// The default longest delay (`--login-delay`). After the free failures
+/// the delay doubles from an eighth of the longest up to it, so one address gets about one verdict per longest delay, however
+/// many connections it opens at once: 4 guesses a second by default.
+pub const DEFAULT_LOGIN_DELAY: Duration = Duration::from_millis(250);
+/// Longest `--login-delay` accepted: a minute per guess is plenty, and
+/// more would only hold a locked-out address's places for longer.
+pub const MAX_LOGIN_DELAY: Duration = Duration::from_secs(60);
 
 /// Default TCP port; ppft picks a random one, which leaves users guessing.
 pub const DEFAULT_PORT: u16 = 60000;
@@ -85,7 +95,7 @@ pub struct Config {
     /// else gave one. ppft and pathos clients never read it.
     pub pp_secret: Option<String>,
     /// Interpreter that runs the workers (`--python`); `None`: the one
-    /// beside the binary if it can, else `python3` ([`crate::install`]).
+    /// beside the binary if it can, else `python3` ([`crate::workers::install`]).
     pub python: Option<PathBuf>,
     /// Python module run as the worker (`python -u -m MODULE`); `None`
     /// finds it: ppft if installed, else pp 1.7's `pp._worker`.
@@ -99,7 +109,7 @@ pub struct Config {
     /// How long a stop waits for jobs already received (`--drain-timeout`).
     pub drain_timeout: Duration,
     /// Bytes the server may hold for client frames, jobs, packages and
-    /// results (`--memory-limit`); see [`crate::budget`].
+    /// results (`--memory-limit`); see [`crate::memory::budget`].
     pub memory_limit: usize,
     /// Where `/metrics` and `/status` are served (`--metrics`); off if
     /// `None`.
@@ -154,8 +164,8 @@ impl Default for Config {
             pp_version: None,
             max_frame_size: DEFAULT_MAX_FRAME,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            drain_timeout: crate::shutdown::DEFAULT_DRAIN_TIMEOUT,
-            memory_limit: crate::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
+            drain_timeout: crate::ops::shutdown::DEFAULT_DRAIN_TIMEOUT,
+            memory_limit: crate::memory::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
             metrics: None,
             max_jobs_per_worker: 0,
             keep_abandoned: false,
@@ -378,8 +388,8 @@ Due to the security concerns always use a non-trivial secret key.",
         port = DEFAULT_PORT,
         max_frame = DEFAULT_MAX_FRAME,
         max_conn = DEFAULT_MAX_CONNECTIONS,
-        drain = crate::shutdown::DEFAULT_DRAIN_TIMEOUT.as_secs(),
-        memory = crate::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
+        drain = crate::ops::shutdown::DEFAULT_DRAIN_TIMEOUT.as_secs(),
+        memory = crate::memory::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
         max_handshakes = DEFAULT_MAX_HANDSHAKES,
         login_delay = DEFAULT_LOGIN_DELAY.as_secs_f64(),
     )

@@ -6,7 +6,7 @@
 //! [`FrameReader`] owns a stream and its read buffer (a worker's stdout),
 //! and [`Connection`] adds the writes for a two-way stream (a client
 //! socket). Payloads come out as [`Bytes`] cut from the read buffer, so
-//! relaying them costs no copy; payloads of [`crate::mapped::MAPPED_MIN`]
+//! relaying them costs no copy; payloads of [`crate::memory::mapped::MAPPED_MIN`]
 //! or more skip the read buffer and are read into a mapping of their own,
 //! which a worker's pipe can take by reference.
 //!
@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::mapped::{Filling, MAPPED_MIN};
+use crate::memory::mapped::{Filling, MAPPED_MIN};
 
 /// Size of the length header in front of every frame.
 pub const HEADER_LEN: usize = 8;
@@ -146,7 +146,7 @@ pub struct FrameReader<R> {
     /// Largest payload accepted; see [`FrameReader::set_max`].
     max: usize,
     /// A large frame whose header is consumed, being read straight into a
-    /// mapping of its own ([`crate::mapped`]) rather than into `buf`.
+    /// mapping of its own ([`crate::memory::mapped`]) rather than into `buf`.
     large: Option<Filling>,
 }
 
@@ -426,7 +426,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 
 /// Writes `payload` as a frame, then only the header of a frame of
 /// `next_len` bytes, in one `writev`: what goes ahead of a payload that is
-/// sent by other means (`vmsplice`, [`crate::mapped`]).
+/// sent by other means (`vmsplice`, [`crate::memory::mapped`]).
 pub(crate) async fn write_heads<W: AsyncWrite + Unpin>(
     w: &mut W,
     payload: &[u8],
@@ -725,7 +725,7 @@ mod tests {
         let mut r = FrameReader::new(b, 1 << 30);
         let frame = r.read_frame().await.unwrap().unwrap();
         assert!(frame == big, "the payload came out changed");
-        assert!(crate::mapped::is_mapped(&frame));
+        assert!(crate::memory::mapped::is_mapped(&frame));
         assert_eq!(r.read_frame().await.unwrap().unwrap(), &b"after"[..]);
         assert!(r.read_frame().await.unwrap().is_none());
         assert!(r.buffered_capacity() < EAGER_RESERVE);
