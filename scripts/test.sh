@@ -33,7 +33,8 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
-echo "== cargo fmt --check, clippy"
+echo "== import circles (scripts/check-imports), cargo fmt --check, clippy"
+scripts/check-imports
 cargo fmt --check
 cargo clippy --quiet --all-targets --all-features -- -D warnings
 

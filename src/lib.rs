@@ -4,13 +4,15 @@
 //! config, the server, a session over any stream, and the frame codec.
 //!
 //! Map of the crate, one folder per concern, in the order a job travels:
-//! - [`config`]: command line and config file -> [`config::Config`];
+//! - [`config`]: command line and config file -> [`config::Config`],
+//!   and `--allow` ([`config::allow`]);
 //! - [`server`]: the wiring: startup checks, the listener, the accept
 //!   loop, shutdown;
-//! - [`front`]: the front door: `--allow` ([`front::allow`]), the budgets a
-//!   connection is admitted under ([`front::connections`]), one client
-//!   connection from handshake to close ([`front::session`]), and UDP
-//!   autodiscovery ([`front::discovery`]);
+//! - [`front`]: the front door: the budgets a connection is admitted under
+//!   ([`front::connections`]), one client connection from handshake to
+//!   close ([`front::session`]) with the login throttle ([`front::login`])
+//!   and the EXEC loop ([`front::exec`]), and UDP autodiscovery
+//!   ([`front::discovery`]);
 //! - [`protocol`]: the 8-byte-length frame on sockets and worker pipes
 //!   ([`protocol::wire`]), the secret handshake ([`protocol::auth`]), the
 //!   failure pickle we write ([`protocol::pickle`]);

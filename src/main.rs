@@ -28,10 +28,10 @@ const EXIT_FLUSH: Duration = Duration::from_secs(2);
 /// wheel's second name.
 pub(crate) fn main() -> ExitCode {
     fixed_mmap_threshold();
-    let cfg = match config::parse_args(std::env::args_os().skip(1)) {
+    let cfg = match config::flags::parse_args(std::env::args_os().skip(1)) {
         Ok(Command::Run(cfg)) => cfg,
         Ok(Command::Help) => {
-            println!("{}", config::usage());
+            println!("{}", config::help::usage());
             return ExitCode::SUCCESS;
         }
         Err(e) => {

@@ -1,11 +1,13 @@
-//! The server's front door: who may connect and how a connection lives.
-//! [`allow`] decides which source addresses may talk to the server and
-//! what counts as one address; [`connections`] admits each accepted
-//! connection under its budgets; [`session`] runs one client connection
-//! from the handshake to its close and hands its jobs to the scheduler;
-//! [`discovery`] answers autodiscovery (`-a`) over UDP.
+//! The server's front door: how a connection is let in and how it lives.
+//! [`connections`] admits each accepted connection under its budgets
+//! (with `--allow`, [`crate::config::allow`]); [`session`] runs one client
+//! connection from the handshake to its close, with wrong answers slowed
+//! by [`login`]; [`exec`] is its EXEC loop, which hands jobs to the
+//! scheduler and answers them; [`discovery`] answers autodiscovery (`-a`)
+//! over UDP.
 
 pub(crate) mod connections;
 pub(crate) mod discovery;
+pub(crate) mod exec;
 pub(crate) mod login;
 pub mod session;

@@ -1,0 +1,317 @@
+//! Every setting that a flag or a config-file key can give, the config
+//! file's keys (by section, as ppft's `parse_config` reads them) and the
+//! checks each value passes before it reaches [`Config`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::inifile;
+use crate::config::{
+    Config, ConfigError, Origin, MAX_LOGIN_DELAY, MAX_MAX_FRAME, MIN_MAX_FRAME, MIN_MEMORY_LIMIT,
+};
+
+/// A setting that can come from a flag or from the config file.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Setting {
+    Secret,
+    Debug,
+    Workers,
+    Proto,
+    Restart,
+    PidFile,
+    Quiet,
+    Python,
+    SecretFile,
+    WorkerModule,
+    PpVersion,
+    MaxFrameSize,
+    MaxConnections,
+    Verbose,
+    ReadyFile,
+    DrainTimeout,
+    MemoryLimit,
+    Metrics,
+    MaxJobsPerWorker,
+    KeepAbandoned,
+    JobTimeout,
+    Autodiscovery,
+    Interface,
+    Broadcast,
+    Port,
+    IdleExit,
+    SocketTimeout,
+    MaxHandshakes,
+    MaxHandshakesPerAddress,
+    Allow,
+    LoginDelay,
+}
+
+/// Config file keys, by section, as ppft's `parse_config` reads them.
+pub(crate) const FILE_KEYS: &[(&str, &str, Setting)] = &[
+    ("general", "secret", Setting::Secret),
+    ("general", "debug", Setting::Debug),
+    ("general", "workers", Setting::Workers),
+    ("general", "proto", Setting::Proto),
+    ("general", "restart", Setting::Restart),
+    ("general", "pid_file", Setting::PidFile),
+    ("general", "quiet", Setting::Quiet),
+    ("general", "python", Setting::Python),
+    ("general", "secret_file", Setting::SecretFile),
+    ("general", "worker_module", Setting::WorkerModule),
+    ("general", "pp_version", Setting::PpVersion),
+    ("general", "max_frame_size", Setting::MaxFrameSize),
+    ("network", "max_connections", Setting::MaxConnections),
+    ("general", "verbose", Setting::Verbose),
+    ("general", "ready_file", Setting::ReadyFile),
+    ("general", "drain_timeout", Setting::DrainTimeout),
+    ("general", "memory_limit", Setting::MemoryLimit),
+    ("general", "max_jobs_per_worker", Setting::MaxJobsPerWorker),
+    ("general", "keep_abandoned", Setting::KeepAbandoned),
+    ("network", "metrics", Setting::Metrics),
+    ("general", "login_delay", Setting::LoginDelay),
+    ("general", "job_timeout", Setting::JobTimeout),
+    ("network", "autodiscovery", Setting::Autodiscovery),
+    ("network", "interface", Setting::Interface),
+    ("network", "broadcast", Setting::Broadcast),
+    ("network", "port", Setting::Port),
+    ("network", "timeout", Setting::IdleExit),
+    ("network", "socket_timeout", Setting::SocketTimeout),
+    ("network", "max_handshakes", Setting::MaxHandshakes),
+    (
+        "network",
+        "max_handshakes_per_address",
+        Setting::MaxHandshakesPerAddress,
+    ),
+    ("network", "allow", Setting::Allow),
+];
+
+pub(crate) fn invalid(at: &Origin, value: &str, why: &str) -> ConfigError {
+    ConfigError::Invalid {
+        at: Box::new(at.clone()),
+        value: value.to_string(),
+        why: why.to_string(),
+    }
+}
+
+fn number<T: std::str::FromStr>(name: &Origin, value: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(name, value, "expected a number in range"))
+}
+
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
+    name: &Origin,
+    value: &str,
+) -> Result<T, ConfigError> {
+    let n: T = number(name, value)?;
+    if n < T::from(1) {
+        return Err(invalid(name, value, "must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// A size in bytes: a number with an optional K, M, G or T suffix (powers
+/// of 1024; `k`, `KB`, `KiB` alike).
+fn size(name: &Origin, value: &str) -> Result<usize, ConfigError> {
+    let v = value.trim();
+    let digits = v.len() - v.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let (number, unit) = v.split_at(digits);
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => {
+            return Err(invalid(
+                name,
+                value,
+                "expected bytes, or a number with K, M, G or T",
+            ))
+        }
+    };
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1usize << shift))
+        .ok_or_else(|| invalid(name, value, "expected bytes, or a number with K, M, G or T"))
+}
+
+fn boolean(name: &Origin, value: &str) -> Result<bool, ConfigError> {
+    inifile::as_bool(value)
+        .ok_or_else(|| invalid(name, value, "expected true/false, yes/no, on/off or 1/0"))
+}
+
+/// Sets one setting from text; `name` is the flag or key, for messages.
+pub(crate) fn apply(
+    cfg: &mut Config,
+    setting: Setting,
+    name: &Origin,
+    value: &str,
+) -> Result<(), ConfigError> {
+    match setting {
+        Setting::Secret => {
+            cfg.secret = value.to_string();
+            cfg.secret_is_default = false;
+        }
+        Setting::Debug => cfg.debug = boolean(name, value)?,
+        Setting::Workers => cfg.workers = at_least_one(name, value)?,
+        Setting::Proto => {
+            let proto: i32 = number(name, value)?;
+            if !(-1..=5).contains(&proto) {
+                return Err(invalid(
+                    name,
+                    value,
+                    "pickle protocols are 0 to 5 (or -1 for the highest)",
+                ));
+            }
+            cfg.proto = Some(proto);
+        }
+        Setting::Restart => cfg.restart = boolean(name, value)?,
+        Setting::PidFile => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty path"));
+            }
+            cfg.pid_file = Some(PathBuf::from(value));
+        }
+        Setting::Quiet => cfg.quiet = boolean(name, value)?,
+        Setting::Verbose => cfg.verbose = boolean(name, value)?,
+        Setting::ReadyFile => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty path"));
+            }
+            cfg.ready_file = Some(PathBuf::from(value));
+        }
+        Setting::DrainTimeout => cfg.drain_timeout = Duration::from_secs(number(name, value)?),
+        Setting::MemoryLimit => {
+            let bytes = size(name, value)?;
+            if bytes < MIN_MEMORY_LIMIT {
+                return Err(invalid(name, value, "must be at least 1M"));
+            }
+            cfg.memory_limit = bytes;
+        }
+        Setting::MaxJobsPerWorker => cfg.max_jobs_per_worker = number(name, value)?,
+        Setting::KeepAbandoned => cfg.keep_abandoned = boolean(name, value)?,
+        Setting::Metrics => {
+            cfg.metrics =
+                Some(value.trim().parse().map_err(|_| {
+                    invalid(name, value, "expected ADDRESS:PORT, e.g. 127.0.0.1:9464")
+                })?)
+        }
+        Setting::Python => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty path"));
+            }
+            cfg.python = Some(PathBuf::from(value));
+        }
+        Setting::SecretFile => {
+            cfg.secret = secret_from_file(Path::new(value))?;
+            cfg.secret_is_default = false;
+        }
+        Setting::WorkerModule => {
+            let module_name =
+                |p: &str| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_');
+            if !value.split('.').all(module_name) {
+                return Err(invalid(
+                    name,
+                    value,
+                    "expected a Python module name such as ppft or pp._worker",
+                ));
+            }
+            cfg.worker_module = Some(value.to_string());
+        }
+        Setting::PpVersion => {
+            if value.is_empty() || !value.is_ascii() {
+                return Err(invalid(name, value, "must be non-empty ASCII"));
+            }
+            cfg.pp_version = Some(value.to_string());
+        }
+        Setting::MaxFrameSize => {
+            let bytes = size(name, value)?;
+            if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&bytes) {
+                return Err(invalid(
+                    name,
+                    value,
+                    &format!("must be from {MIN_MAX_FRAME} to {MAX_MAX_FRAME} bytes"),
+                ));
+            }
+            cfg.max_frame_size = bytes;
+        }
+        Setting::MaxConnections => cfg.max_connections = at_least_one(name, value)?,
+        Setting::JobTimeout => {
+            let secs: u64 = number(name, value)?;
+            cfg.job_timeout = (secs > 0).then(|| Duration::from_secs(secs));
+        }
+        Setting::Autodiscovery => cfg.autodiscovery = boolean(name, value)?,
+        Setting::Interface => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty address"));
+            }
+            cfg.interface = value.to_string();
+        }
+        Setting::Broadcast => {
+            cfg.broadcast = value
+                .trim()
+                .parse()
+                .map_err(|_| invalid(name, value, "expected an IPv4 address"))?;
+        }
+        Setting::Port => cfg.port = number(name, value)?,
+        Setting::IdleExit => cfg.idle_exit = Some(Duration::from_secs(at_least_one(name, value)?)),
+        Setting::SocketTimeout => {
+            cfg.socket_timeout = Duration::from_secs(at_least_one(name, value)?)
+        }
+        Setting::MaxHandshakes => cfg.max_handshakes = at_least_one(name, value)?,
+        Setting::MaxHandshakesPerAddress => {
+            cfg.max_handshakes_per_address = Some(at_least_one(name, value)?)
+        }
+        Setting::LoginDelay => {
+            let secs: f64 = number(name, value)?;
+            if !(0.0..=MAX_LOGIN_DELAY.as_secs_f64()).contains(&secs) {
+                return Err(invalid(
+                    name,
+                    value,
+                    &format!("must be from 0 to {} seconds", MAX_LOGIN_DELAY.as_secs()),
+                ));
+            }
+            cfg.login_delay = Duration::from_secs_f64(secs);
+        }
+        Setting::Allow => {
+            // The file's list replaces one given by flags before -c; each
+            // --allow adds to the list.
+            if matches!(name, Origin::Key { .. }) {
+                cfg.allow.clear();
+            }
+            cfg.allow
+                .extend_from(value)
+                .map_err(|why| invalid(name, value, &why))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a secret from the first line of a file.
+pub(crate) fn secret_from_file(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        flag: "--secret-file",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let secret = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('\r')
+        .to_string();
+    if secret.is_empty() {
+        return Err(ConfigError::EmptySecret {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(secret)
+}
