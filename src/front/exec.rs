@@ -84,6 +84,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 _held: held,
             });
             log::trace!("{peer}: job {id} submitted");
+            // However this session ends while the job waits (the client
+            // leaves, an error, the server stops), a job still queued
+            // leaves the queue with it, and its memory goes at once.
+            let queued = QueuedJob {
+                scheduler: &self.ctx.scheduler,
+                client: peer.ip(),
+                id,
+            };
             let result = tokio::select! {
                 // A result that is ready is written even if the client's
                 // EOF arrived with it: the client may only have closed its
@@ -92,13 +100,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 r = result => r,
                 closed = self.conn.closed() => {
                     closed?;
-                    // Dropping the receiver marks the job abandoned: a
-                    // queued job is skipped, a running one has its result
-                    // discarded.
+                    // A queued job is withdrawn (`queued` drops); a
+                    // running one sees its reply dropped and has its
+                    // result discarded.
                     log::debug!("{peer}: client left while job {id} was pending");
                     return Ok(());
                 }
             };
+            queued.answered();
             match result {
                 Ok(frame) => {
                     // Counted until written, never waited for: a result
@@ -192,6 +201,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 }
 
+/// A submitted job that may still be in the scheduler's queue; dropping
+/// this withdraws it from there. Only its session knows when its client
+/// has left, so the session removes it rather than leaving it for a
+/// worker to find abandoned.
+struct QueuedJob<'a> {
+    /// The queue it may be in.
+    scheduler: &'a crate::jobs::scheduler::Scheduler,
+    /// Its client's address: the queue is per host.
+    client: std::net::IpAddr,
+    /// The job's number.
+    id: u64,
+}
+
+impl QueuedJob<'_> {
+    /// The job was answered, so it is in no queue: no need to look.
+    fn answered(self) {
+        // Holds only references: forgetting it leaks nothing.
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for QueuedJob<'_> {
+    fn drop(&mut self) {
+        self.scheduler.withdraw(self.client, self.id);
+    }
+}
+
 /// A job frame as the session took it from the client.
 enum Incoming {
     /// The frame, and its bytes in the memory budget.
@@ -270,7 +306,14 @@ mod tests {
         };
         let (ended, ()) = tokio::join!(served, client_side);
         assert!(ended.is_ok(), "{ended:?}");
-        assert_eq!(ctx.scheduler.queued(), 1);
+        // Regression: the job stayed queued, holding its arguments and
+        // memory, until a worker reached it.
+        assert_eq!(ctx.scheduler.queued(), 0, "withdrawn when its client left");
+        assert_eq!(
+            ctx.budget.used(),
+            b"Npackage".len(),
+            "its arguments' memory went with it; only the cached package is held"
+        );
         assert!(
             ctx.scheduler.next_job(0, WorkerCache::default()).is_err(),
             "the abandoned job is dropped, not run"

@@ -5,8 +5,9 @@
 //! worker that already holds the job's package, so it is sent the 33-byte
 //! `H` frame and skips unpickling the sources again); a job never waits
 //! while a worker is idle. Otherwise it waits in its client host's queue:
-//! hosts are told apart by IP address, so all connections of one host
-//! share a queue. A worker that becomes free serves the hosts with queued
+//! hosts are told apart by IP address (an IPv6 host by its /64, as the
+//! connection budgets count it), so all connections of one host share a
+//! queue. A worker that becomes free serves the hosts with queued
 //! jobs in turn (round robin): one job of the host whose turn it is, which
 //! then goes to the back of the line. A host with 200 connections thus
 //! gets one worker in two while one other host has jobs waiting, not all
@@ -28,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::config::allow::host_key;
 use crate::jobs::cache::{Package, WorkerCache};
 use crate::memory::budget::Reservation;
 
@@ -178,10 +180,11 @@ impl State {
     }
 }
 
-/// The key of a job's host: an IPv4 client seen on an IPv6 listener is
-/// the same host as on an IPv4 one.
+/// The key of a job's host, the same as the connection budgets use: an
+/// IPv4 client seen on an IPv6 listener is the same host as on an IPv4
+/// one, and an IPv6 host is its /64, any address of which it may pick.
 fn host_of(job: &Job) -> IpAddr {
-    job.client.to_canonical()
+    host_key(job.client)
 }
 
 /// Takes the job a worker holding `cache` runs next from one host's
@@ -348,6 +351,32 @@ impl Scheduler {
             }
         }
         answered
+    }
+
+    /// Removes the job numbered `id` of host `client` from the queue, if it
+    /// is still there: its client left, and its arguments and memory
+    /// reservation go at once instead of when a worker reaches it. Returns
+    /// whether it was queued.
+    pub(crate) fn withdraw(&self, client: IpAddr, id: u64) -> bool {
+        let mut st = self.lock();
+        let host = host_key(client);
+        let Some(queue) = st.queues.get_mut(&host) else {
+            return false;
+        };
+        let Some(pos) = queue.iter().position(|q| q.job.id == id) else {
+            return false;
+        };
+        let gone = queue.remove(pos);
+        if queue.is_empty() {
+            st.queues.remove(&host);
+            st.turns.retain(|h| *h != host);
+        }
+        drop(st);
+        // Dropped outside the lock: a large frame's mapping is unmapped here.
+        drop(gone);
+        crate::ops::metrics::metrics().dropped("abandoned");
+        log::debug!("job {id} dropped: its client went away before it started");
+        true
     }
 
     /// Number of jobs waiting for a worker.
@@ -614,6 +643,49 @@ mod tests {
         s.submit(a2);
         s.submit(b1);
         assert_eq!(drain(&s), ["a1", "b1", "a2"]);
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_host_is_its_64_as_for_the_connection_budgets() {
+        // Regression: one IPv6 host took a fair share per address of its
+        // /64, which it may pick at will.
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let (a1, _r1) = test_job(&c, b"Na1", "2001:db8::1");
+        let (a2, _r2) = test_job(&c, b"Na2", "2001:db8::2");
+        let (b1, _r3) = test_job(&c, b"Nb1", "2001:db8:0:1::1");
+        s.submit(a1);
+        s.submit(a2);
+        s.submit(b1);
+        assert_eq!(drain(&s), ["a1", "b1", "a2"]);
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_job_leaves_the_queue_and_frees_its_memory_at_once() {
+        // Regression: a client's queued jobs held their arguments and
+        // memory until a worker reached them.
+        let s = Scheduler::default();
+        let c = PackageCache::new(1 << 20);
+        let budget = crate::memory::budget::Budget::new(1 << 20);
+        let (mut a1, _r1) = test_job(&c, b"Na1", "192.0.2.1");
+        a1.id = 7;
+        a1._held = budget.force(1000, crate::memory::budget::Use::InFlight);
+        let (mut b1, _r2) = test_job(&c, b"Nb1", "192.0.2.2");
+        b1.id = 8;
+        s.submit(a1);
+        s.submit(b1);
+        assert_eq!(budget.used(), 1000);
+        assert!(
+            !s.withdraw("192.0.2.1".parse().unwrap(), 8),
+            "not its host's"
+        );
+        assert!(s.withdraw("192.0.2.1".parse().unwrap(), 7));
+        assert_eq!(budget.used(), 0, "its reservation went with it");
+        assert_eq!(s.queued(), 1);
+        assert!(!s.withdraw("192.0.2.1".parse().unwrap(), 7), "gone already");
+        assert_eq!(drain(&s), ["b1"]);
+        let st = s.lock();
+        assert!(st.queues.is_empty() && st.turns.is_empty(), "nothing left");
     }
 
     #[tokio::test]
