@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ppserver::config::{self, Command};
 use ppserver::logging::format::LogFormat;
-use ppserver::logging::sink;
+use ppserver::logging::{panics, sink};
 use ppserver::ops::runfiles::RunFile;
 use ppserver::ops::shutdown::StopRequests;
 use ppserver::workers::reaper;
@@ -40,6 +40,9 @@ pub(crate) fn main() -> ExitCode {
         }
     };
     init_logging(cfg.log_level(stderr_is_pipe()), cfg.log_format.clone());
+    // A panic message written straight to a stderr nobody reads would
+    // block the runtime's only thread.
+    panics::install();
     for note in &cfg.notes {
         log::warn!("{note}");
     }

@@ -199,7 +199,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
             stats: stats.clone(),
             shutdown: stopped.clone(),
         };
-        workers.spawn(pool::supervise(slot, pctx));
+        workers.spawn(pool::keep_supervised(slot, pctx));
     }
 
     let warn_default_secret = cfg.secret_is_default && !log::log_enabled!(log::Level::Info);

@@ -115,10 +115,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     let _held = self.ctx.budget.force(frame.len(), Use::InFlight);
                     self.conn.write_frame(&frame).await?;
                 }
-                // The pool dropped the job: the server is shutting down.
-                Err(_) => {
+                // The pool dropped the job: the server is shutting down,
+                // and the client will send it elsewhere or again.
+                Err(_) if self.draining.has_begun() => {
                     metrics().dropped("shutdown");
                     return Ok(());
+                }
+                // Dropped otherwise (its slot's supervisor failed): the
+                // job is owed an answer all the same.
+                Err(_) => {
+                    metrics().server_answered("lost");
+                    log::error!("{peer}: job {id} was lost by the worker pool; answered");
+                    let text = "ppserver: the server lost this job (an internal error in \
+                                its worker pool); the job may or may not have run\n";
+                    self.conn
+                        .write_frame(&crate::protocol::pickle::none_with_text(text))
+                        .await?;
                 }
             }
         }
@@ -290,6 +302,36 @@ mod tests {
             assert!(ended.is_ok(), "round {round}: {ended:?}");
             assert_eq!(rest, encode_frame(b"result"), "round {round}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_job_the_pool_loses_is_answered_unless_the_server_drains() {
+        // Regression: a job dropped by a failing supervisor was taken for
+        // the server's shutdown, and its client got no answer.
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            client
+                .get_mut()
+                .write_all(&job_frames(b"args"))
+                .await
+                .unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+            drop(job);
+            let answer = client.read_frame().await.unwrap().unwrap();
+            client.get_mut().shutdown().await.unwrap();
+            answer
+        };
+        let (ended, answer) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        assert!(text.contains("the server lost this job"), "{text}");
     }
 
     #[tokio::test]

@@ -177,21 +177,43 @@ impl Sink {
     /// Queues `text` and a newline for the output, or drops and counts it
     /// if the queue is full. Never blocks on the output.
     pub fn send(&self, text: String) {
-        let mut text = text;
+        let q = self.shared.lock();
+        self.queue_locked(q, text);
+    }
+
+    /// Queues `text` under the held lock `q`, or drops and counts it;
+    /// whether it was queued.
+    fn queue_locked(&self, mut q: MutexGuard<'_, Queue>, mut text: String) -> bool {
         text.push('\n');
-        let mut q = self.shared.lock();
         if q.bytes + text.len() > self.shared.cap && !q.items.is_empty() {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             match q.items.back_mut() {
                 Some(Item::Dropped(n)) => *n += 1,
                 _ => q.items.push_back(Item::Dropped(1)),
             }
-            return;
+            return false;
         }
         q.bytes += text.len();
         q.items.push_back(Item::Text(text));
         drop(q);
         self.shared.work.notify_one();
+        true
+    }
+
+    /// [`Sink::send`] for a caller that may be interrupting this very sink
+    /// (a panic hook): if the queue's lock is held, even by this thread,
+    /// the text is dropped and counted instead of waited for. Returns
+    /// whether it was queued.
+    pub fn try_send(&self, text: String) -> bool {
+        let q = match self.shared.queue.try_lock() {
+            Ok(q) => q,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        };
+        self.queue_locked(q, text)
     }
 
     /// How many sends never reached the output (queue full or write failed).
@@ -522,6 +544,16 @@ mod tests {
         );
         assert_eq!(lines.last(), Some(&"later line"));
         assert_eq!(sink.dropped(), dropped, "nothing dropped once read");
+    }
+
+    #[test]
+    fn try_send_drops_instead_of_waiting_for_its_own_lock() {
+        let (_read, sink) = pipe_sink();
+        let held = sink.shared.lock();
+        assert!(!sink.try_send("from a panic hook".into()));
+        drop(held);
+        assert_eq!(sink.dropped(), 1);
+        assert!(sink.try_send("once free".into()));
     }
 
     #[test]

@@ -208,6 +208,7 @@ impl Metrics {
             "oversize",
             "unknown_package",
             "job_timeout",
+            "lost",
         ] {
             drop(
                 self.jobs_server_answered
@@ -224,6 +225,7 @@ impl Metrics {
             "worker_exiting",
             "restart_flag",
             "job_timeout",
+            "supervisor_panic",
         ] {
             drop(self.worker_restarts.get_or_create(&label("cause", cause)));
         }

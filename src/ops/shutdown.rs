@@ -99,6 +99,11 @@ fn hangup_ignored() -> bool {
 pub(crate) struct Draining(watch::Receiver<bool>);
 
 impl Draining {
+    /// Whether the drain has begun (or the server is gone).
+    pub(crate) fn has_begun(&self) -> bool {
+        self.0.has_changed().is_err() || *self.0.borrow()
+    }
+
     /// Completes once the drain has begun (at once if it has).
     pub(crate) async fn begun(&mut self) {
         // An error means the server is gone: as good as draining.
@@ -150,7 +155,9 @@ mod tests {
         let early = tokio::time::timeout(Duration::from_millis(10), draining.begun()).await;
         assert!(early.is_err(), "not begun yet");
         let mut other = draining.clone();
+        assert!(!draining.has_begun());
         switch.begin();
+        assert!(draining.has_begun());
         draining.begun().await;
         other.begun().await;
         switch.watch().begun().await;

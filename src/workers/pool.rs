@@ -20,7 +20,11 @@
 //! `(None, "job exceeded --job-timeout of N s on HOST")`; the job is not
 //! retried.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -59,9 +63,66 @@ pub(crate) struct PoolContext {
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
+/// [`supervise`]s pool slot `slot` until shutdown, starting its supervisor
+/// again if it panics: a bug there must cost one job's answer (its client
+/// gets one from its session), not a worker slot for the rest of the
+/// server's life.
+pub(crate) async fn keep_supervised(slot: usize, ctx: PoolContext) {
+    restart_on_panic(slot, || supervise(slot, ctx.clone())).await;
+}
+
+/// Runs the futures `start` makes, one after another, until one ends
+/// without panicking. A panic is logged and counted; the next start waits
+/// [`BACKOFF_START`], so a supervisor that panics at once every time
+/// cannot spin.
+async fn restart_on_panic<F, Fut>(slot: usize, mut start: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        match CatchPanic(Box::pin(start())).await {
+            Ok(()) => return,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_string());
+                log::error!(
+                    "slot {slot}: the worker supervisor failed ({what}); its worker is stopped \
+                     and the slot starts again"
+                );
+                metrics().worker_restart("supervisor_panic");
+                tokio::time::sleep(BACKOFF_START).await;
+            }
+        }
+    }
+}
+
+/// A future that turns a panic while it is polled into an `Err` with the
+/// panic's payload, without a task of its own, so that cancelling the
+/// caller (the server's stop) still cancels it.
+struct CatchPanic<Fut>(Pin<Box<Fut>>);
+
+impl<Fut: Future<Output = ()>> Future for CatchPanic<Fut> {
+    type Output = Result<(), Box<dyn std::any::Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        // After a panic the future is only dropped, never polled again, so
+        // no state it left half-changed is used.
+        match std::panic::catch_unwind(AssertUnwindSafe(move || inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(())) => Poll::Ready(Ok(())),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
 /// Keeps pool slot `slot` filled with a live worker and feeds it jobs until
 /// shutdown, then stops the worker and reaps it.
-pub(crate) async fn supervise(slot: usize, mut ctx: PoolContext) {
+async fn supervise(slot: usize, mut ctx: PoolContext) {
     let mut backoff = BACKOFF_START;
     // Failed starts in a row.
     let mut failures = 0;
@@ -396,6 +457,28 @@ mod tests {
     use super::*;
     use crate::jobs::cache::PackageCache;
     use crate::jobs::scheduler::test_job;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_supervisor_that_panics_is_started_again() {
+        // Regression: a panicking supervisor silently lost its slot until
+        // the server stopped.
+        let mut starts = 0;
+        restart_on_panic(3, || {
+            starts += 1;
+            let first = starts == 1;
+            async move {
+                tokio::task::yield_now().await;
+                if first {
+                    panic!("a bug");
+                }
+            }
+        })
+        .await;
+        assert_eq!(
+            starts, 2,
+            "started again after the panic, and only then done"
+        );
+    }
 
     #[tokio::test]
     async fn a_job_past_its_time_limit_is_answered_with_the_limit_and_host() {
