@@ -160,17 +160,37 @@ fn reap(pid: i32) -> bool {
 
 /// Reaps the dead among the server's children that tokio does not manage:
 /// orphans reparented to the server. Returns how many were reaped.
+///
+/// Reading `/proc` takes time on a busy host, so it is done without the
+/// registry's lock (and, from [`reap_orphans_forever`], off the event
+/// loop); the lock is taken only to check and reap the dead children
+/// found. That is still safe: a child that [`spawn`] is starting while
+/// `/proc` is read is registered by the time the lock is ours, since
+/// `spawn` holds the lock until it has registered the child.
 pub fn reap_orphans() -> usize {
-    let me = std::process::id() as i32;
-    let own = own();
-    let Ok(table) = processes() else {
+    let dead = dead_children();
+    if dead.is_empty() {
         return 0;
+    }
+    let own = own();
+    dead.into_iter()
+        .filter(|pid| !own.contains(&(*pid as u32)))
+        .filter(|pid| reap(*pid))
+        .count()
+}
+
+/// The server's children that are dead and not yet reaped, tokio's
+/// included, from a read of `/proc` that needs no lock.
+fn dead_children() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(table) = processes() else {
+        return Vec::new();
     };
     table
         .iter()
-        .filter(|p| p.ppid == me && p.zombie && !own.contains(&(p.pid as u32)))
-        .filter(|p| reap(p.pid))
-        .count()
+        .filter(|p| p.ppid == me && p.zombie)
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Runs for as long as the server: after every `SIGCHLD` (at most one
@@ -186,7 +206,12 @@ pub async fn reap_orphans_forever() {
         }
     };
     while sigchld.recv().await.is_some() {
-        reap_orphans();
+        // On a blocking thread: the scan reads all of /proc, which would
+        // stall every client on the runtime's only thread (with `-r` a
+        // worker exits after every job).
+        if let Err(e) = tokio::task::spawn_blocking(reap_orphans).await {
+            log::error!("the scan for orphaned processes failed: {e}");
+        }
         // Signals that arrive meanwhile are folded into one wake-up.
         tokio::time::sleep(REAP_SPACING).await;
     }
@@ -324,6 +349,22 @@ mod tests {
         assert_eq!(ours.wait().await.unwrap().code(), Some(7));
         drop(registered);
         assert!(!own().contains(&foreign.id()));
+    }
+
+    #[test]
+    fn the_proc_scan_does_not_hold_the_registry() {
+        // Regression: the scan held the registry's lock while it read all
+        // of /proc, so spawning a worker waited for it. With the lock held
+        // elsewhere, the scan still completes.
+        // (The reaping of what it finds takes the lock, briefly.)
+        let held = own();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(dead_children());
+        });
+        let done = rx.recv_timeout(Duration::from_secs(60));
+        drop(held);
+        assert!(done.is_ok(), "the scan waited for the registry");
     }
 
     #[test]
