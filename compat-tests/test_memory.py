@@ -141,3 +141,63 @@ def test_a_300_mb_package_while_another_client_runs_tiny_jobs(launch):
     assert during > 0, "no tiny job was answered while the big one was in flight"
     assert wait_until(lambda: rss_kib(server.proc.pid) < 100 * 1024, timeout=60), (
         "server RSS %d KiB after the big package's client left" % rss_kib(server.proc.pid))
+
+
+def _held_bytes(port):
+    """ppserver_memory_held_bytes from the server's /metrics page."""
+    import urllib.request
+
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=30) as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith("ppserver_memory_held_bytes "):
+                return float(line.split()[1])
+    raise AssertionError("no ppserver_memory_held_bytes on /metrics")
+
+
+NAP_SOURCE = "def nap(seconds):\n    import time\n    time.sleep(seconds)\n    return seconds\n"
+
+
+def test_a_client_that_leaves_takes_its_queued_jobs_memory_with_it(launch):
+    """-w 1 --memory-limit 96M, the worker busy with a long job: a client
+    queues four 20 MB jobs and leaves. Their memory is given back while
+    the worker is still busy (it used to stay held until the worker reached
+    each abandoned job), and another client's 20 MB frame is read at once."""
+    import pphelpers
+
+    port = pphelpers.free_port()
+    server = launch("--memory-limit", "96M", "--metrics", "127.0.0.1:%d" % port, nworkers=1)
+    busy = ppwire.open_session(server.host, server.port, server.secret, "EXEC")
+    leaving, other = [], None
+    try:
+        ppwire.send_job(busy, ppwire.function_package("nap", [NAP_SOURCE]), (600,))
+        assert wait_until(lambda: "running jobs (1)" in _status(port), timeout=60), (
+            _status(port))
+        package = ppwire.function_package("length", [LENGTH_SOURCE])
+        for _ in range(4):
+            sock = ppwire.open_session(server.host, server.port, server.secret, "EXEC")
+            sock.settimeout(60)
+            ppwire.send_job(sock, package, (b"q" * (20 << 20),))
+            leaving.append(sock)
+        assert wait_until(lambda: _held_bytes(port) >= 80 << 20, timeout=60), (
+            "the four queued jobs are held: %d bytes" % _held_bytes(port))
+        for sock in leaving:
+            sock.close()
+        assert wait_until(lambda: _held_bytes(port) < 10 << 20, timeout=30), (
+            "queued jobs of a client that left still hold %d bytes" % _held_bytes(port))
+        assert "running jobs (1)" in _status(port), "the worker is still busy"
+        other = ppwire.open_session(server.host, server.port, server.secret, "EXEC")
+        other.settimeout(60)
+        ppwire.send_job(other, package, (b"r" * (20 << 20),))  # all read, or times out
+        assert wait_until(lambda: _held_bytes(port) >= 20 << 20, timeout=30)
+        assert "running jobs (1)" in _status(port), "the worker is still busy"
+    finally:
+        for sock in [busy, other, *leaving]:
+            if sock is not None:
+                sock.close()
+
+
+def _status(port):
+    import urllib.request
+
+    with urllib.request.urlopen("http://127.0.0.1:%d/status" % port, timeout=30) as page:
+        return page.read().decode()

@@ -10,7 +10,8 @@ submit a sliding window of jobs for --duration seconds, SIGKILLs a random
 worker every --kill-every seconds, sends a trickle of misbehaving raw
 connections (wrong secrets, oversize headers, half headers, abandoned jobs),
 optionally holds a flood of silent sockets from another source address
-(--flood, from 127.0.0.2) and sends big-argument jobs (--big-every,
+(--flood, from 127.0.0.2) and sends big-argument jobs of random bytes, each
+answered with their sha256 and checked against what was sent (--big-every,
 --big-size; with --memory-limit for the server), and samples the server's
 VmRSS, fd count and worker count.
 
@@ -358,7 +359,7 @@ def churn_once(port, secret, rng):
         return kind + " (closed early)"
 
 
-LENGTH_PACKAGE = None
+DIGEST_PACKAGE = None
 
 
 def raw_session(port, secret, source=None, timeout=30):
@@ -375,23 +376,33 @@ def raw_session(port, secret, source=None, timeout=30):
 
 
 def big_job_once(port, secret, size):
-    """One job whose argument frame is `size` bytes; returns "ok", "wrong"
-    or "failed: ..." (connection trouble counts as failed, not lost: the
-    point is that the server answers what it accepted)."""
-    global LENGTH_PACKAGE
+    """One job whose argument is `size` random bytes, answered with their
+    sha256, checked against what was sent; returns "ok", "wrong", "none:
+    REASON" (a job the server answered with None and its reason, such as a
+    killed worker) or "failed: ..." (connection trouble counts as failed,
+    not lost: the point is that the server answers what it accepted)."""
+    global DIGEST_PACKAGE
     try:
         import dill
     except ImportError:
         import pickle as dill
-    if LENGTH_PACKAGE is None:
-        LENGTH_PACKAGE = dill.dumps(
-            ("length", ["def length(blob):\n    return len(blob)\n"], ()), 2)
+    if DIGEST_PACKAGE is None:
+        DIGEST_PACKAGE = dill.dumps(
+            ("digest", ["def digest(blob):\n    import hashlib\n"
+                        "    return hashlib.sha256(blob).hexdigest()\n"], ()), 2)
+    blob = os.urandom(size)
+    expected = hashlib.sha256(blob).hexdigest()
     try:
         with raw_session(port, secret, timeout=300) as sock:
-            sock.sendall(frame(b"N" + LENGTH_PACKAGE))
-            sock.sendall(frame(dill.dumps((b"z" * size,), 2)))
-            result, _ = dill.loads(recv_frame(sock))
-            return "ok" if result == size else "wrong"
+            sock.sendall(frame(b"N" + DIGEST_PACKAGE))
+            sock.sendall(frame(dill.dumps((blob,), 2)))
+            del blob
+            result, text = dill.loads(recv_frame(sock))
+            if result is None and text:
+                low = text.lower()
+                reason = "worker died" if "died" in low else low.split(":")[0][:40]
+                return "none: %s" % reason
+            return "ok" if result == expected else "wrong"
     except (OSError, EOFError) as exc:
         return "failed: %s" % type(exc).__name__
 
@@ -706,8 +717,8 @@ class Soak:
                                                   c["error"], c["wrong"], c["lost"]))
         print("misbehaving connections: %s" % (dict(self.churn) or "none"))
         if self.opts.big_every > 0:
-            print("big jobs (%d-byte arguments): %s" % (self.opts.big_size,
-                                                       dict(self.big) or "none"))
+            print("big jobs (%d random bytes each, answered with their sha256, checked): %s"
+                  % (self.opts.big_size, dict(self.big) or "none"))
         if self.flood:
             print("flood from %s: %d silent sockets held, %d opened in all, %d refused"
                   % (self.flood.source, self.flood.count, self.flood.opened,
