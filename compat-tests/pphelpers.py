@@ -22,6 +22,7 @@ interpreter, so they are of the same family.
 """
 
 import importlib
+import json
 import os
 import shlex
 import signal
@@ -389,3 +390,21 @@ def finish_client_script(proc, timeout=SCRIPT_TIMEOUT):
             % (shlex.join(proc.args), timeout, out, err)
         )
     return proc.returncode, out, err
+
+
+def json_reports(procs, timeout=SCRIPT_TIMEOUT):
+    """Waits for client scripts that each print a JSON report as their last
+    line, failing the test if one fails; returns the reports in order.
+    Scripts still running at the end (after a failure) are killed."""
+    reports = []
+    try:
+        for proc in procs:
+            code, out, err = finish_client_script(proc, timeout=timeout)
+            assert code == 0, "client failed (%s)\nstdout:\n%s\nstderr:\n%s" % (code, out, err)
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return reports

@@ -10,7 +10,6 @@ the one deadline that matters (abandoned jobs) is a logical bound, a large
 fraction of the time the abandoned work would take if it were run.
 """
 
-import json
 import os
 import pickle
 import random
@@ -22,7 +21,7 @@ import faultjobs
 import ppwire
 from common_jobs import assert_all_workers_in_parallel
 from faulthelpers import Killer, assert_died_text, exec_session, finished_within
-from pphelpers import finish_client_script, run_client_script
+from pphelpers import json_reports, run_client_script
 from procs import wait_for_pool, wait_until
 
 PPSERVER_WORKERS = 3
@@ -198,19 +197,11 @@ def test_random_sigkills_under_load_lose_no_job(ppserver, tmp_path):
                           tmp_path, 3)
         for tag in ("red", "green", "blue")
     ]
-    reports = []
+    killer.start()
     try:
-        killer.start()
-        for proc in procs:
-            code, out, err = finish_client_script(proc)
-            assert code == 0, "client failed (%s)\nstdout:\n%s\nstderr:\n%s" % (code, out, err)
-            reports.append(json.loads(out.strip().splitlines()[-1]))
+        reports = json_reports(procs)
     finally:
         killer.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     for report in reports:
         assert report["bad"] == [], report
         assert report["ok"] + report["died"] == report["njobs"] == 16, report

@@ -16,7 +16,6 @@ mappings, vmsplice into the worker's pipe, mappings reused), so a page
 reused too early would show up here as a wrong hash.
 """
 
-import json
 import os
 import random
 import threading
@@ -25,7 +24,7 @@ import pytest
 
 import ppwire
 from faulthelpers import Killer, server_alive
-from pphelpers import finish_client_script, run_client_script
+from pphelpers import json_reports, run_client_script
 from procs import wait_for_pool
 
 pytestmark = pytest.mark.better_than_ppft(
@@ -89,17 +88,7 @@ def run_clients(server, tmp_path, phase, njobs, nap, slow_every=0, slow_nap=0):
                                "%s-%s" % (phase, tag), njobs, barrier, len(CLIENTS),
                                nap, slow_every, slow_nap)
              for tag in CLIENTS]
-    reports = []
-    try:
-        for proc in procs:
-            code, out, err = finish_client_script(proc, timeout=SCRIPT_TIMEOUT)
-            assert code == 0, "client failed (%s)\nstdout:\n%s\nstderr:\n%s" % (code, out, err)
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    reports = json_reports(procs, timeout=SCRIPT_TIMEOUT)
     for report in reports:
         assert report["bad"] == [], report
         assert report["ok"] + sum(report["none"].values()) == report["njobs"] == njobs, report

@@ -13,16 +13,14 @@ Prints one JSON line {"tag", "njobs", "ok", "died", "bad", "pids"}; exits 0
 if nothing is bad.
 """
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import random
 import sys
 import time
 
-from ppclient import connected_server, start_together
+from ppclient import answer_of, connected_server, start_together
 
 JOB_DEADLINE = 60.0  # seconds: a job with no answer by then is lost
 
@@ -56,20 +54,16 @@ def main():
     ok = died = 0
     bad, pids = [], set()
     for i, (submitted, job) in enumerate(jobs):
-        while not job.finished and time.monotonic() - submitted < JOB_DEADLINE:
-            time.sleep(0.01)
-        if not job.finished:
+        answered = answer_of(job, submitted, JOB_DEADLINE)
+        if answered is None:
             bad.append([i, "lost: no answer within %s s" % JOB_DEADLINE])
             continue
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            result = job()
-        text = out.getvalue()
+        result, printed = answered
         if result is None:
-            if "worker" in text and "died" in text:
+            if "worker" in printed and "died" in printed:
                 died += 1
             else:
-                bad.append([i, "None without the worker-died text: %r" % text[-500:]])
+                bad.append([i, "None without the worker-died text: %r" % printed[-500:]])
         elif tuple(result[:4]) == expected[i]:
             ok += 1
             pids.add(result[4])

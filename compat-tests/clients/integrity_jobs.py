@@ -15,16 +15,14 @@ Prints one JSON line {"tag", "njobs", "ok", "none": {reason: count},
 "bad", "bytes"}; exits 0 if nothing is bad.
 """
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import random
 import sys
 import time
 
-from ppclient import connected_server, start_together
+from ppclient import answer_of, connected_server, start_together
 
 JOB_DEADLINE = 240.0  # seconds: a job with no answer by then is lost
 MIB = 1 << 20
@@ -70,18 +68,15 @@ def main():
     ok = 0
     none, bad = {}, []
     for i, (submitted, job) in enumerate(jobs):
-        while not job.finished and time.monotonic() - submitted < JOB_DEADLINE:
-            time.sleep(0.01)
-        if not job.finished:
+        answered = answer_of(job, submitted, JOB_DEADLINE)
+        if answered is None:
             bad.append([i, "lost: no answer within %s s" % JOB_DEADLINE])
             continue
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            result = job()
+        result, printed = answered
         if result is None:
-            reason = reason_of(out.getvalue())
+            reason = reason_of(printed)
             if reason is None:
-                bad.append([i, "None without a reason: %r" % out.getvalue()[-500:]])
+                bad.append([i, "None without a reason: %r" % printed[-500:]])
             else:
                 none[reason] = none.get(reason, 0) + 1
         elif tuple(result) == expected[i]:

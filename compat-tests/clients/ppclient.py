@@ -7,11 +7,15 @@
 - ``connected_server``: a client of one server, fully connected.
 - ``start_together``: a barrier, so that several client processes submit
   their jobs at the same time.
+- ``answer_of``: a submitted job's answer within a deadline, with the text
+  the client prints when it unpickles it (ppserver's reason for a None).
 
 No job functions here: a script's jobs are defined in the script itself
 (``__main__``), so the client ships their source.
 """
 
+import contextlib
+import io
 import os
 import time
 
@@ -52,3 +56,18 @@ def start_together(barrier, tag, nclients):
     open(os.path.join(barrier, "ready-" + tag), "w").close()
     wait_for(lambda: len([f for f in os.listdir(barrier) if f.startswith("ready-")]) >= nclients,
              "the other clients")
+
+
+def answer_of(job, submitted, deadline):
+    """Waits until `job` (submitted at monotonic time `submitted`) is
+    finished, for at most `deadline` s after its submission. Returns
+    (result, printed text), or None if it got no answer by then: a lost job.
+    """
+    while not job.finished and time.monotonic() - submitted < deadline:
+        time.sleep(0.01)
+    if not job.finished:
+        return None
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = job()
+    return result, out.getvalue()
