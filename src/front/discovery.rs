@@ -283,13 +283,13 @@ impl Discovery {
         };
         match sock.send_to(b"S", to).await {
             Ok(_) => log::debug!("discovery: answer: sent S to {to}"),
-            Err(e) => {
-                static ANSWER_FAILED: LogLimit = LogLimit::new();
-                ANSWER_FAILED.log(
-                    log::Level::Warn,
-                    format_args!("discovery: cannot answer {from} at {to}: {e}"),
-                )
+            // Once per client host per reminder period: with -i on an
+            // address those clients cannot reach (127.0.0.1), every C on
+            // the network fails this way.
+            Err(e) if self.reminders.allow(from.ip()) => {
+                log::warn!("discovery: cannot answer {from} at {to}: {e}")
             }
+            Err(e) => log::debug!("discovery: cannot answer {from} at {to}: {e}"),
         }
     }
 
