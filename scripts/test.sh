@@ -9,8 +9,9 @@
 # server with pathos.core.serve and mapping on it (compat-tests/test_pathos.py).
 # The wheel (scripts/wheel) is built once and installed by
 # compat-tests/test_wheel.py into venvs of its own, in the ppft 1.7.8 run.
-# The multi-host tests (autodiscovery, cluster) need root and `ip netns`:
-# iproute2 is installed here if `ip` is missing.
+# The multi-host tests (autodiscovery, cluster, discovery across subnets)
+# need root and `ip netns`: iproute2 is installed here if `ip` is missing;
+# so is haproxy, for the load balancer test.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -31,6 +32,15 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
         --no-install-recommends prometheus >/dev/null; } ||
         echo "== could not install prometheus: the promtool check will be skipped"
 fi
+# --- load balancer (compat-tests/test_load_balancer.py): Debian's haproxy ---
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ] \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing haproxy (three servers behind it: compat-tests/test_load_balancer.py)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends haproxy >/dev/null; } ||
+        echo "== could not install haproxy: the load balancer test will be skipped"
+fi
+# --- end load balancer ---
 export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
 echo "== import circles (scripts/check-imports), cargo fmt --check, clippy"

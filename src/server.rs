@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::front::discovery::Discovery;
+use crate::front::discovery::{self, Destinations, Discovery, Unresolved};
 use crate::front::session::{self, SessionContext};
 use crate::jobs::scheduler::Scheduler;
 use crate::logging::ratelimit::LogLimit;
@@ -54,6 +54,8 @@ pub enum StartError {
     DiscoveryNeedsIpv4 { addr: SocketAddr },
     /// The autodiscovery UDP port cannot be bound.
     Discovery { port: u16, source: std::io::Error },
+    /// An `--announce` host does not resolve to an IPv4 address.
+    Announce(Unresolved),
     /// The metrics address (`--metrics`) cannot be bound.
     Metrics {
         addr: SocketAddr,
@@ -79,6 +81,9 @@ impl std::fmt::Display for StartError {
             }
             StartError::Discovery { port, source } => {
                 write!(f, "cannot bind the autodiscovery UDP port {port}: {source}")
+            }
+            StartError::Announce(Unresolved { host, why }) => {
+                write!(f, "cannot resolve {host:?} (--announce): {why}")
             }
         }
     }
@@ -130,6 +135,15 @@ pub struct Server {
 /// Checks the interpreter, binds, and starts the workers.
 pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let mut cfg = cfg.clone();
+    // First: a name that does not resolve fails the start at once, not
+    // after the worker probe.
+    let announce = if cfg.autodiscovery {
+        discovery::resolve_announce(&cfg.announce)
+            .await
+            .map_err(StartError::Announce)?
+    } else {
+        Vec::new()
+    };
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
     let pythonpath = worker::worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
     let candidates: Vec<&str> = match &cfg.worker_module {
@@ -152,12 +166,15 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         let IpAddr::V4(ip) = local.ip() else {
             return Err(StartError::DiscoveryNeedsIpv4 { addr: local });
         };
-        let d = Discovery::bind(ip, local.port(), cfg.broadcast, cfg.allow.clone()).map_err(
-            |source| StartError::Discovery {
-                port: local.port(),
-                source,
-            },
-        )?;
+        let to = Destinations {
+            broadcasts: cfg.broadcasts(),
+            announce,
+            allow: cfg.allow.clone(),
+        };
+        let d = Discovery::bind(ip, local.port(), to).map_err(|source| StartError::Discovery {
+            port: local.port(),
+            source,
+        })?;
         Some(d)
     } else {
         None
@@ -208,7 +225,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     }
     install::warn_about_foreign_ppserver();
     log::info!(
-        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}, memory limit {}",
+        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}{}, memory limit {}",
         cfg.workers,
         python.display(),
         if cfg.pp_version.is_some() {
@@ -216,8 +233,12 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         } else {
             String::new()
         },
+        match cfg.advertise_ncpus {
+            Some(n) => format!(", telling clients {n} CPUs (--advertise-ncpus)"),
+            None => String::new(),
+        },
         if cfg.autodiscovery {
-            format!(", autodiscovery on (broadcast {})", cfg.broadcast)
+            discovery_summary(&cfg)
         } else {
             String::new()
         },
@@ -239,6 +260,20 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         drain_timeout: cfg.drain_timeout,
         warn_default_secret,
     })
+}
+
+/// The startup line's part about `-a`: where announcements go.
+fn discovery_summary(cfg: &Config) -> String {
+    let join = |items: Vec<String>| items.join(", ");
+    let broadcasts = join(cfg.broadcasts().iter().map(|b| b.to_string()).collect());
+    if cfg.announce.is_empty() {
+        format!(", autodiscovery on (broadcast {broadcasts})")
+    } else {
+        format!(
+            ", autodiscovery on (broadcast {broadcasts}; announce to {})",
+            join(cfg.announce.clone())
+        )
+    }
 }
 
 fn warn_default_secret_now() {

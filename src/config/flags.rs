@@ -121,6 +121,8 @@ where
             Short('n') => ("-n", Setting::Proto),
             Short('i') => ("-i", Setting::Interface),
             Short('b') => ("-b", Setting::Broadcast),
+            Long("announce") => ("--announce", Setting::Announce),
+            Long("advertise-ncpus") => ("--advertise-ncpus", Setting::AdvertiseNcpus),
             Short('p') => ("-p", Setting::Port),
             Short('w') => ("-w", Setting::Workers),
             Short('t') => ("-t", Setting::IdleExit),
@@ -150,6 +152,13 @@ where
         }
     }
     cfg.pp_secret = env.pp_secret.clone();
+    if !cfg.autodiscovery && !cfg.announce.is_empty() {
+        cfg.notes.push(
+            "--announce has no effect without autodiscovery (-a, or autodiscovery in the \
+             config file)"
+                .into(),
+        );
+    }
     Ok(Command::Run(Box::new(cfg)))
 }
 
@@ -289,7 +298,7 @@ mod tests {
             "%(message)s",
         ]);
         assert!(c.autodiscovery);
-        assert_eq!(c.broadcast, Ipv4Addr::new(192, 0, 2, 255));
+        assert_eq!(c.broadcast, [Ipv4Addr::new(192, 0, 2, 255)]);
         assert_eq!(c.idle_exit, Some(Duration::from_secs(30)));
         assert_eq!(c.pid_file, Some(PathBuf::from("/run/pp.pid")));
     }
@@ -499,6 +508,119 @@ mod tests {
         let path = temp_file("j2.conf", "[general]\njob_timeout = soon\n");
         let e = err(&["-c", path.to_str().unwrap()]);
         assert!(e.contains("[general] job_timeout"), "{e}");
+    }
+
+    #[test]
+    fn advertise_ncpus_flag_and_key() {
+        let c = run(&["-w", "2"]);
+        assert_eq!(c.advertise_ncpus, None, "default: the workers");
+        assert_eq!(c.advertised_ncpus(), 2);
+        let c = run(&["-w", "2", "--advertise-ncpus", "6"]);
+        assert_eq!(c.advertise_ncpus, Some(6));
+        assert_eq!(c.advertised_ncpus(), 6);
+        assert_eq!(run(&["--advertise-ncpus=1"]).advertised_ncpus(), 1);
+        for bad in ["0", "-1", "1.5", "six", "", "18446744073709551616"] {
+            let e = err(&["--advertise-ncpus", bad]);
+            assert!(e.contains("--advertise-ncpus"), "{bad}: {e}");
+        }
+        assert!(err(&["--advertise-ncpus"]).contains("--advertise-ncpus"));
+        let path = temp_file("lb.conf", "[general]\nadvertise_ncpus = 24\n");
+        let c = run(&["-w", "8", "-c", path.to_str().unwrap()]);
+        assert_eq!(c.advertised_ncpus(), 24);
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        let path = temp_file("lb0.conf", "[general]\nadvertise_ncpus = 0\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(
+            e.contains("[general] advertise_ncpus") && e.contains("at least 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn several_broadcast_addresses() {
+        let c = run(&[]);
+        assert!(c.broadcast.is_empty());
+        assert_eq!(c.broadcasts(), [Ipv4Addr::BROADCAST], "ppft's default");
+        let c = run(&["-b", "192.0.2.255", "-b", "198.51.100.255,203.0.113.255"]);
+        let want: [Ipv4Addr; 3] = [
+            "192.0.2.255".parse().unwrap(),
+            "198.51.100.255".parse().unwrap(),
+            "203.0.113.255".parse().unwrap(),
+        ];
+        assert_eq!(c.broadcasts(), want, "the first -b replaces the default");
+        for bad in [
+            "",
+            ",",
+            "192.0.2",
+            "0.0.0.0",
+            "host.example",
+            "192.0.2.255,x",
+        ] {
+            assert!(err(&["-b", bad]).contains("-b"), "{bad:?}");
+        }
+        // The file's list replaces earlier flags; later flags add.
+        let path = temp_file(
+            "b.conf",
+            "[network]\nbroadcast = 198.51.100.255, 203.0.113.255\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = run(&["-b", "192.0.2.255", "-c", p, "-b", "192.0.2.255"]);
+        assert_eq!(c.broadcasts(), [want[1], want[2], want[0]]);
+        let path = temp_file("b2.conf", "[network]\nbroadcast = 192.0.2.256\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(
+            e.contains("[network] broadcast") && e.contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn announce_hosts_flag_and_key() {
+        let c = run(&["-a"]);
+        assert!(c.announce.is_empty(), "default: none");
+        let c = run(&[
+            "-a",
+            "--announce",
+            "203.0.113.7",
+            "--announce=client-1.example.org,lab_pc",
+        ]);
+        assert_eq!(
+            c.announce,
+            ["203.0.113.7", "client-1.example.org", "lab_pc"]
+        );
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        for bad in [
+            "",
+            "203.0.113.7:60000",
+            "2001:db8::1",
+            "0.0.0.0",
+            "two words",
+            "a..b",
+            "-",
+            "host/24",
+        ] {
+            let e = err(&["--announce", bad]);
+            assert!(e.contains("--announce"), "{bad:?}: {e}");
+        }
+        assert!(err(&["--announce"]).contains("--announce"));
+        // Without -a it does nothing: said at startup.
+        let c = run(&["--announce", "203.0.113.7"]);
+        assert_eq!(c.notes.len(), 1, "{:?}", c.notes);
+        assert!(c.notes[0].contains("--announce"), "{:?}", c.notes);
+        let path = temp_file(
+            "a.conf",
+            "[network]\nautodiscovery = yes\nannounce = 203.0.113.7, 198.51.100.9\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = run(&["--announce", "192.0.2.1", "-c", p, "--announce", "lab"]);
+        assert_eq!(c.announce, ["203.0.113.7", "198.51.100.9", "lab"]);
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        let path = temp_file("a2.conf", "[network]\nannounce = host:1\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(
+            e.contains("[network] announce") && e.contains("port"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [--metrics ADDR:PORT] [--max-handshakes N]
                 [--max-handshakes-per-address N] [--allow CIDR]...
                 [--login-delay SECONDS] [--job-timeout SECONDS]
+                [--advertise-ncpus N] [--announce HOST]...
 
 Options:
 -h                 : this help message
@@ -32,7 +33,8 @@ Options:
                      launchers such as pathos see nothing at startup)
 -f format          : log format (Python logging style; default
                      \"{default_format}\")
--a                 : enable auto-discovery service
+-a                 : enable auto-discovery service (answers a client's C by
+                     broadcast and by unicast to the client's address)
 -r                 : restart worker process after each task completion
 -n proto           : protocol number for pickle module (default 2; 4 with
                      pp 1.7.0 workers, as pp 1.7.0's server)
@@ -40,7 +42,11 @@ Options:
                      flags after -c override it)
 -i interface       : interface to listen (default 0.0.0.0)
 -b broadcast       : broadcast address for auto-discovery service
-                     (default 255.255.255.255)
+                     (default 255.255.255.255); repeatable or
+                     comma-separated: one per subnet (each interface's
+                     directed broadcast, e.g. 192.0.2.255), since
+                     255.255.255.255 leaves by the default route's interface
+                     only; announcements and answers go to each
 -p port            : port to listen (default {port})
 -w nworkers        : number of workers to start (default: number of CPUs)
 -s secret          : secret for authentication (visible to every user in ps:
@@ -93,6 +99,14 @@ Options:
                      does (default: stop its worker and start a fresh one)
 --metrics ADDR:PORT: serve Prometheus metrics at http://ADDR:PORT/metrics and
                      a summary at /status (default: off)
+--advertise-ncpus N: the CPU count clients are told (STAT), which sizes
+                     their connections; behind a load balancer, the workers
+                     of all the servers behind it (default: -w, this
+                     server's workers)
+--announce HOST    : with -a, also send each announcement (every 10 s) by
+                     unicast to HOST, an IPv4 address or a name resolved at
+                     startup: clients on routed subnets no broadcast
+                     reaches; repeatable or comma-separated (default: none)
 --job-timeout S    : stop the worker of a job that has run S seconds, answer
                      the job with None and a message, and start a fresh
                      worker (default 0: no limit)

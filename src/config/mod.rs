@@ -94,8 +94,17 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Answer UDP autodiscovery and announce the server (`-a`).
     pub autodiscovery: bool,
-    /// Where discovery announcements go (`-b`).
-    pub broadcast: Ipv4Addr,
+    /// Where discovery announcements go (`-b`, repeatable: one broadcast
+    /// address per subnet); empty: `255.255.255.255` (see
+    /// [`Config::broadcasts`]).
+    pub broadcast: Vec<Ipv4Addr>,
+    /// Hosts on routed subnets that also get each periodic announcement,
+    /// by unicast (`--announce`), as given: names are resolved at startup.
+    pub announce: Vec<String>,
+    /// The CPU count told to `STAT` connections (`--advertise-ncpus`);
+    /// `None`: the number of workers. Behind a load balancer, the workers
+    /// of every server behind it.
+    pub advertise_ncpus: Option<usize>,
     /// File the server's pid is written to while it runs (`-P`).
     pub pid_file: Option<PathBuf>,
     /// File holding `host:port`, written once the server listens and a
@@ -166,7 +175,9 @@ impl Default for Config {
             quiet: false,
             log_format: LogFormat::parse(DEFAULT_FORMAT).expect("default format parses"),
             autodiscovery: false,
-            broadcast: Ipv4Addr::BROADCAST,
+            broadcast: Vec::new(),
+            announce: Vec::new(),
+            advertise_ncpus: None,
             pid_file: None,
             ready_file: None,
             pp_secret: None,
@@ -317,6 +328,22 @@ impl Config {
                 self.secret_is_default = false;
             }
         }
+    }
+
+    /// Where the periodic `S` is broadcast: the `-b` addresses, else
+    /// `255.255.255.255`, as ppft.
+    pub fn broadcasts(&self) -> Vec<Ipv4Addr> {
+        if self.broadcast.is_empty() {
+            vec![Ipv4Addr::BROADCAST]
+        } else {
+            self.broadcast.clone()
+        }
+    }
+
+    /// The CPU count a `STAT` connection is told: `--advertise-ncpus`, else
+    /// the number of workers.
+    pub fn advertised_ncpus(&self) -> usize {
+        self.advertise_ncpus.unwrap_or(self.workers)
     }
 
     /// The log level: `-q` errors only; `-d` debug; `-v` info. Otherwise

@@ -2,6 +2,7 @@
 //! file's keys (by section, as ppft's `parse_config` reads them) and the
 //! checks each value passes before it reaches [`Config`].
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,6 +38,8 @@ pub(crate) enum Setting {
     Autodiscovery,
     Interface,
     Broadcast,
+    Announce,
+    AdvertiseNcpus,
     Port,
     IdleExit,
     SocketTimeout,
@@ -73,6 +76,8 @@ pub(crate) const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
+    ("network", "announce", Setting::Announce),
+    ("general", "advertise_ncpus", Setting::AdvertiseNcpus),
     ("network", "port", Setting::Port),
     ("network", "timeout", Setting::IdleExit),
     ("network", "socket_timeout", Setting::SocketTimeout),
@@ -256,11 +261,22 @@ pub(crate) fn apply(
             cfg.interface = value.to_string();
         }
         Setting::Broadcast => {
-            cfg.broadcast = value
-                .trim()
-                .parse()
-                .map_err(|_| invalid(name, value, "expected an IPv4 address"))?;
+            let addrs = list(name, value, broadcast_address)?;
+            // As with --allow: the file's list replaces what flags before
+            // -c gave; each -b adds one (the first replaces the default).
+            if matches!(name, Origin::Key { .. }) {
+                cfg.broadcast.clear();
+            }
+            cfg.broadcast.extend(addrs);
         }
+        Setting::Announce => {
+            let hosts = list(name, value, announce_host)?;
+            if matches!(name, Origin::Key { .. }) {
+                cfg.announce.clear();
+            }
+            cfg.announce.extend(hosts);
+        }
+        Setting::AdvertiseNcpus => cfg.advertise_ncpus = Some(at_least_one(name, value)?),
         Setting::Port => cfg.port = number(name, value)?,
         Setting::IdleExit => cfg.idle_exit = Some(Duration::from_secs(at_least_one(name, value)?)),
         Setting::SocketTimeout => {
@@ -293,6 +309,65 @@ pub(crate) fn apply(
         }
     }
     Ok(())
+}
+
+/// A comma-separated list, each item checked by `item` (which says why it
+/// is wrong); an empty list is an error.
+fn list<T>(
+    name: &Origin,
+    value: &str,
+    item: fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, ConfigError> {
+    let items: Vec<&str> = value.split(',').map(str::trim).collect();
+    if items.iter().all(|i| i.is_empty()) {
+        return Err(invalid(name, value, "empty list"));
+    }
+    items
+        .into_iter()
+        .map(|i| item(i).map_err(|why| invalid(name, value, &why)))
+        .collect()
+}
+
+/// A `-b` address: any IPv4 address a datagram can be sent to.
+fn broadcast_address(text: &str) -> Result<Ipv4Addr, String> {
+    match text.parse::<Ipv4Addr>() {
+        Ok(ip) if ip.is_unspecified() => Err("0.0.0.0 is no destination".into()),
+        Ok(ip) => Ok(ip),
+        Err(_) => Err(format!("{text:?} is not an IPv4 address")),
+    }
+}
+
+/// An `--announce` host: an IPv4 address or a host name, without a port
+/// (announcements go to the server's own port, where clients listen).
+/// Whether a name resolves is checked at startup.
+fn announce_host(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("empty host".into());
+    }
+    if text.contains(':') {
+        return Err(format!(
+            "{text:?}: give an IPv4 address or host name without a port \
+             (announcements go to the server's port)"
+        ));
+    }
+    if let Ok(ip) = text.parse::<Ipv4Addr>() {
+        if ip.is_unspecified() {
+            return Err("0.0.0.0 is no destination".into());
+        }
+        return Ok(text.to_string());
+    }
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if text.len() > 253 || !text.trim_end_matches('.').split('.').all(label) {
+        return Err(format!("{text:?} is not an IPv4 address or host name"));
+    }
+    Ok(text.to_string())
 }
 
 /// Reads a secret from the first line of a file.

@@ -68,8 +68,12 @@ pub struct SessionContext {
     pub(crate) version: String,
     /// The shared secret.
     pub(super) secret: String,
-    /// Workers in the pool, as told to STAT connections.
+    /// Workers in the pool.
     pub(crate) workers: usize,
+    /// The CPU count told to STAT connections: the workers, or
+    /// `--advertise-ncpus` (the workers of every server behind a load
+    /// balancer).
+    pub(super) advertised_ncpus: usize,
     /// Limit on frames after authentication.
     pub(super) max_frame: usize,
     /// How long a connection may wait for the client's next frame.
@@ -107,6 +111,7 @@ impl SessionContext {
             version,
             secret: cfg.secret.clone(),
             workers: cfg.workers,
+            advertised_ncpus: cfg.advertised_ncpus(),
             max_frame: cfg.max_frame_size,
             socket_timeout: cfg.socket_timeout,
             scheduler,
@@ -364,7 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         // resetting it under the other clients.
         let baseline = self.ctx.stats.job_seconds();
         self.conn
-            .write_frame(self.ctx.workers.to_string().as_bytes())
+            .write_frame(self.ctx.advertised_ncpus.to_string().as_bytes())
             .await?;
         while self.next_frame("a STAT request").await?.is_some() {
             let secs = format_seconds(self.ctx.stats.job_seconds() - baseline);
@@ -495,6 +500,31 @@ pub(super) mod tests {
             .await
             .unwrap();
         client.read_frame().await.ok().flatten()
+    }
+
+    /// What a STAT connection is told first, with `cfg`.
+    async fn stat_ncpus(cfg: &Config) -> Bytes {
+        let ctx = context_from(cfg);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"STAT").await;
+            let ncpus = client.read_frame().await.unwrap().unwrap();
+            client.get_mut().shutdown().await.unwrap();
+            ncpus
+        };
+        tokio::join!(served, client_side).1
+    }
+
+    #[tokio::test]
+    async fn stat_tells_the_workers_or_the_advertised_count() {
+        assert_eq!(stat_ncpus(&test_config()).await, &b"2"[..]);
+        let cfg = Config {
+            advertise_ncpus: Some(6),
+            ..test_config()
+        };
+        assert_eq!(stat_ncpus(&cfg).await, &b"6"[..]);
     }
 
     #[tokio::test]
