@@ -34,7 +34,8 @@ const SHARED_NAME: &str = "ppserver";
 const FALLBACK_PYTHON: &str = "python3";
 /// Interpreters looked for beside the binary, the first found per directory
 /// being the one tried: `python3` first, as a system `bin/` may have a
-/// `python` that is Python 2.
+/// `python` that is Python 2. A venv made by `pypy3 -m venv` has both, as
+/// links to `pypy3`: its PyPy is found the same way.
 const NEIGHBOUR_PYTHONS: &[&str] = &["python3", "python"];
 /// Bytes found in every build of this server (the search for them keeps them
 /// in the binary), so a `ppserver` that holds them is this server even when
