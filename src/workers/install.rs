@@ -465,6 +465,28 @@ mod tests {
     }
 
     #[test]
+    fn in_a_pypy_venv_the_python3_link_is_the_neighbour() {
+        // The bin/ of `pypy3 -m venv`: python3 -> pypy3 -> the interpreter
+        // outside the venv. The link itself is run, not what it leads to:
+        // only through the venv's path does PyPy find the venv's packages.
+        let root = scratch("pypy-venv");
+        let (system, venv) = (root.join("usr/bin"), root.join("venv/bin"));
+        for d in [&system, &venv] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        executable(&system.join("pypy3.9"));
+        std::os::unix::fs::symlink(system.join("pypy3.9"), venv.join("pypy3")).unwrap();
+        for name in ["pypy", "python", "python3", "python3.9"] {
+            std::os::unix::fs::symlink("pypy3", venv.join(name)).unwrap();
+        }
+        assert_eq!(
+            neighbour_pythons(std::slice::from_ref(&venv)),
+            vec![venv.join("python3")]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn this_server_is_the_running_file_or_a_build_with_the_marker() {
         let root = scratch("marker");
         let exe = std::env::current_exe().unwrap();
