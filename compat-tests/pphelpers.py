@@ -16,9 +16,10 @@ tests of -d itself).
 Client families: the suite runs with whichever pp client this interpreter
 has, ``ppft`` (1.7.8, or 1.6.6.4, which also installs a ``pp`` package) or
 else pp 1.7.0's ``pp``: ``CLIENT`` is that module, ``FAMILY`` names it
-(``ppft-1.7.8``, ``ppft-1.6.6.4``, ``pp-1.7.0``) and ``CLIENT_VERSION`` is the
-version the server must advertise. The server's workers run with this same
-interpreter, so they are of the same family.
+(``ppft-1.7.8``, ``ppft-1.6.6.4``, ``pp-1.7.0``; ``ppft-1.7.8-pypy`` under
+PyPy, ``INTERPRETER``) and ``CLIENT_VERSION`` is the version the server must
+advertise. The server's workers run with this same interpreter, so they are
+of the same family.
 """
 
 import importlib
@@ -52,7 +53,12 @@ def _import_client():
 # The pp client family under test: the ppft module, else pp 1.7.0's pp.
 CLIENT = _import_client()
 CLIENT_VERSION = CLIENT.__version__
-FAMILY = "%s-%s" % (CLIENT.__name__, CLIENT_VERSION)
+# The interpreter of the clients and (the same) of the workers: "cpython", or
+# "pypy" for the PyPy family, whose FAMILY says so ("ppft-1.7.8-pypy"): tests
+# that run once, with CPython's ppft 1.7.8, compare FAMILY to "ppft-1.7.8".
+INTERPRETER = sys.implementation.name
+FAMILY = "%s-%s" % (CLIENT.__name__, CLIENT_VERSION) + (
+    "" if INTERPRETER == "cpython" else "-" + INTERPRETER)
 # The module the server's workers run (python -u -m ...).
 WORKER_MODULE = "ppft" if CLIENT.__name__ == "ppft" else "pp._worker"
 

@@ -45,6 +45,10 @@ JOBS = 500
 SOURCES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 PIPE_SIZE = 4096  # one page, the smallest a pipe can be
 WAIT = 60.0  # seconds: upper bound of every wait here
+# Linux's fcntl commands (F_LINUX_SPECIFIC_BASE + 7 and + 8): PyPy 3.9's
+# fcntl module, like CPython's before 3.10, does not name them.
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 def tagged_add(i):
@@ -59,7 +63,7 @@ def _pending(pipe):
 
 
 def _capacity(pipe):
-    return fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ)
+    return fcntl.fcntl(pipe.fileno(), F_GETPIPE_SZ)
 
 
 def _writer_blocked(pid, name):
@@ -102,7 +106,7 @@ def unread_server(tmp_path):
                             start_new_session=True)
     for pipe in (proc.stdout, proc.stderr):
         try:
-            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # already holds more than a page: it just fills later
     handle = ServerHandle(IMPL, "127.0.0.1", port, SECRET, 2, proc, log_path, argv)

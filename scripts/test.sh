@@ -83,6 +83,39 @@ compat-tests/.venv-pathos/bin/python -m pytest compat-tests/test_pathos.py -q "$
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
     failed+=("pathos")
 fi
+# --- PyPy family (begin) ---------------------------------------------------
+# Debian's pypy3 with ppft 1.7.8 and dill (compat-tests/requirements-pypy.txt)
+# for the clients and the workers. Only the modules where the interpreter of
+# the client and of the workers matters: the protocol and job tests, and
+# test_pypy.py (PyPy workers; the wheel in a PyPy venv). pypy3 and
+# pypy3-venv (ensurepip's wheels) are installed as root with apt-get when
+# missing; without them the family is skipped, saying so.
+pypy_modules=(test_jobs.py test_protocol.py test_auth.py test_stats.py test_concurrency.py
+    test_worker_failures.py test_pypy.py)
+pypy_ready() { pypy3 -c 'import ensurepip, sys; sys.exit(ensurepip.version() is None)' >/dev/null 2>&1; }
+pypy_started=$SECONDS
+if ! pypy_ready && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing pypy3 and pypy3-venv (the PyPy family)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        pypy3 pypy3-venv >/dev/null; } ||
+        echo "== could not install pypy3: the PyPy family will be skipped"
+fi
+if pypy_ready; then
+    echo "== compat suite (ppft 1.7.8 on PyPy, clients and workers: ${pypy_modules[*]})"
+    rc=0
+    scripts/venv.sh compat-tests/.venv-pypy compat-tests/requirements-pypy.txt pypy3 &&
+        compat-tests/.venv-pypy/bin/python -m pytest "${pypy_modules[@]/#/compat-tests/}" -q "$@" ||
+        rc=$?
+    # Exit code 5: every test deselected by the arguments.
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
+        failed+=("ppft 1.7.8 on PyPy")
+    fi
+    echo "== PyPy family: $((SECONDS - pypy_started)) s (install, venv and tests)"
+else
+    echo "SKIPPED: the PyPy family: no pypy3 with ensurepip (as root, scripts/test.sh installs" \
+        "Debian's pypy3 and pypy3-venv)"
+fi
+# --- PyPy family (end) -----------------------------------------------------
 if [ ${#failed[@]} -gt 0 ]; then
     echo "== compat suite FAILED for: ${failed[*]}"
     exit 1

@@ -34,7 +34,8 @@ const SHARED_NAME: &str = "ppserver";
 const FALLBACK_PYTHON: &str = "python3";
 /// Interpreters looked for beside the binary, the first found per directory
 /// being the one tried: `python3` first, as a system `bin/` may have a
-/// `python` that is Python 2.
+/// `python` that is Python 2. A venv made by `pypy3 -m venv` has both, as
+/// links to `pypy3`: its PyPy is found the same way.
 const NEIGHBOUR_PYTHONS: &[&str] = &["python3", "python"];
 /// Bytes found in every build of this server (the search for them keeps them
 /// in the binary), so a `ppserver` that holds them is this server even when
@@ -459,6 +460,28 @@ mod tests {
         assert_eq!(
             neighbour_pythons(&[none, venv.clone(), sys.clone()]),
             vec![venv.join("python3"), sys.join("python")]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn in_a_pypy_venv_the_python3_link_is_the_neighbour() {
+        // The bin/ of `pypy3 -m venv`: python3 -> pypy3 -> the interpreter
+        // outside the venv. The link itself is run, not what it leads to:
+        // only through the venv's path does PyPy find the venv's packages.
+        let root = scratch("pypy-venv");
+        let (system, venv) = (root.join("usr/bin"), root.join("venv/bin"));
+        for d in [&system, &venv] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        executable(&system.join("pypy3.9"));
+        std::os::unix::fs::symlink(system.join("pypy3.9"), venv.join("pypy3")).unwrap();
+        for name in ["pypy", "python", "python3", "python3.9"] {
+            std::os::unix::fs::symlink("pypy3", venv.join(name)).unwrap();
+        }
+        assert_eq!(
+            neighbour_pythons(std::slice::from_ref(&venv)),
+            vec![venv.join("python3")]
         );
         std::fs::remove_dir_all(&root).unwrap();
     }
