@@ -842,4 +842,55 @@ mod tests {
         );
         assert_eq!(m.connections.get_or_create(&label("kind", "exec")).get(), 0);
     }
+
+    /// A metrics port on a free loopback port, serving until aborted.
+    async fn metrics_port() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let levels: LevelSource = Arc::new(Levels::default);
+        (addr, tokio::spawn(serve(listener, levels, |ip| ip)))
+    }
+
+    /// Whether the server has closed `s` (EOF), without waiting.
+    fn closed(s: &TcpStream) -> bool {
+        matches!(s.try_read(&mut [0u8; 16]), Ok(0))
+    }
+
+    #[tokio::test]
+    async fn idle_connections_from_one_address_make_room_for_a_request() {
+        use crate::ops::scrapes::MAX_SCRAPES_PER_ADDRESS;
+        let (addr, server) = metrics_port().await;
+        let mut idle = Vec::new();
+        for _ in 0..3 * MAX_SCRAPES_PER_ADDRESS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).await.unwrap();
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+        // Each connection past the cap closed the address's oldest idle
+        // one; the newest idle ones are still open.
+        let open = idle.iter().filter(|c| !closed(c)).count();
+        assert_eq!(open, MAX_SCRAPES_PER_ADDRESS - 1);
+        assert!(idle[..idle.len() - open].iter().all(closed));
+        server.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_head_that_never_comes_is_closed() {
+        let (addr, server) = metrics_port().await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(silent.read(&mut [0u8; 16]).await.unwrap(), 0);
+        assert_eq!(partial.read(&mut [0u8; 16]).await.unwrap(), 0);
+        // Paused time: the clock moved only as far as the timeout.
+        assert!(started.elapsed() >= HEAD_TIMEOUT);
+        server.abort();
+    }
 }
