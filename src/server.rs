@@ -15,13 +15,15 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::Config;
+use crate::config::{BudgetOrigins, Config};
 use crate::front::discovery::{self, Destinations, Discovery, Unresolved};
 use crate::front::session::{self, SessionContext};
 use crate::jobs::scheduler::Scheduler;
 use crate::logging::ratelimit::LogLimit;
 use crate::ops::metrics::{self, LevelSource, Levels};
+use crate::ops::openfiles::{self, Budget, OpenFiles, Unfit};
 use crate::ops::runfiles::RunFile;
+use crate::ops::scrapes::MAX_SCRAPES;
 use crate::ops::shutdown::StopRequests;
 use crate::ops::stats::Stats;
 use crate::workers::install;
@@ -61,6 +63,85 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The connection budgets cannot fit in the open-file limit: one was
+    /// given that is too large, or the limit leaves no room for even one
+    /// connection.
+    OpenFiles(Box<NoRoom>),
+}
+
+/// The numbers of [`StartError::OpenFiles`].
+#[derive(Debug)]
+pub struct NoRoom {
+    /// The arithmetic's verdict, with the limit and the budgets.
+    pub unfit: Unfit,
+    /// The hard open-file limit.
+    pub hard: u64,
+    /// What the reserve is made of: descriptors open at startup, workers,
+    /// the metrics port's cap (0 without `--metrics`).
+    pub open_at_start: usize,
+    /// See `open_at_start`.
+    pub workers: usize,
+    /// See `open_at_start`.
+    pub metrics: usize,
+    /// Where each budget was given, if it was.
+    pub origins: BudgetOrigins,
+}
+
+impl std::fmt::Display for NoRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let u = &self.unfit;
+        let conns = self.origins.max_connections.as_ref();
+        let hands = self.origins.max_handshakes.as_ref();
+        match (conns, hands) {
+            (Some(c), Some(h)) => write!(
+                f,
+                "{c} {} plus {h} {} need {} open files for client connections",
+                u.connections.value,
+                u.handshakes.value,
+                u.connections.value.saturating_add(u.handshakes.value)
+            )?,
+            (Some(c), None) => write!(
+                f,
+                "{c} {} plus at least 1 connection in its handshake need {} open files \
+                 for client connections",
+                u.connections.value,
+                u.connections.value.saturating_add(1)
+            )?,
+            (None, Some(h)) => write!(
+                f,
+                "{h} {} plus at least 1 authenticated connection need {} open files for \
+                 client connections",
+                u.handshakes.value,
+                u.handshakes.value.saturating_add(1)
+            )?,
+            (None, None) => f.write_str(
+                "client connections need at least 2 open files (one authenticated, one in \
+                 its handshake)",
+            )?,
+        }
+        write!(
+            f,
+            ", but the open-file limit is {} (hard limit {}) and the server keeps {} for \
+             itself ({} open at startup, {} for {} workers, {} for the metrics port, {} to \
+             spare), which leaves {}",
+            u.limit,
+            self.hard,
+            u.reserved,
+            self.open_at_start,
+            self.workers * openfiles::FDS_PER_WORKER,
+            self.workers,
+            self.metrics,
+            openfiles::MARGIN,
+            u.room,
+        )?;
+        match (conns, hands) {
+            (Some(c), None) if u.room >= 2 => write!(f, "; lower {c} to at most {}", u.room - 1)?,
+            (None, Some(h)) if u.room >= 2 => write!(f, "; lower {h} to at most {}", u.room - 1)?,
+            (Some(c), Some(h)) => write!(f, "; lower {c} and {h} to at most {} together", u.room)?,
+            _ => {}
+        }
+        f.write_str(", or raise the hard limit (ulimit -Hn; LimitNOFILE= under systemd)")
+    }
 }
 
 impl std::fmt::Display for StartError {
@@ -85,6 +166,7 @@ impl std::fmt::Display for StartError {
             StartError::Announce(Unresolved { host, why }) => {
                 write!(f, "cannot resolve {host:?} (--announce): {why}")
             }
+            StartError::OpenFiles(no_room) => write!(f, "{no_room}"),
         }
     }
 }
@@ -144,6 +226,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     } else {
         Vec::new()
     };
+    let files = raise_open_files();
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
     let pythonpath = worker::worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
     let candidates: Vec<&str> = match &cfg.worker_module {
@@ -189,6 +272,10 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         None => None,
     };
 
+    // Everything the server holds for itself is open by now, but for the
+    // workers, which are counted apart.
+    let lowered = fit_open_files(&mut cfg, &files)?;
+
     let scheduler = Arc::new(Scheduler::default());
     let stats = Arc::new(Stats::default());
     let (stop, stopped) = watch::channel(false);
@@ -207,6 +294,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
             .and_then(|h| h.into_string().ok())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| local.ip().to_string()),
+        nofile: (files.original_soft < files.soft).then_some((files.original_soft, files.hard)),
     });
     let mut workers = JoinSet::new();
     for slot in 0..cfg.workers {
@@ -225,7 +313,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     }
     install::warn_about_foreign_ppserver();
     log::info!(
-        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}{}, memory limit {}",
+        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}{}, memory limit {}{lowered}",
         cfg.workers,
         python.display(),
         if cfg.pp_version.is_some() {
@@ -276,6 +364,96 @@ fn discovery_summary(cfg: &Config) -> String {
     }
 }
 
+/// Raises the open-file soft limit to the hard one ([`openfiles::raise`]);
+/// a failure is logged, and the budgets then fit the limit as it is.
+fn raise_open_files() -> OpenFiles {
+    match openfiles::raise() {
+        Ok(files) => {
+            if files.original_soft < files.soft {
+                log::debug!(
+                    "open files: soft limit raised from {} to the hard limit {}; workers get {} \
+                     back",
+                    files.original_soft,
+                    files.soft,
+                    files.original_soft
+                );
+            }
+            files
+        }
+        Err((e, files)) => {
+            log::warn!(
+                "cannot raise the open-file limit from {} to the hard limit {}: {e}",
+                files.soft,
+                files.hard
+            );
+            files
+        }
+    }
+}
+
+/// Fits `--max-connections` and `--max-handshakes` into the open-file
+/// limit beside what the server keeps for itself ([`openfiles::fit`]),
+/// lowering the defaults if need be. Returns what to add to the startup
+/// line: empty when nothing was lowered.
+fn fit_open_files(cfg: &mut Config, files: &OpenFiles) -> Result<String, StartError> {
+    // Unreadable /proc: assume a small process, and let the margin absorb
+    // the error.
+    let open_at_start = openfiles::open_now().unwrap_or(16);
+    let metrics = if cfg.metrics.is_some() {
+        MAX_SCRAPES
+    } else {
+        0
+    };
+    let reserved = openfiles::reserved(open_at_start, cfg.workers, metrics);
+    let budget = |value, origin: &Option<_>| Budget {
+        value,
+        given: origin.is_some(),
+    };
+    let fitted = openfiles::fit(
+        files.limit(),
+        reserved,
+        budget(cfg.max_connections, &cfg.budget_origins.max_connections),
+        budget(cfg.max_handshakes, &cfg.budget_origins.max_handshakes),
+    )
+    .map_err(|unfit| {
+        StartError::OpenFiles(Box::new(NoRoom {
+            unfit,
+            hard: files.hard,
+            open_at_start,
+            workers: cfg.workers,
+            metrics,
+            origins: cfg.budget_origins.clone(),
+        }))
+    })?;
+    let mut lowered = Vec::new();
+    if fitted.connections < cfg.max_connections {
+        lowered.push(format!("--max-connections to {}", fitted.connections));
+    }
+    if fitted.handshakes < cfg.max_handshakes {
+        lowered.push(format!("--max-handshakes to {}", fitted.handshakes));
+    }
+    cfg.max_connections = fitted.connections;
+    cfg.max_handshakes = fitted.handshakes;
+    log::debug!(
+        "open files: limit {}, {reserved} kept for the server ({open_at_start} open at startup, \
+         {} workers, metrics port {metrics}, {} to spare), {} + {} for client connections",
+        files.limit(),
+        cfg.workers,
+        openfiles::MARGIN,
+        fitted.connections,
+        fitted.handshakes,
+    );
+    Ok(if lowered.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", open-file limit {}: lowered {} to fit",
+            files.limit(),
+            lowered.join(" and ")
+        )
+    })
+}
+
 fn warn_default_secret_now() {
     log::warn!(
         "no secret given (-s): using pp's public default secret; anyone who can reach \
@@ -315,10 +493,13 @@ impl Server {
     /// [`crate::ops::shutdown`]), then stops and reaps every worker.
     pub async fn run(mut self, mut stops: StopRequests) {
         let discovery = self.discovery.take().map(|d| tokio::spawn(d.run()));
-        let metrics = self
-            .metrics
-            .take()
-            .map(|l| tokio::spawn(metrics::serve(l, levels(self.ctx.clone()))));
+        let metrics = self.metrics.take().map(|l| {
+            tokio::spawn(metrics::serve(
+                l,
+                levels(self.ctx.clone()),
+                crate::config::allow::host_key,
+            ))
+        });
         let idle_exit = idle_exit(self.idle_exit, self.ctx.clone());
         tokio::pin!(idle_exit);
         let mut usr1 =

@@ -186,6 +186,22 @@ mod tests {
     }
 
     #[test]
+    fn given_budgets_remember_their_flag() {
+        let c = run(&[]);
+        assert_eq!(c.budget_origins, crate::config::BudgetOrigins::default());
+        let c = run(&["--max-connections", "10", "--max-handshakes=6"]);
+        assert_eq!((c.max_connections, c.max_handshakes), (10, 6));
+        assert_eq!(
+            c.budget_origins.max_connections,
+            Some(Origin::Flag("--max-connections"))
+        );
+        assert_eq!(
+            c.budget_origins.max_handshakes,
+            Some(Origin::Flag("--max-handshakes"))
+        );
+    }
+
+    #[test]
     fn defaults() {
         let c = run(&[]);
         assert_eq!(c.port, 60000);

@@ -70,10 +70,13 @@ Options:
                      suffixes (default: half of the smaller of the
                      machine's memory and the cgroup limit; here {memory})
 --max-connections N: most authenticated client connections at once (default
-                     {max_conn})
+                     {max_conn}; if the hard open-file limit cannot hold the
+                     two budgets, their defaults are lowered to fit and the
+                     startup line says so; a value given that cannot fit
+                     is an error)
 --max-handshakes N : most connections not yet authenticated, at once
-                     (default {max_handshakes}); while half are in use, the
-                     handshake timeout drops from 10 s to 2 s
+                     (default {max_handshakes}, lowered likewise); while half are
+                     in use, the handshake timeout drops from 10 s to 2 s
 --max-handshakes-per-address N
                    : of those, most from one address; an IPv6 /64 counts as
                      one (default: half of --max-handshakes)
@@ -98,7 +101,9 @@ Options:
 --keep-abandoned   : let a running job whose client left finish, as ppft
                      does (default: stop its worker and start a fresh one)
 --metrics ADDR:PORT: serve Prometheus metrics at http://ADDR:PORT/metrics and
-                     a summary at /status (default: off)
+                     a summary at /status (default: off); at most {scrapes}
+                     connections, {scrapes_per_address} per address, the oldest
+                     idle one closed to make room
 --advertise-ncpus N: the CPU count clients are told (STAT), which sizes
                      their connections; behind a load balancer, the workers
                      of all the servers behind it (default: -w, this
@@ -113,6 +118,8 @@ Options:
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).
+The server raises its open-file soft limit to the hard limit; workers get the
+soft limit it started with.
 SIGUSR1 prints the job statistics; SIGTERM, SIGINT and SIGHUP stop the server
 (SIGHUP stays ignored if it was ignored at start, as under nohup).
 Clients must run the pp version the server advertises and use its secret.
@@ -126,5 +133,7 @@ Due to the security concerns always use a non-trivial secret key.",
         memory = crate::memory::budget::default_limit().unwrap_or(FALLBACK_MEMORY_LIMIT),
         max_handshakes = DEFAULT_MAX_HANDSHAKES,
         login_delay = DEFAULT_LOGIN_DELAY.as_secs_f64(),
+        scrapes = crate::ops::scrapes::MAX_SCRAPES,
+        scrapes_per_address = crate::ops::scrapes::MAX_SCRAPES_PER_ADDRESS,
     )
 }

@@ -124,7 +124,9 @@ pub struct Config {
     pub pp_version: Option<String>,
     /// Largest frame accepted after authentication (`--max-frame-size`).
     pub max_frame_size: usize,
-    /// Most authenticated client connections at once (`--max-connections`).
+    /// Most authenticated client connections at once (`--max-connections`);
+    /// the default is lowered at startup when the open-file limit cannot
+    /// hold it ([`crate::ops::openfiles`]).
     pub max_connections: usize,
     /// How long a stop waits for jobs already received (`--drain-timeout`).
     pub drain_timeout: Duration,
@@ -140,7 +142,8 @@ pub struct Config {
     /// Let a running job whose client left finish, as ppft does, instead
     /// of stopping its worker (`--keep-abandoned`).
     pub keep_abandoned: bool,
-    /// Most connections in their handshake at once (`--max-handshakes`).
+    /// Most connections in their handshake at once (`--max-handshakes`);
+    /// the default is lowered as `max_connections`'s is.
     pub max_handshakes: usize,
     /// Of those, most from one address (`--max-handshakes-per-address`);
     /// `None`: half of `max_handshakes`.
@@ -153,9 +156,22 @@ pub struct Config {
     /// Stop a job's worker and answer the job with `None` once it has run
     /// this long (`--job-timeout`); `None`: no limit.
     pub job_timeout: Option<Duration>,
+    /// Where `max_connections` and `max_handshakes` were given, if they
+    /// were: only defaults are lowered to fit the open-file limit, and a
+    /// given budget that cannot fit is an error naming its flag or key.
+    pub budget_origins: BudgetOrigins,
     /// Things worth a warning found while reading the config file (unknown
     /// keys), logged once logging is up.
     pub notes: Vec<String>,
+}
+
+/// Where the connection budgets were given; `None`: left at the default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BudgetOrigins {
+    /// `--max-connections` or its key.
+    pub max_connections: Option<Origin>,
+    /// `--max-handshakes` or its key.
+    pub max_handshakes: Option<Origin>,
 }
 
 impl Default for Config {
@@ -196,6 +212,7 @@ impl Default for Config {
             allow: AllowList::default(),
             login_delay: DEFAULT_LOGIN_DELAY,
             job_timeout: None,
+            budget_origins: BudgetOrigins::default(),
             notes: Vec::new(),
         }
     }

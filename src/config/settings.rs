@@ -248,7 +248,10 @@ pub(crate) fn apply(
             }
             cfg.max_frame_size = bytes;
         }
-        Setting::MaxConnections => cfg.max_connections = at_least_one(name, value)?,
+        Setting::MaxConnections => {
+            cfg.max_connections = at_least_one(name, value)?;
+            cfg.budget_origins.max_connections = Some(name.clone());
+        }
         Setting::JobTimeout => {
             let secs: u64 = number(name, value)?;
             cfg.job_timeout = (secs > 0).then(|| Duration::from_secs(secs));
@@ -282,7 +285,10 @@ pub(crate) fn apply(
         Setting::SocketTimeout => {
             cfg.socket_timeout = Duration::from_secs(at_least_one(name, value)?)
         }
-        Setting::MaxHandshakes => cfg.max_handshakes = at_least_one(name, value)?,
+        Setting::MaxHandshakes => {
+            cfg.max_handshakes = at_least_one(name, value)?;
+            cfg.budget_origins.max_handshakes = Some(name.clone());
+        }
         Setting::MaxHandshakesPerAddress => {
             cfg.max_handshakes_per_address = Some(at_least_one(name, value)?)
         }

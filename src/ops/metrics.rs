@@ -15,9 +15,11 @@
 //! exactly where the metrics are.
 //!
 //! The HTTP side is a minimal HTTP/1.0-style responder for two GET paths:
-//! one request per connection, a bounded request head and a timeout, so a
-//! stray or slow peer costs one small task. (A full HTTP stack would bring
-//! many crates for two fixed pages.)
+//! one request per connection, a bounded request head read within a
+//! timeout, and a bounded number of connections
+//! ([`crate::ops::scrapes`]), so a stray or slow peer costs one small task
+//! and a flood of idle sockets cannot use up the server's descriptors.
+//! (A full HTTP stack would bring many crates for two fixed pages.)
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -38,6 +40,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::ops::scrapes::{Admitted, Scrapes};
+
 /// Labels of a family: one `(name, value)` pair.
 type Label = Vec<(&'static str, &'static str)>;
 
@@ -49,8 +53,12 @@ const REFUSALS: &[&str] = &[
     "max_handshakes_per_address",
 ];
 
-/// How long a metrics client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a metrics client may take to send its request head, from when
+/// it is accepted; until then it may also be closed to make room for a new
+/// connection ([`crate::ops::scrapes`]).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long writing the page to a metrics client may take.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read; the two pages need only the first line.
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -657,15 +665,44 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `/metrics` and `/status` until dropped.
-pub(crate) async fn serve(listener: TcpListener, levels: LevelSource) {
+/// Serves `/metrics` and `/status` until dropped. `host_key` is how the
+/// server counts addresses (an IPv6 /64 as one), for the per-address cap.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    levels: LevelSource,
+    host_key: fn(IpAddr) -> IpAddr,
+) {
+    let scrapes = Scrapes::new();
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                // None: every connection in the way is being answered;
+                // dropping the stream refuses this one.
+                let Some(Admitted { scrape, evicted }) = scrapes.admit(host_key(peer.ip())) else {
+                    continue;
+                };
+                let id = scrape.id();
                 let levels = levels.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &*levels)).await;
+                let task = tokio::spawn(async move {
+                    let mut stream = stream;
+                    let head =
+                        match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+                            Ok(Ok(head)) => head,
+                            // Timed out, closed, or failed: just close.
+                            _ => return,
+                        };
+                    scrape.answering();
+                    let _ =
+                        tokio::time::timeout(ANSWER_TIMEOUT, answer(head, stream, &*levels)).await;
                 });
+                scrapes.set_closer(id, task.abort_handle());
+                if let Some((_, Some(closer))) = evicted {
+                    closer.abort();
+                    // The aborted task is dropped, and its socket closed,
+                    // before the next accept: the port never holds more
+                    // descriptors than its caps.
+                    tokio::task::yield_now().await;
+                }
             }
             Err(e) => {
                 log::warn!("metrics: accept failed: {e}");
@@ -675,11 +712,18 @@ pub(crate) async fn serve(listener: TcpListener, levels: LevelSource) {
     }
 }
 
-/// Reads one request head and answers it.
-async fn answer(
-    mut stream: TcpStream,
-    levels: &(dyn Fn() -> Levels + Send + Sync),
-) -> std::io::Result<()> {
+/// A request head, or as much of it as came before the peer stopped
+/// sending (or its limit).
+enum Head {
+    /// The bytes read.
+    Read(Vec<u8>),
+    /// Larger than [`MAX_REQUEST`].
+    TooLarge,
+}
+
+/// Reads one request head: up to its blank line, the peer's end of
+/// sending, or [`MAX_REQUEST`] bytes.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
@@ -689,15 +733,30 @@ async fn answer(
         }
         head.extend_from_slice(&buf[..n]);
         if head.len() > MAX_REQUEST {
+            return Ok(Head::TooLarge);
+        }
+    }
+    Ok(Head::Read(head))
+}
+
+/// Answers one request head.
+async fn answer(
+    head: Head,
+    mut stream: TcpStream,
+    levels: &(dyn Fn() -> Levels + Send + Sync),
+) -> std::io::Result<()> {
+    let head = match head {
+        Head::Read(head) => head,
+        Head::TooLarge => {
             return respond(
                 &mut stream,
                 "431 Request Header Fields Too Large",
                 "text/plain",
                 "",
             )
-            .await;
+            .await
         }
-    }
+    };
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
@@ -784,5 +843,56 @@ mod tests {
             "gone with its last connection"
         );
         assert_eq!(m.connections.get_or_create(&label("kind", "exec")).get(), 0);
+    }
+
+    /// A metrics port on a free loopback port, serving until aborted.
+    async fn metrics_port() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let levels: LevelSource = Arc::new(Levels::default);
+        (addr, tokio::spawn(serve(listener, levels, |ip| ip)))
+    }
+
+    /// Whether the server has closed `s` (EOF), without waiting.
+    fn closed(s: &TcpStream) -> bool {
+        matches!(s.try_read(&mut [0u8; 16]), Ok(0))
+    }
+
+    #[tokio::test]
+    async fn idle_connections_from_one_address_make_room_for_a_request() {
+        use crate::ops::scrapes::MAX_SCRAPES_PER_ADDRESS;
+        let (addr, server) = metrics_port().await;
+        let mut idle = Vec::new();
+        for _ in 0..3 * MAX_SCRAPES_PER_ADDRESS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).await.unwrap();
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+        // Each connection past the cap closed the address's oldest idle
+        // one; the newest idle ones are still open.
+        let open = idle.iter().filter(|c| !closed(c)).count();
+        assert_eq!(open, MAX_SCRAPES_PER_ADDRESS - 1);
+        assert!(idle[..idle.len() - open].iter().all(closed));
+        server.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_head_that_never_comes_is_closed() {
+        let (addr, server) = metrics_port().await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(silent.read(&mut [0u8; 16]).await.unwrap(), 0);
+        assert_eq!(partial.read(&mut [0u8; 16]).await.unwrap(), 0);
+        // Paused time: the clock moved only as far as the timeout.
+        assert!(started.elapsed() >= HEAD_TIMEOUT);
+        server.abort();
     }
 }

@@ -1,9 +1,13 @@
 //! The operator's side: [`metrics`] (Prometheus metrics and the status
-//! page, `--metrics`), [`stats`] (job counts and times, for STAT and
-//! SIGUSR1), [`shutdown`] (stop requests and the drain they start) and
-//! [`runfiles`] (the pid file and the ready file launchers wait on).
+//! page, `--metrics`) with [`scrapes`] (the cap on the metrics port's
+//! connections), [`stats`] (job counts and times, for STAT and SIGUSR1),
+//! [`shutdown`] (stop requests and the drain they start), [`runfiles`]
+//! (the pid file and the ready file launchers wait on) and [`openfiles`]
+//! (the open-file limit raised, and budgets that fit in it).
 
 pub(crate) mod metrics;
+pub mod openfiles;
 pub mod runfiles;
+pub(crate) mod scrapes;
 pub mod shutdown;
 pub mod stats;

@@ -16,8 +16,9 @@
 //! go with it. A worker is known dead when its process exits, even while a
 //! child it left holds its pipes open. Workers get a higher
 //! `oom_score_adj` than the server: under memory pressure the kernel takes
-//! a worker, not the server. Deciding what to do when a worker fails is
-//! [`crate::workers::pool`]'s business.
+//! a worker, not the server. And they get back the open-file soft limit
+//! the server started with, which the server raised for itself. Deciding
+//! what to do when a worker fails is [`crate::workers::pool`]'s business.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -38,6 +39,7 @@ use tokio::process::{Child, ChildStdout, Command};
 
 use crate::jobs::cache::{Package, WorkerCache};
 use crate::memory::mapped::{self, MAPPED_MIN};
+use crate::ops::openfiles;
 use crate::protocol::wire::{write_frame, write_frames, write_heads, FrameError, FrameReader};
 use crate::workers::reaper::{self, Registration};
 
@@ -86,6 +88,11 @@ pub(crate) struct WorkerSpec {
     /// The server's host name, named in the answer to a job stopped by
     /// `--job-timeout`: a client of many servers learns which one.
     pub(crate) host: String,
+    /// The open-file limits (soft, hard) a worker gets before it execs:
+    /// the soft limit the server started with, before it raised its own
+    /// ([`crate::ops::openfiles`]), so jobs see what they would under
+    /// ppft's server; `None`: the server's own, unchanged.
+    pub(crate) nofile: Option<(u64, u64)>,
 }
 
 /// `PYTHONPATH` for workers: the inherited entries, then the server's
@@ -157,13 +164,20 @@ impl Worker {
             .process_group(0);
         let parent = nix::unistd::getpid();
         let oom = OomScoreAdj::for_worker();
+        let nofile = spec.nofile;
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (open, write, close, prctl,
-        // getppid); it allocates nothing.
+        // makes async-signal-safe calls (open, write, close, setrlimit,
+        // prctl, getppid); it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(oom) = &oom {
                     oom.write_own();
+                }
+                if let Some((soft, hard)) = nofile {
+                    // Lowering a soft limit cannot fail in practice, and a
+                    // worker with the server's higher limit still works:
+                    // no reason to fail the spawn.
+                    let _ = openfiles::restore_in_child(soft, hard);
                 }
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                     .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
