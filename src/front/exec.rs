@@ -175,8 +175,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return Ok(Some(Incoming::TooLarge(len)));
         }
         if !budget.fits(len) {
-            // Cached packages nobody uses make room first.
-            self.ctx.packages.shed(len);
+            // Spare mappings make room first (kept only in case they are
+            // useful), then cached packages nobody uses.
+            budget.reclaim();
+            if !budget.fits(len) {
+                self.ctx.packages.shed(len);
+            }
         }
         let memory = tokio::select! {
             biased;
@@ -428,6 +432,38 @@ mod tests {
                 tokio::task::yield_now().await;
             }
             assert!(ctx.budget.used() >= 1000, "the queued job holds its memory");
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_mapping_kept_for_reuse_is_in_the_budget() {
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let len = 2 * crate::memory::mapped::MAPPED_MIN;
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let job = job_frames(&vec![5u8; len]);
+            client.get_mut().write_all(&job).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+            assert!(crate::memory::mapped::is_mapped(&job.args));
+            let Job {
+                reply, args, _held, ..
+            } = job;
+            reply.send(Bytes::from_static(b"result")).unwrap();
+            assert_eq!(client.read_frame().await.unwrap().unwrap(), &b"result"[..]);
+            // The job goes, its arguments' mapping is kept for the next
+            // large frame: still memory held for clients.
+            drop((args, _held));
+            let used = ctx.budget.used();
+            assert!(used >= len, "{used} bytes counted");
             client.get_mut().shutdown().await.unwrap();
         };
         let (ended, ()) = tokio::join!(served, client_side);

@@ -22,10 +22,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::memory::mapped::{Filling, MAPPED_MIN};
+use crate::memory::mapped::{Filling, Spares, MAPPED_MIN};
 
 /// Size of the length header in front of every frame.
 pub const HEADER_LEN: usize = 8;
@@ -148,6 +150,10 @@ pub struct FrameReader<R> {
     /// A large frame whose header is consumed, being read straight into a
     /// mapping of its own ([`crate::memory::mapped`]) rather than into `buf`.
     large: Option<Filling>,
+    /// Where large frames' mappings come from and go back to, counted in
+    /// the memory budget; `None` (worker results, tests): fresh mappings,
+    /// unmapped with their frames.
+    spares: Option<Arc<Spares>>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -158,7 +164,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(8 * 1024),
             max,
             large: None,
+            spares: None,
         }
+    }
+
+    /// Takes large frames' mappings from `spares` and gives them back
+    /// there: for a client's frames, which the memory budget counts.
+    pub(crate) fn set_spares(&mut self, spares: Arc<Spares>) {
+        self.spares = Some(spares);
     }
 
     /// Changes the payload limit, e.g. from the small pre-authentication
@@ -230,7 +243,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if len < MAPPED_MIN {
             return Ok(false);
         }
-        let Some(mut large) = Filling::new(len) else {
+        let Some(mut large) = Filling::new(len, self.spares.as_ref()) else {
             return Ok(false);
         };
         self.buf.advance(HEADER_LEN);
@@ -288,6 +301,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// See [`FrameReader::set_max`].
     pub fn set_max(&mut self, max: usize) {
         self.reader.set_max(max);
+    }
+
+    /// See [`FrameReader::set_spares`].
+    pub(crate) fn set_spares(&mut self, spares: Arc<Spares>) {
+        self.reader.set_spares(spares);
     }
 
     /// See [`FrameReader::buffered_capacity`].
