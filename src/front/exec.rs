@@ -309,6 +309,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_sent_while_waiting_are_thrown_away_after_the_answer_is_written() {
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            // A job, and the next one before the first is answered.
+            let mut jobs = job_frames(b"args");
+            jobs.extend(job_frames(b"more"));
+            client.get_mut().write_all(&jobs).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+            job.reply.send(Bytes::from_static(b"result")).unwrap();
+            let mut rest = Vec::new();
+            client.get_mut().read_to_end(&mut rest).await.unwrap();
+            rest
+        };
+        let (ended, rest) = tokio::join!(served, client_side);
+        assert_eq!(rest, encode_frame(b"result"), "answered, then closed");
+        assert!(
+            matches!(
+                ended,
+                Err(SessionError::Frame(FrameError::Unsolicited {
+                    received: 28
+                }))
+            ),
+            "{ended:?}"
+        );
+        assert_eq!(ctx.scheduler.queued(), 0, "the second job was not run");
+    }
+
+    #[tokio::test]
     async fn a_drain_answers_the_pending_job_then_closes() {
         let ctx = context();
         let (client, server) = tokio::io::duplex(1 << 16);
