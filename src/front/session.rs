@@ -36,7 +36,7 @@ use crate::jobs::cache::{PackageCache, PACKAGE_CACHE_BUDGET};
 use crate::jobs::scheduler::Scheduler;
 use crate::logging::ratelimit::{warn_limited, PerAddress};
 use crate::memory::budget::Budget;
-use crate::memory::mapped::Spares;
+use crate::memory::spares::Spares;
 use crate::ops::metrics::{metrics, ConnKind, ConnectionGuard, Counted};
 use crate::ops::shutdown::{DrainSwitch, Draining};
 use crate::ops::stats::{format_seconds, Stats};

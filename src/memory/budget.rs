@@ -20,7 +20,7 @@
 //! packages that open connections keep.
 //!
 //! Memory kept only in case it is useful again (spare mappings of large
-//! frames, [`crate::memory::mapped::Spares`]) is counted too, but never
+//! frames, [`crate::memory::spares::Spares`]) is counted too, but never
 //! makes anyone wait: it is kept only while the budget has room for it
 //! and nobody waits ([`Budget::try_reserve`]), and whoever comes first in
 //! the queue without room has it given back ([`Reclaim`]) before waiting,

@@ -27,7 +27,8 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::memory::mapped::{Filling, Spares, MAPPED_MIN};
+use crate::memory::mapped::{Filling, MAPPED_MIN};
+use crate::memory::spares::Spares;
 
 /// Size of the length header in front of every frame.
 pub const HEADER_LEN: usize = 8;
