@@ -419,10 +419,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// while it waits for an answer, so bytes that arrive meanwhile are
     /// not kept: they are counted and thrown away as they come, through
     /// the read buffer, which does not grow for them (a peer sending a
-    /// whole frame here costs no memory). The answer owed is still
-    /// written, but reading goes no further ([`FrameError::Unsolicited`]).
-    /// A peer that sends more than a maximal frame while it should be
-    /// waiting ends the wait with that error. Cancel-safe.
+    /// whole frame here costs no memory beyond that buffer). The answer
+    /// owed is still written, but reading goes no further
+    /// ([`FrameError::Unsolicited`]). A peer that sends more than a
+    /// maximal frame while it should be waiting ends the wait with that
+    /// error. Cancel-safe.
     pub async fn closed(&mut self) -> Result<(), FrameError> {
         let r = &mut self.reader;
         loop {
