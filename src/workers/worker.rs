@@ -697,12 +697,23 @@ while True:
     send(b"answer")
 "#;
 
-    /// A directory of its own under the system's temporary directory.
-    fn scratch_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ppserver-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A directory of its own under the system's temporary directory,
+    /// removed when dropped (a failed test too).
+    struct ScratchDir(PathBuf);
+
+    impl ScratchDir {
+        fn new(name: &str) -> ScratchDir {
+            let dir = std::env::temp_dir().join(format!("ppserver-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            ScratchDir(dir)
+        }
+    }
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     fn spec_for(module: &str, dir: &Path) -> WorkerSpec {
@@ -750,9 +761,10 @@ while True:
         if !python_runs() {
             return;
         }
-        let dir = scratch_dir("reads-whole");
+        let scratch = ScratchDir::new("reads-whole");
+        let dir = &scratch.0;
         std::fs::write(dir.join("reads_whole.py"), READS_AND_ANSWERS).unwrap();
-        let mut w = Worker::spawn(&spec_for("reads_whole", &dir)).await.unwrap();
+        let mut w = Worker::spawn(&spec_for("reads_whole", dir)).await.unwrap();
         let args = mapped_frame(3 * MAPPED_MIN);
         let cache = crate::jobs::cache::PackageCache::new(1 << 20);
         let package = cache.receive(Bytes::from_static(b"Npackage")).unwrap();
@@ -767,7 +779,6 @@ while True:
             );
         }
         w.stop(false).await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -775,14 +786,13 @@ while True:
         if !python_runs() {
             return;
         }
-        let dir = scratch_dir("header-fails");
+        let scratch = ScratchDir::new("header-fails");
+        let dir = &scratch.0;
         let go = dir.join("go");
         let source =
             CLOSES_STDIN_THEN_ANSWERS.replace("GO", &format!("{:?}", go.to_str().unwrap()));
         std::fs::write(dir.join("closes_stdin.py"), source).unwrap();
-        let mut w = Worker::spawn(&spec_for("closes_stdin", &dir))
-            .await
-            .unwrap();
+        let mut w = Worker::spawn(&spec_for("closes_stdin", dir)).await.unwrap();
         let pid = w.pid;
         // The arguments' pages are in another pipe too, not read yet.
         let args = mapped_frame(2 * MAPPED_MIN);
@@ -822,6 +832,5 @@ while True:
             "no splice into the worker's pipe was counted, none is uncounted"
         );
         w.stop(false).await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
