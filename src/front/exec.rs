@@ -504,4 +504,59 @@ mod tests {
         let (ended, ()) = tokio::join!(served, client_side);
         assert!(ended.is_ok(), "{ended:?}");
     }
+
+    #[tokio::test]
+    async fn a_done_jobs_mapping_is_kept_in_the_room_its_job_leaves() {
+        // Room for the frame once, not twice: the job's reservation goes
+        // before its arguments, whose mapping then takes its place.
+        let len = 3 * crate::memory::mapped::MAPPED_MIN;
+        let ctx = small_budget_context(len + len / 2);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let job = job_frames(&vec![5u8; len]);
+            client.get_mut().write_all(&job).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+            let package = ctx.budget.used() - len;
+            drop(job);
+            assert_eq!(ctx.spares.held(), len, "kept for the next frame");
+            assert_eq!(ctx.budget.used(), package + len);
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_packages_mapping_is_kept_in_the_room_it_leaves() {
+        let len = 3 * crate::memory::mapped::MAPPED_MIN;
+        let ctx = small_budget_context(len + len / 2);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let mut package = vec![b'N'];
+            package.resize(len, b'p');
+            let mut job = encode_frame(&package);
+            job.extend(encode_frame(b"args"));
+            client.get_mut().write_all(&job).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            drop(ctx.scheduler.next_job(0, WorkerCache::default()).unwrap());
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+        // The connection closed: its large package left the cache.
+        assert_eq!(ctx.packages.usage().0, 0);
+        assert_eq!(ctx.spares.held(), len, "kept for the next frame");
+        assert_eq!(ctx.budget.used(), len);
+    }
 }
