@@ -18,7 +18,9 @@
 //!   failure pickle we write ([`protocol::pickle`]);
 //! - [`memory`]: the `--memory-limit` budget every client frame is admitted
 //!   against ([`memory::budget`]), and large frames in mappings of their
-//!   own, handed to workers by `vmsplice` ([`memory::mapped`]);
+//!   own ([`memory::mapping`]), handed to workers by `vmsplice`
+//!   ([`memory::mapped`]), a few kept for the next ones inside the budget
+//!   ([`memory::spares`]);
 //! - [`jobs`]: the `N`/`H` function-package cache ([`jobs::cache`]) and the
 //!   scheduler: jobs from every connection -> free workers, client hosts
 //!   in turn ([`jobs::scheduler`]);

@@ -196,8 +196,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return Ok(Some(Incoming::TooLarge(len)));
         }
         if !budget.fits(len) {
-            // Cached packages nobody uses make room first.
-            self.ctx.packages.shed(len);
+            // Spare mappings make room first (kept only in case they are
+            // useful), then cached packages nobody uses.
+            budget.reclaim();
+            if !budget.fits(len) {
+                self.ctx.packages.shed(len);
+            }
         }
         let memory = tokio::select! {
             biased;
@@ -390,6 +394,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_sent_while_waiting_are_thrown_away_after_the_answer_is_written() {
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            // A job, and the next one before the first is answered.
+            let mut jobs = job_frames(b"args");
+            jobs.extend(job_frames(b"more"));
+            client.get_mut().write_all(&jobs).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+            job.reply.send(Bytes::from_static(b"result")).unwrap();
+            let mut rest = Vec::new();
+            client.get_mut().read_to_end(&mut rest).await.unwrap();
+            rest
+        };
+        let (ended, rest) = tokio::join!(served, client_side);
+        assert_eq!(rest, encode_frame(b"result"), "answered, then closed");
+        assert!(
+            matches!(
+                ended,
+                Err(SessionError::Frame(FrameError::Unsolicited {
+                    received: 28
+                }))
+            ),
+            "{ended:?}"
+        );
+        assert_eq!(ctx.scheduler.queued(), 0, "the second job was not run");
+    }
+
+    #[tokio::test]
     async fn a_drain_answers_the_pending_job_then_closes() {
         let ctx = context();
         let (client, server) = tokio::io::duplex(1 << 16);
@@ -517,5 +556,92 @@ mod tests {
         };
         let (ended, ()) = tokio::join!(served, client_side);
         assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_mapping_kept_for_reuse_is_in_the_budget() {
+        let ctx = context();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let len = 2 * crate::memory::mapped::MAPPED_MIN;
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let job = job_frames(&vec![5u8; len]);
+            client.get_mut().write_all(&job).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+            assert!(crate::memory::mapped::is_mapped(&job.args));
+            let Job {
+                reply, args, _held, ..
+            } = job;
+            reply.send(Bytes::from_static(b"result")).unwrap();
+            assert_eq!(client.read_frame().await.unwrap().unwrap(), &b"result"[..]);
+            // The job goes, its arguments' mapping is kept for the next
+            // large frame: still memory held for clients.
+            drop((args, _held));
+            let used = ctx.budget.used();
+            assert!(used >= len, "{used} bytes counted");
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_done_jobs_mapping_is_kept_in_the_room_its_job_leaves() {
+        // Room for the frame once, not twice: the job's reservation goes
+        // before its arguments, whose mapping then takes its place.
+        let len = 3 * crate::memory::mapped::MAPPED_MIN;
+        let ctx = small_budget_context(len + len / 2);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let job = job_frames(&vec![5u8; len]);
+            client.get_mut().write_all(&job).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (job, _) = ctx.scheduler.next_job(0, WorkerCache::default()).unwrap();
+            let package = ctx.budget.used() - len;
+            drop(job);
+            assert_eq!(ctx.spares.held(), len, "kept for the next frame");
+            assert_eq!(ctx.budget.used(), package + len);
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_packages_mapping_is_kept_in_the_room_it_leaves() {
+        let len = 3 * crate::memory::mapped::MAPPED_MIN;
+        let ctx = small_budget_context(len + len / 2);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = async { session(server, &ctx).run().await };
+        let client_side = async {
+            log_in(&mut client, b"EXEC").await;
+            let mut package = vec![b'N'];
+            package.resize(len, b'p');
+            let mut job = encode_frame(&package);
+            job.extend(encode_frame(b"args"));
+            client.get_mut().write_all(&job).await.unwrap();
+            while ctx.scheduler.queued() == 0 {
+                tokio::task::yield_now().await;
+            }
+            drop(ctx.scheduler.next_job(0, WorkerCache::default()).unwrap());
+            client.get_mut().shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(served, client_side);
+        assert!(ended.is_ok(), "{ended:?}");
+        // The connection closed: its large package left the cache.
+        assert_eq!(ctx.packages.usage().0, 0);
+        assert_eq!(ctx.spares.held(), len, "kept for the next frame");
+        assert_eq!(ctx.budget.used(), len);
     }
 }

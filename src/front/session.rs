@@ -36,6 +36,7 @@ use crate::jobs::cache::{PackageCache, PACKAGE_CACHE_BUDGET};
 use crate::jobs::scheduler::Scheduler;
 use crate::logging::ratelimit::{warn_limited, PerAddress};
 use crate::memory::budget::Budget;
+use crate::memory::spares::Spares;
 use crate::ops::metrics::{metrics, ConnKind, ConnectionGuard, Counted};
 use crate::ops::shutdown::{DrainSwitch, Draining};
 use crate::ops::stats::{format_seconds, Stats};
@@ -96,6 +97,9 @@ pub struct SessionContext {
     pub(crate) drain: DrainSwitch,
     /// The memory budget client frames are admitted against.
     pub(crate) budget: Arc<Budget>,
+    /// Mappings of large frames kept for the next ones, counted in
+    /// `budget`.
+    pub(crate) spares: Arc<Spares>,
 }
 
 impl SessionContext {
@@ -107,6 +111,7 @@ impl SessionContext {
         scheduler: Arc<Scheduler>,
         stats: Arc<Stats>,
     ) -> Self {
+        let budget = Budget::new(cfg.memory_limit);
         SessionContext {
             version,
             secret: cfg.secret.clone(),
@@ -122,7 +127,8 @@ impl SessionContext {
             logins: LoginThrottle::new(cfg.login_delay),
             mismatch_warnings: PerAddress::new(MISMATCH_WARNING_INTERVAL),
             drain: DrainSwitch::new(),
-            budget: Budget::new(cfg.memory_limit),
+            spares: Spares::new(&budget),
+            budget,
         }
     }
 }
@@ -280,6 +286,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             other => other?,
         };
         self.conn.set_max(ctx.max_frame);
+        // Large frames' mappings come from the spares counted in the
+        // memory budget, and go back there.
+        self.conn.set_spares(ctx.spares.clone());
         // ppft's server drops a client that does not take its answers
         // within its socket timeout; so does -k here.
         self.conn.set_write_stall(ctx.socket_timeout);

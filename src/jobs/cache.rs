@@ -36,12 +36,15 @@ pub type PackageHash = [u8; 32];
 pub struct Package {
     /// md5 hex of the package bytes (after the one-byte tag).
     pub hash: PackageHash,
+    /// The package's bytes in the memory budget, parked while it lives.
+    /// Declared before `new_frame`, so it is given back first: a large
+    /// frame's mapping, dropped right after, may then be kept for reuse
+    /// in the room it leaves.
+    _memory: Reservation,
     /// The frame as the client sent it: tag byte + package.
     pub new_frame: Bytes,
     /// `b"H"` + hash, for a worker that has seen the package.
     pub hit_frame: Bytes,
-    /// The package's bytes in the memory budget, parked while it lives.
-    _memory: Reservation,
 }
 
 impl Package {

@@ -49,6 +49,12 @@ pub(crate) struct Job {
     pub client: IpAddr,
     /// The function package (shared with the connection's cache).
     pub package: Arc<Package>,
+    /// The arguments' bytes in the memory budget, given back when the job
+    /// is done (answered, or dropped because its client left). Declared
+    /// before `args`, so it is given back first: a large frame's mapping,
+    /// dropped right after, may then be kept for reuse in the room it
+    /// leaves instead of being counted twice for a moment and unmapped.
+    pub _held: Reservation,
     /// The pickled argument tuple, relayed as received.
     pub args: Bytes,
     /// The session waiting for the result frame. Closed when the client
@@ -58,9 +64,6 @@ pub(crate) struct Job {
     pub attempts: u8,
     /// When the session submitted it, for the queue-wait metric.
     pub submitted: std::time::Instant,
-    /// The arguments' bytes in the memory budget, given back when the job
-    /// is done (answered, or dropped because its client left).
-    pub _held: Reservation,
 }
 
 impl Job {

@@ -18,9 +18,16 @@
 //! release can ever come, so it is let through beyond the limit; the
 //! budget is overdrawn by at most one frame at a time, and only by
 //! packages that open connections keep.
+//!
+//! Memory kept only in case it is useful again (spare mappings of large
+//! frames, [`crate::memory::spares::Spares`]) is counted too, but never
+//! makes anyone wait: it is kept only while the budget has room for it
+//! and nobody waits ([`Budget::try_reserve`]), and whoever comes first in
+//! the queue without room has it given back ([`Reclaim`]) before waiting,
+//! and before being let through beyond the limit.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tokio::sync::Notify;
 
@@ -30,8 +37,17 @@ use tokio::sync::Notify;
 pub(crate) enum Use {
     /// Frames, jobs and results: released as the work goes on.
     InFlight,
-    /// Function packages kept for connections that may send `H` for them.
+    /// Memory not given back as work goes on: function packages kept for
+    /// connections that may send `H` for them, and spare mappings (which
+    /// are given back on demand, see [`Reclaim`]).
     Parked,
+}
+
+/// Holds memory in the budget only in case it is useful again, and gives
+/// it back when asked: what a waiting frame makes room with first.
+pub(crate) trait Reclaim: Send + Sync {
+    /// Gives back everything held; returns how many bytes.
+    fn reclaim(&self) -> usize;
 }
 
 /// The budget shared by every connection.
@@ -43,6 +59,9 @@ pub(crate) struct Budget {
     state: Mutex<State>,
     /// Woken whenever memory is released, for the waiters.
     released: Notify,
+    /// What gives memory back when a frame waits for room (the spare
+    /// mappings); weak, since it holds reservations in this budget.
+    reclaimer: Mutex<Option<Weak<dyn Reclaim>>>,
 }
 
 #[derive(Debug, Default)]
@@ -75,7 +94,27 @@ impl Budget {
             limit,
             state: Mutex::default(),
             released: Notify::new(),
+            reclaimer: Mutex::new(None),
         })
+    }
+
+    /// Names what gives memory back when a frame waits for room (one
+    /// reclaimer per budget; a later one replaces it).
+    pub(crate) fn set_reclaimer(&self, reclaimer: Weak<dyn Reclaim>) {
+        *self.reclaimer.lock().unwrap_or_else(|e| e.into_inner()) = Some(reclaimer);
+    }
+
+    /// Has the reclaimer give back what it holds; returns how many bytes.
+    /// Called without the budget's lock held: the memory given back is
+    /// released through it.
+    pub(crate) fn reclaim(&self) -> usize {
+        let reclaimer = self
+            .reclaimer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade);
+        reclaimer.map_or(0, |r| r.reclaim())
     }
 
     /// The limit, in bytes.
@@ -86,6 +125,12 @@ impl Budget {
     /// Bytes reserved now.
     pub(crate) fn used(&self) -> usize {
         self.lock().used
+    }
+
+    /// Reservations waiting for room now.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.lock().queue.len()
     }
 
     /// Whether `bytes` more would fit now, without waiting.
@@ -114,11 +159,29 @@ impl Budget {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            {
+            let first = {
                 let mut st = self.lock();
                 let first = st.queue.front() == Some(&ticket);
-                let fits = st.used.saturating_add(bytes) <= self.limit;
-                if first && (fits || st.in_flight == 0) {
+                if first && st.used.saturating_add(bytes) <= self.limit {
+                    st.queue.pop_front();
+                    queued.done = true;
+                    return self.grant(&mut st, bytes, usage);
+                }
+                first
+            };
+            if !first {
+                released.await;
+                continue;
+            }
+            // First in line and short of room: what is kept only in case
+            // it is useful goes before anyone waits for it, and before the
+            // budget is overdrawn.
+            if self.reclaim() > 0 {
+                continue;
+            }
+            {
+                let mut st = self.lock();
+                if st.in_flight == 0 {
                     st.queue.pop_front();
                     queued.done = true;
                     return self.grant(&mut st, bytes, usage);
@@ -126,6 +189,15 @@ impl Budget {
             }
             released.await;
         }
+    }
+
+    /// Reserves `bytes` only if they fit now and nobody waits: for memory
+    /// kept in case it is useful again, which must never hold anyone
+    /// back.
+    pub(crate) fn try_reserve(self: &Arc<Self>, bytes: usize, usage: Use) -> Option<Reservation> {
+        let mut st = self.lock();
+        let fits = st.used.saturating_add(bytes) <= self.limit;
+        (fits && st.queue.is_empty()).then(|| self.grant(&mut st, bytes, usage))
     }
 
     /// Counts `bytes` without waiting: for worker results, which must never
@@ -359,6 +431,85 @@ mod tests {
         drop(held);
         // The abandoned ticket must not block the next waiter.
         assert_eq!(b.reserve(5, Use::InFlight).await.bytes(), 5);
+    }
+
+    /// Memory kept in case it is useful: given back when asked.
+    struct Kept(Mutex<Option<Reservation>>);
+
+    impl Kept {
+        fn holding(b: &Arc<Budget>, bytes: usize) -> Arc<Kept> {
+            let kept = Arc::new(Kept(Mutex::new(b.try_reserve(bytes, Use::Parked))));
+            let weak: Weak<dyn Reclaim> = Arc::downgrade(&kept) as Weak<Kept>;
+            b.set_reclaimer(weak);
+            kept
+        }
+
+        fn bytes(&self) -> usize {
+            self.0.lock().unwrap().as_ref().map_or(0, |r| r.bytes)
+        }
+    }
+
+    impl Reclaim for Kept {
+        fn reclaim(&self) -> usize {
+            let taken = self.0.lock().unwrap().take();
+            taken.map_or(0, |r| r.bytes)
+        }
+    }
+
+    #[tokio::test]
+    async fn kept_memory_never_cuts_in() {
+        let b = Budget::new(100);
+        assert!(
+            b.try_reserve(101, Use::Parked).is_none(),
+            "beyond the limit"
+        );
+        let held = b.reserve(60, Use::InFlight).await;
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.reserve(50, Use::InFlight).await.bytes() }
+        });
+        while b.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            b.try_reserve(10, Use::Parked).is_none(),
+            "room for it, but a frame waits"
+        );
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), 50);
+        assert_eq!(b.try_reserve(10, Use::Parked).map(|r| r.bytes()), Some(10));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_frame_has_kept_memory_given_back_at_once() {
+        let b = Budget::new(100);
+        let kept = Kept::holding(&b, 80);
+        let _job = b.reserve(10, Use::InFlight).await;
+        assert_eq!(b.used(), 90);
+        // Polled once: no waiting for a release that only asking brings.
+        let reserve = b.reserve(50, Use::InFlight);
+        tokio::pin!(reserve);
+        let polled = std::future::poll_fn(|cx| {
+            use std::future::Future;
+            std::task::Poll::Ready(reserve.as_mut().poll(cx))
+        })
+        .await;
+        assert!(matches!(polled, std::task::Poll::Ready(ref r) if r.bytes() == 50));
+        assert_eq!(kept.bytes(), 0);
+        assert_eq!(b.used(), 60);
+    }
+
+    #[tokio::test]
+    async fn kept_memory_goes_before_the_budget_is_overdrawn() {
+        // Nothing in flight: the waiter is let through beyond the limit,
+        // but only once what is merely kept is gone.
+        let b = Budget::new(100);
+        let _packages = b.reserve(60, Use::InFlight).await.repurpose(Use::Parked);
+        let kept = Kept::holding(&b, 40);
+        let through = b.reserve(50, Use::InFlight).await;
+        assert_eq!(kept.bytes(), 0);
+        assert_eq!(b.used(), 110, "overdrawn by the frame alone");
+        drop(through);
     }
 
     #[test]

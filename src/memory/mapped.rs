@@ -14,197 +14,87 @@
 //! copies of its bytes, which is only sound if those pages do not change
 //! while the pipe may still hold them. A frame is never written once read;
 //! its mapping is written again only if it is reused for a later frame,
-//! and that happens only when every pipe it went into is known to have
-//! been read empty since ([`drained`]); otherwise dropping the frame unmaps
-//! it, and the kernel keeps the pages a pipe still refers to, unchanged,
-//! until the pipe lets go. [`is_mapped`] tells such frames apart from heap
-//! memory, which is reused at any time.
+//! and that happens only when no pipe can still hold its pages. Each
+//! splice counts the frame as in one more pipe and hands back a
+//! [`Spliced`] token; only that token uncounts it, once its pipe is known
+//! to have been read empty ([`Spliced::drained`]). A token dropped instead
+//! (the pipe's state is unknown: its reader died, the send was cut short)
+//! leaves the frame counted, and dropping the frame then unmaps it: the
+//! kernel keeps the pages a pipe still refers to, unchanged, until the
+//! pipe lets go. [`is_mapped`] tells such frames apart from heap memory,
+//! which is reused at any time.
 //!
-//! Fresh pages cost their zeroing (the largest part of relaying a large
-//! frame once it is no longer copied), so a few mappings of dropped frames
-//! are kept for the next frames, and all unmapped once none has been taken
-//! or given back for [`SPARE_GRACE`]: after a burst of large jobs the
-//! memory goes back within a fraction of a second.
+//! A frame's mapping comes from its connection's [`Spares`] if one is
+//! kept there, and goes back there once the frame is dropped (unless a
+//! pipe may still hold its pages): a client's large frames are counted in
+//! the memory budget from their header to the end of their spare's grace.
+//! Frames read with no spares (a worker's results) get fresh mappings,
+//! unmapped with them.
 
 use std::io;
-use std::ptr::NonNull;
-use std::sync::Mutex;
-use std::time::Duration;
-
-use tokio::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use nix::libc;
 use tokio::net::unix::pipe;
+
+use crate::memory::mapping::{Mapping, HUGE_PAGE};
+use crate::memory::spares::Spares;
 
 /// Frames at least this large are read into a mapping of their own: below
 /// it, the page faults and the `mmap`/`munmap` pair cost more than the
 /// copy they save.
 pub(crate) const MAPPED_MIN: usize = 1 << 20;
 
-/// From this size on a mapping asks for transparent huge pages; mappings
-/// grow in steps of it, so a mapping that moves as it grows keeps its huge
-/// pages.
-const HUGE_PAGE: usize = 2 << 20;
-
 /// The first step of a fresh frame's mapping: a peer that announces a huge
 /// frame and sends little gets little more than this, in address space
 /// too.
 const FIRST_STEP: usize = 4 << 20;
 
-/// At most this many mappings of dropped frames are kept for reuse...
-const SPARE_COUNT: usize = 4;
-/// ...holding at most this many bytes together: memory outside the budget,
-/// kept only while large frames keep coming...
-const SPARE_BYTES: usize = 64 << 20;
-/// ...that is, until none has been taken or given back for this long:
-/// longer than a client takes between a result and its next job's first
-/// bytes, short enough that the memory goes back by the time anyone
-/// looks after a burst of large jobs.
-pub(crate) const SPARE_GRACE: Duration = Duration::from_millis(250);
-
-/// What the module keeps track of, process-wide: frames may be dropped on
-/// any thread.
+/// The frozen frames of the process, whichever budget they are counted
+/// in: a frame may be dropped on any thread, and a worker checks the
+/// arguments it sends ([`is_mapped`]) without knowing where they came
+/// from.
 #[derive(Debug)]
-struct State {
-    /// The frozen frames' address ranges, for [`is_mapped`], and how many
-    /// pipes may still hold references to their pages. A handful at most
-    /// (one per large frame in flight), so a list.
+struct Registry {
+    /// A handful at most (one per large frame in flight), so a list.
     frozen: Vec<Frozen>,
-    /// Mappings of dropped frames that no pipe refers to, for reuse.
-    spare: Vec<Mapping>,
-    /// When a spare was last taken or given back.
-    last_use: Option<Instant>,
-    /// A task is waiting to unmap the spares once they go unused for
-    /// [`SPARE_GRACE`].
-    trim_pending: bool,
+    /// The number the next frozen frame gets.
+    next_id: u64,
 }
 
-/// One frozen frame, as [`State`] knows it.
+/// One frozen frame, as the [`Registry`] knows it.
 #[derive(Debug)]
 struct Frozen {
+    /// Its number, which [`Spliced`] tokens name it by: an address may be
+    /// taken by a later frame once this one is gone, a number is not.
+    id: u64,
     /// Start of its mapping.
     start: usize,
     /// End of the frame's bytes.
     end: usize,
-    /// Pipes it went into by reference that are not known to have been
-    /// read empty since.
+    /// Splices of it into pipes not known to have been read empty since:
+    /// the [`Spliced`] tokens not yet drained.
     in_pipes: usize,
 }
 
-static STATE: Mutex<State> = Mutex::new(State {
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     frozen: Vec::new(),
-    spare: Vec::new(),
-    last_use: None,
-    trim_pending: false,
+    next_id: 0,
 });
 
-fn state() -> std::sync::MutexGuard<'static, State> {
+fn registry() -> MutexGuard<'static, Registry> {
     // Every step under the lock is a counter, a push or a removal.
-    STATE.lock().unwrap_or_else(|e| e.into_inner())
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// An anonymous private mapping, unmapped when dropped.
-#[derive(Debug)]
-struct Mapping {
-    /// Start of the mapping.
-    ptr: NonNull<u8>,
-    /// Bytes mapped.
-    cap: usize,
-}
-
-// SAFETY: the mapping is plain memory owned by this value alone.
-unsafe impl Send for Mapping {}
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// A mapping of `cap` bytes, `None` if the system refuses one.
-    fn new(cap: usize) -> Option<Mapping> {
-        if cap == 0 {
-            return None;
-        }
-        // SAFETY: a fresh anonymous mapping; no memory of ours is touched.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                cap,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return None;
-        }
-        let map = Mapping {
-            ptr: NonNull::new(addr.cast::<u8>())?,
-            cap,
-        };
-        map.advise();
-        Some(map)
-    }
-
-    fn start(&self) -> usize {
-        self.ptr.as_ptr() as usize
-    }
-
-    /// Best effort, both: without them the mapping works the same, with
-    /// more page faults and a copied page table per fork.
-    fn advise(&self) {
-        // SAFETY: advice on the range this value maps.
-        unsafe {
-            let addr = self.ptr.as_ptr().cast();
-            if self.cap >= HUGE_PAGE {
-                libc::madvise(addr, self.cap, libc::MADV_HUGEPAGE);
-            }
-            libc::madvise(addr, self.cap, libc::MADV_DONTFORK);
-        }
-    }
-
-    /// Grows the mapping to `cap` bytes, keeping its contents; it may move
-    /// (page tables move, bytes are not copied).
-    fn grow(&mut self, cap: usize) -> io::Result<()> {
-        // SAFETY: remaps the range this value owns; nothing else points
-        // into it while `self` is borrowed mutably (a frame being filled
-        // is not frozen, so no pipe refers to it).
-        let addr = unsafe {
-            libc::mremap(
-                self.ptr.as_ptr().cast(),
-                self.cap,
-                cap,
-                libc::MREMAP_MAYMOVE,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        self.ptr = NonNull::new(addr.cast::<u8>()).ok_or_else(|| io::Error::other("mremap"))?;
-        self.cap = cap;
-        self.advise();
-        Ok(())
-    }
-
-    /// The first `len` bytes.
-    fn bytes(&self, len: usize) -> &[u8] {
-        // SAFETY: `cap` bytes mapped and initialized (zero-filled by the
-        // kernel, or written since); shared borrow of `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len.min(self.cap)) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, borrowed mutably through `self` only.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the range this value maps; nothing refers to it any more
-        // (pages a pipe still holds stay alive in the kernel, unchanged).
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.cap);
-        }
+impl Registry {
+    /// The frozen frame `bytes` starts in.
+    fn containing(&mut self, bytes: &[u8]) -> Option<&mut Frozen> {
+        let start = bytes.as_ptr() as usize;
+        self.frozen
+            .iter_mut()
+            .find(|f| f.start <= start && start < f.end)
     }
 }
 
@@ -218,14 +108,17 @@ pub(crate) struct Filling {
     len: usize,
     /// Bytes of it received so far.
     filled: usize,
+    /// Where the mapping goes back once the frame is dropped or cut off;
+    /// `None`: it is unmapped then.
+    spares: Option<Arc<Spares>>,
 }
 
 impl Filling {
-    /// Room for the start of a payload of `len` bytes: a spare mapping if
-    /// there is one, else a fresh one; `None` if no mapping can be had.
-    pub(crate) fn new(len: usize) -> Option<Filling> {
-        let spare = state().take_spare(len, now());
-        let map = match spare {
+    /// Room for the start of a payload of `len` bytes: one of `spares` if
+    /// there is one, else a fresh mapping; `None` if no mapping can be
+    /// had. The mapping goes back to `spares` once the frame is dropped.
+    pub(crate) fn new(len: usize, spares: Option<&Arc<Spares>>) -> Option<Filling> {
+        let map = match spares.and_then(|s| s.take(len)) {
             Some(map) => map,
             None => Mapping::new(len.min(FIRST_STEP))?,
         };
@@ -233,6 +126,7 @@ impl Filling {
             map: Some(map),
             len,
             filled: 0,
+            spares: spares.cloned(),
         })
     }
 
@@ -257,11 +151,11 @@ impl Filling {
     pub(crate) fn unfilled(&mut self) -> io::Result<&mut [u8]> {
         let (filled, len) = (self.filled, self.len);
         let map = self.map();
-        if filled == map.cap && map.cap < len {
-            let doubled = map.cap.saturating_mul(2).next_multiple_of(HUGE_PAGE);
+        if filled == map.cap() && map.cap() < len {
+            let doubled = map.cap().saturating_mul(2).next_multiple_of(HUGE_PAGE);
             map.grow(doubled.min(len))?;
         }
-        let end = len.min(map.cap);
+        let end = len.min(map.cap());
         Ok(&mut map.as_mut_slice()[filled..end])
     }
 
@@ -293,16 +187,25 @@ impl Filling {
     pub(crate) fn freeze(mut self) -> Bytes {
         debug_assert!(self.is_full());
         let map = self.map.take().expect("frozen once");
-        let frame = Frame {
+        let start = map.start();
+        let id = {
+            let mut reg = registry();
+            let id = reg.next_id;
+            reg.next_id += 1;
+            reg.frozen.push(Frozen {
+                id,
+                start,
+                end: start + self.filled,
+                in_pipes: 0,
+            });
+            id
+        };
+        Bytes::from_owner(Frame {
             len: self.filled,
             map: Some(map),
-        };
-        state().frozen.push(Frozen {
-            start: frame.start(),
-            end: frame.start() + frame.len,
-            in_pipes: 0,
-        });
-        Bytes::from_owner(frame)
+            id,
+            spares: self.spares.take(),
+        })
     }
 }
 
@@ -310,8 +213,17 @@ impl Drop for Filling {
     fn drop(&mut self) {
         if let Some(map) = self.map.take() {
             // Cut off: the mapping never reached a pipe.
-            release(map, true);
+            give_back(self.spares.as_ref(), map, true);
         }
+    }
+}
+
+/// A mapping whose frame is gone goes back to `spares` if any (kept if
+/// `reusable`), else it is unmapped.
+fn give_back(spares: Option<&Arc<Spares>>, map: Mapping, reusable: bool) {
+    match spares {
+        Some(spares) => spares.give_back(map, reusable),
+        None => drop(map),
     }
 }
 
@@ -322,12 +234,10 @@ struct Frame {
     len: usize,
     /// The memory; `None` only while being dropped.
     map: Option<Mapping>,
-}
-
-impl Frame {
-    fn start(&self) -> usize {
-        self.map.as_ref().map_or(0, Mapping::start)
-    }
+    /// Its number in the [`Registry`].
+    id: u64,
+    /// Where the mapping goes back; `None`: it is unmapped.
+    spares: Option<Arc<Spares>>,
 }
 
 impl AsRef<[u8]> for Frame {
@@ -341,112 +251,13 @@ impl Drop for Frame {
         let Some(map) = self.map.take() else {
             return;
         };
-        let unread = {
-            let mut st = state();
-            let start = map.start();
-            let pos = st.frozen.iter().position(|f| f.start == start);
-            pos.map(|i| st.frozen.swap_remove(i))
-                .is_some_and(|f| f.in_pipes > 0)
+        let in_pipes = {
+            let mut reg = registry();
+            let pos = reg.frozen.iter().position(|f| f.id == self.id);
+            pos.map_or(0, |i| reg.frozen.swap_remove(i).in_pipes)
         };
-        release(map, !unread);
-    }
-}
-
-/// The time on the runtime's clock; `None` on a thread without a runtime,
-/// where no task can unmap spares later, so none are kept.
-fn now() -> Option<Instant> {
-    tokio::runtime::Handle::try_current()
-        .ok()
-        .map(|_| Instant::now())
-}
-
-/// Gives a dropped frame's mapping back (see [`State::release`]), and
-/// makes sure a task unmaps the spares once they go unused. Unmapping
-/// happens outside the lock.
-fn release(map: Mapping, reusable: bool) {
-    let now = now();
-    let mut st = state();
-    let unmap = st.release(map, reusable, now);
-    if !st.spare.is_empty() && !st.trim_pending {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            st.trim_pending = true;
-            runtime.spawn(trim_spares());
-        }
-    }
-    drop(st);
-    drop(unmap);
-}
-
-/// Unmaps the spares once none has been taken or given back for
-/// [`SPARE_GRACE`].
-async fn trim_spares() {
-    // Should the runtime drop this task, the next release starts another.
-    struct Cancelled;
-    impl Drop for Cancelled {
-        fn drop(&mut self) {
-            state().trim_pending = false;
-        }
-    }
-    let cancelled = Cancelled;
-    loop {
-        let due = {
-            let mut st = state();
-            let due = st.unused_spares(Instant::now());
-            // In the same step as taking the spares, so a release that
-            // keeps a spare right after starts a new task.
-            st.trim_pending = due.is_err();
-            due
-        };
-        match due {
-            Ok(unused) => {
-                std::mem::forget(cancelled);
-                drop(unused);
-                return;
-            }
-            Err(due) => tokio::time::sleep_until(due).await,
-        }
-    }
-}
-
-impl State {
-    /// The spare best suited to a frame of `len` bytes: the smallest that
-    /// holds it whole, else the largest (it grows as needed).
-    fn take_spare(&mut self, len: usize, now: Option<Instant>) -> Option<Mapping> {
-        let spare = &self.spare;
-        let fits = (0..spare.len())
-            .filter(|&i| spare[i].cap >= len)
-            .min_by_key(|&i| spare[i].cap);
-        let pick = fits.or_else(|| (0..spare.len()).max_by_key(|&i| spare[i].cap))?;
-        self.last_use = now.or(self.last_use);
-        Some(self.spare.swap_remove(pick))
-    }
-
-    /// The spares, if none has been taken or given back for
-    /// [`SPARE_GRACE`] at `now`; else when that will be.
-    fn unused_spares(&mut self, now: Instant) -> Result<Vec<Mapping>, Instant> {
-        match self.last_use {
-            Some(last) if last + SPARE_GRACE > now => Err(last + SPARE_GRACE),
-            _ => Ok(std::mem::take(&mut self.spare)),
-        }
-    }
-
-    /// A frame's mapping comes back: kept as a spare when it may be
-    /// written again (`reusable`), there is room among the spares, and a
-    /// runtime (`now`) can unmap it later. Returns the mappings to unmap.
-    fn release(&mut self, map: Mapping, reusable: bool, now: Option<Instant>) -> Vec<Mapping> {
-        let spare_bytes: usize = self.spare.iter().map(|m| m.cap).sum();
-        match now {
-            Some(now)
-                if reusable
-                    && self.spare.len() < SPARE_COUNT
-                    && spare_bytes + map.cap <= SPARE_BYTES =>
-            {
-                self.spare.push(map);
-                self.last_use = Some(now);
-                Vec::new()
-            }
-            _ => vec![map],
-        }
+        // A pipe may still hold its pages: never written again.
+        give_back(self.spares.as_ref(), map, in_pipes == 0);
     }
 }
 
@@ -456,51 +267,79 @@ impl State {
 pub(crate) fn is_mapped(bytes: &[u8]) -> bool {
     let start = bytes.as_ptr() as usize;
     let end = start.saturating_add(bytes.len());
-    state()
+    registry()
         .frozen
         .iter()
         .any(|f| f.start <= start && end <= f.end)
 }
 
-/// Says that a pipe `bytes` went into by [`vmsplice_all`] has since been
-/// read empty: it no longer refers to their pages. Only then may the
-/// frame's mapping be reused once the frame is dropped.
-pub(crate) fn drained(bytes: &[u8]) {
-    let start = bytes.as_ptr() as usize;
-    if let Some(f) = state()
-        .frozen
-        .iter_mut()
-        .find(|f| f.start <= start && start < f.end)
-    {
-        f.in_pipes = f.in_pipes.saturating_sub(1);
+/// How many pipes may still hold the pages of the frame `bytes` lies in;
+/// `None` if it lies in none.
+#[cfg(test)]
+pub(crate) fn pipes_holding(bytes: &[u8]) -> Option<usize> {
+    registry().containing(bytes).map(|f| f.in_pipes)
+}
+
+/// One [`vmsplice_all`] of a frame into one pipe: while it lives, the
+/// frame counts as in that pipe, and its mapping is never written again.
+/// Only this token uncounts it ([`Spliced::drained`]), once the pipe is
+/// known to have been read empty. Dropped instead (the pipe's state is
+/// unknown: its reader died, the send was cut short), it leaves the frame
+/// counted for good, and the frame's mapping is unmapped, never reused.
+#[derive(Debug)]
+#[must_use = "dropping the token keeps the frame counted as in a pipe for good"]
+pub(crate) struct Spliced {
+    /// The frame's number in the [`Registry`]: a token that outlives its
+    /// frame finds nothing, where an address could name a later frame.
+    frame: u64,
+}
+
+impl Spliced {
+    /// Counts the frame `data` lies in as in one more pipe.
+    fn count(data: &[u8]) -> io::Result<Spliced> {
+        let mut reg = registry();
+        match reg.containing(data) {
+            Some(f) => {
+                f.in_pipes += 1;
+                Ok(Spliced { frame: f.id })
+            }
+            None => Err(io::Error::other("vmsplice of memory not made here")),
+        }
+    }
+
+    /// Says that the pipe the frame went into has since been read empty:
+    /// it no longer refers to the frame's pages.
+    pub(crate) fn drained(self) {
+        let mut reg = registry();
+        if let Some(f) = reg.frozen.iter_mut().find(|f| f.id == self.frame) {
+            f.in_pipes = f.in_pipes.saturating_sub(1);
+        }
     }
 }
 
 /// Puts `data` into the pipe by reference (`vmsplice`), waiting for room
 /// as needed; `written` counts the bytes that went in, also when it fails
-/// half-way. `data` must satisfy [`is_mapped`]; its frame's mapping is not
-/// reused until [`drained`] says this pipe was read empty.
+/// half-way. `data` must satisfy [`is_mapped`]. The returned token keeps
+/// its frame's mapping from being reused until it says the pipe was read
+/// empty. On failure the frame stays counted for good if any of it went
+/// in; if none did, the pipe holds none of it and it is uncounted.
 pub(crate) async fn vmsplice_all(
     pipe: &pipe::Sender,
     data: &[u8],
     written: &mut usize,
-) -> io::Result<()> {
+) -> io::Result<Spliced> {
     use std::os::fd::AsRawFd;
-    {
-        let start = data.as_ptr() as usize;
-        let mut st = state();
-        match st
-            .frozen
-            .iter_mut()
-            .find(|f| f.start <= start && start < f.end)
-        {
-            Some(f) => f.in_pipes += 1,
-            None => return Err(io::Error::other("vmsplice of memory not made here")),
-        }
-    }
+    let spliced = Spliced::count(data)?;
     let mut rest = data;
+    // Nothing of it went in: the pipe holds none of its pages.
+    let failed = |spliced: Spliced, rest: &[u8], e: io::Error| -> io::Result<Spliced> {
+        if rest.len() == data.len() {
+            spliced.drained();
+        }
+        Err(e)
+    };
     while !rest.is_empty() {
-        let spliced = pipe.try_io(|| {
+        let result = pipe.try_io(|| {
             let iov = libc::iovec {
                 iov_base: rest.as_ptr() as *mut libc::c_void,
                 iov_len: rest.len(),
@@ -515,29 +354,34 @@ pub(crate) async fn vmsplice_all(
                 Ok(n as usize)
             }
         });
-        match spliced {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+        match result {
+            Ok(0) => return failed(spliced, rest, io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 *written += n;
                 rest = &rest[n..];
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Err(e) = pipe.writable().await {
+                    return failed(spliced, rest, e);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return failed(spliced, rest, e),
         }
     }
-    Ok(())
+    Ok(spliced)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::budget::Budget;
     use tokio::io::AsyncReadExt;
 
     #[test]
     fn a_mapping_is_known_while_it_lives() {
         let len = 3 * MAPPED_MIN;
-        let mut f = Filling::new(len).unwrap();
+        let mut f = Filling::new(len, None).unwrap();
         assert_eq!(f.extend_from(&[7u8; 100]).unwrap(), 100);
         while !f.is_full() {
             let room = f.unfilled().unwrap();
@@ -554,115 +398,10 @@ mod tests {
         assert!(!is_mapped(&heap));
     }
 
-    const MIB: usize = 1 << 20;
-
-    fn state() -> State {
-        State {
-            frozen: Vec::new(),
-            spare: Vec::new(),
-            last_use: None,
-            trim_pending: false,
-        }
-    }
-
-    #[test]
-    fn a_reusable_mapping_is_kept_and_taken_again() {
-        let now = Some(Instant::now());
-        let mut st = state();
-        let a = Mapping::new(4 * MIB).unwrap();
-        let a_start = a.start();
-        assert!(st.release(a, true, now).is_empty(), "kept");
-        let again = st.take_spare(3 * MIB, now).expect("reused");
-        assert_eq!(again.start(), a_start);
-        assert_eq!(
-            st.release(again, false, now).len(),
-            1,
-            "not reusable: unmapped"
-        );
-        assert!(st.spare.is_empty());
-        let b = Mapping::new(MIB).unwrap();
-        assert_eq!(
-            st.release(b, true, None).len(),
-            1,
-            "no runtime to unmap it later"
-        );
-    }
-
-    #[test]
-    fn spares_are_few_and_bounded() {
-        let now = Some(Instant::now());
-        let mut st = state();
-        for _ in 0..SPARE_COUNT {
-            assert!(st.release(Mapping::new(MIB).unwrap(), true, now).is_empty());
-        }
-        assert_eq!(st.release(Mapping::new(MIB).unwrap(), true, now).len(), 1);
-        let mut st = state();
-        assert!(st
-            .release(Mapping::new(48 * MIB).unwrap(), true, now)
-            .is_empty());
-        assert_eq!(
-            st.release(Mapping::new(32 * MIB).unwrap(), true, now).len(),
-            1
-        );
-    }
-
-    #[test]
-    fn the_best_fitting_spare_is_taken() {
-        let now = Some(Instant::now());
-        let mut st = state();
-        let small = Mapping::new(4 * MIB).unwrap();
-        let big = Mapping::new(16 * MIB).unwrap();
-        let (s, b) = (small.start(), big.start());
-        st.release(small, true, now);
-        st.release(big, true, now);
-        let got = st.take_spare(8 * MIB, now).unwrap();
-        assert_eq!(got.start(), b, "the smallest that holds it");
-        st.release(got, true, now);
-        let got = st.take_spare(3 * MIB, now).unwrap();
-        assert_eq!(got.start(), s);
-        st.release(got, true, now);
-        let got = st.take_spare(64 * MIB, now).unwrap();
-        assert_eq!(got.start(), b, "none holds it: the largest, to grow");
-    }
-
-    #[test]
-    fn spares_go_back_once_unused_for_the_grace() {
-        let t0 = Instant::now();
-        let mut st = state();
-        st.release(Mapping::new(MIB).unwrap(), true, Some(t0));
-        let half = t0 + SPARE_GRACE / 2;
-        assert_eq!(st.unused_spares(half).unwrap_err(), t0 + SPARE_GRACE);
-        // Taking one and giving it back is use: the grace starts again.
-        let m = st.take_spare(MIB, Some(half)).unwrap();
-        st.release(m, true, Some(half));
-        let later = t0 + SPARE_GRACE;
-        assert_eq!(st.unused_spares(later).unwrap_err(), half + SPARE_GRACE);
-        assert_eq!(st.unused_spares(half + SPARE_GRACE).unwrap().len(), 1);
-        assert!(st.spare.is_empty());
-    }
-
-    #[test]
-    fn a_reused_mapping_shows_only_the_new_frame() {
-        // Through the process-wide state: the first frame's mapping is
-        // kept (other tests may take it; then this one just gets a fresh
-        // mapping, which must look the same).
-        let old = counting_frame(3 * MAPPED_MIN);
-        drop(old);
-        let mut f = Filling::new(MAPPED_MIN + 5).unwrap();
-        while !f.is_full() {
-            let room = f.unfilled().unwrap();
-            room.fill(1);
-            let n = room.len();
-            f.advance(n);
-        }
-        let frame = f.freeze();
-        assert_eq!(frame.len(), MAPPED_MIN + 5);
-        assert!(frame.iter().all(|&b| b == 1));
-        drop(frame);
-    }
-
-    fn counting_frame(len: usize) -> Bytes {
-        let mut f = Filling::new(len).unwrap();
+    /// A frame of `len` bytes whose bytes say where they are, its mapping
+    /// taken from and given back to `spares`.
+    fn counting_frame(len: usize, spares: Option<&Arc<Spares>>) -> Bytes {
+        let mut f = Filling::new(len, spares).unwrap();
         while !f.is_full() {
             let at = f.filled();
             let room = f.unfilled().unwrap();
@@ -676,10 +415,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reused_mapping_shows_only_the_new_frame() {
+        // Spares of their own: no other test can take the mapping.
+        let budget = Budget::new(1 << 30);
+        let spares = Spares::new(&budget);
+        let old = counting_frame(3 * MAPPED_MIN, Some(&spares));
+        let old_start = old.as_ptr() as usize;
+        drop(old);
+        assert_eq!(spares.held(), 3 * MAPPED_MIN, "kept for reuse");
+        assert_eq!(budget.used(), 3 * MAPPED_MIN, "and counted");
+        let mut f = Filling::new(MAPPED_MIN + 5, Some(&spares)).unwrap();
+        while !f.is_full() {
+            let room = f.unfilled().unwrap();
+            room.fill(1);
+            let n = room.len();
+            f.advance(n);
+        }
+        let frame = f.freeze();
+        assert_eq!(frame.as_ptr() as usize, old_start, "the same mapping");
+        assert_eq!(frame.len(), MAPPED_MIN + 5);
+        assert!(frame.iter().all(|&b| b == 1), "none of the old frame");
+        assert_eq!(
+            budget.used(),
+            0,
+            "the frame's own reservation counts it now"
+        );
+        drop(frame);
+        let kept = (MAPPED_MIN + 5).next_multiple_of(crate::memory::mapping::page_size());
+        assert_eq!(spares.held(), kept, "the old frame's tail was given back");
+        assert_eq!(budget.used(), kept);
+    }
+
+    #[tokio::test]
     async fn vmspliced_bytes_arrive_whole() {
         let (tx, mut rx) = pipe::pipe().unwrap();
         let len = 3 * MAPPED_MIN + 123;
-        let frame = counting_frame(len);
+        let frame = counting_frame(len, None);
         let expect = frame.to_vec();
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -688,58 +459,111 @@ mod tests {
         });
         let mut written = 0;
         // Far more than the pipe holds: the writer waits for the reader.
-        vmsplice_all(&tx, &frame, &mut written).await.unwrap();
+        let spliced = vmsplice_all(&tx, &frame, &mut written).await.unwrap();
         assert_eq!(written, len);
         drop(tx);
         assert!(reader.await.unwrap() == expect);
-    }
-
-    fn in_pipes(frame: &[u8]) -> Option<usize> {
-        let start = frame.as_ptr() as usize;
-        let st = super::state();
-        let found = st.frozen.iter().find(|f| f.start == start);
-        found.map(|f| f.in_pipes)
+        spliced.drained();
     }
 
     #[tokio::test]
     async fn a_spliced_frame_is_reusable_only_once_drained() {
         let (tx, mut rx) = pipe::pipe().unwrap();
-        let frame = counting_frame(MAPPED_MIN);
-        assert_eq!(in_pipes(&frame), Some(0));
+        let frame = counting_frame(MAPPED_MIN, None);
+        assert_eq!(pipes_holding(&frame), Some(0));
         let mut written = 0;
-        vmsplice_all(&tx, &frame[..4096], &mut written)
+        let first = vmsplice_all(&tx, &frame[..4096], &mut written)
             .await
             .unwrap();
-        vmsplice_all(&tx, &frame[4096..8192], &mut written)
+        let second = vmsplice_all(&tx, &frame[4096..8192], &mut written)
             .await
             .unwrap();
         assert_eq!(
-            in_pipes(&frame),
+            pipes_holding(&frame),
             Some(2),
             "two pipes (or sends) may hold it"
         );
         let mut got = [0u8; 8192];
         rx.read_exact(&mut got).await.unwrap();
-        drained(&frame);
-        assert_eq!(in_pipes(&frame), Some(1), "one is still unaccounted for");
-        drained(&frame);
-        assert_eq!(in_pipes(&frame), Some(0));
+        first.drained();
+        assert_eq!(
+            pipes_holding(&frame),
+            Some(1),
+            "one is still unaccounted for"
+        );
+        second.drained();
+        assert_eq!(pipes_holding(&frame), Some(0));
         assert!(got[..] == frame[..8192]);
+    }
+
+    #[tokio::test]
+    async fn two_pipes_one_drained_the_mapping_is_not_reused() {
+        let budget = Budget::new(1 << 30);
+        let spares = Spares::new(&budget);
+        let frame = counting_frame(MAPPED_MIN, Some(&spares));
+        let (a, mut a_out) = pipe::pipe().unwrap();
+        let (b, _b_out) = pipe::pipe().unwrap();
+        let mut written = 0;
+        let in_a = vmsplice_all(&a, &frame[..4096], &mut written)
+            .await
+            .unwrap();
+        let in_b = vmsplice_all(&b, &frame[..4096], &mut written)
+            .await
+            .unwrap();
+        let mut got = [0u8; 4096];
+        a_out.read_exact(&mut got).await.unwrap();
+        in_a.drained();
+        assert_eq!(pipes_holding(&frame), Some(1), "b still holds its pages");
+        // b's reader is never heard of again: its state is unknown.
+        drop(in_b);
+        drop(frame);
+        assert_eq!(spares.held(), 0, "unmapped, not kept for reuse");
+    }
+
+    #[tokio::test]
+    async fn a_splice_that_put_nothing_in_uncounts_itself() {
+        let (tx, rx) = pipe::pipe().unwrap();
+        drop(rx);
+        let frame = counting_frame(MAPPED_MIN, None);
+        let mut written = 0;
+        assert!(vmsplice_all(&tx, &frame, &mut written).await.is_err());
+        assert_eq!(written, 0);
+        assert_eq!(pipes_holding(&frame), Some(0), "no pipe holds any of it");
+    }
+
+    #[tokio::test]
+    async fn a_token_outliving_its_frame_uncounts_no_later_frame() {
+        let (tx, _rx) = pipe::pipe().unwrap();
+        let mut written = 0;
+        let old = counting_frame(MAPPED_MIN, None);
+        let stale = vmsplice_all(&tx, &old[..4096], &mut written).await.unwrap();
+        drop(old);
+        // A later frame, maybe at the same address, in a pipe of its own.
+        let new = counting_frame(MAPPED_MIN, None);
+        let (tx2, _rx2) = pipe::pipe().unwrap();
+        let _held = vmsplice_all(&tx2, &new[..4096], &mut written)
+            .await
+            .unwrap();
+        stale.drained();
+        assert_eq!(pipes_holding(&new), Some(1));
     }
 
     #[tokio::test]
     async fn vmspliced_bytes_outlive_their_mapping() {
         let (tx, mut rx) = pipe::pipe().unwrap();
-        let frame = counting_frame(MAPPED_MIN);
+        let budget = Budget::new(1 << 30);
+        let spares = Spares::new(&budget);
+        let frame = counting_frame(MAPPED_MIN, Some(&spares));
         // Within the pipe's default 64 KiB: all of it goes in at once.
         let part = frame.slice(..32 * 1024);
         let expect = part.to_vec();
         let mut written = 0;
-        vmsplice_all(&tx, &part, &mut written).await.unwrap();
+        let _in_pipe = vmsplice_all(&tx, &part, &mut written).await.unwrap();
         drop((part, frame));
+        assert_eq!(spares.held(), 0, "a pipe holds it: not kept");
         // A new mapping may take the same addresses; the pipe still has
         // the old pages, unchanged.
-        let mut other = Filling::new(MAPPED_MIN).unwrap();
+        let mut other = Filling::new(MAPPED_MIN, Some(&spares)).unwrap();
         other.unfilled().unwrap().fill(0xaa);
         drop(tx);
         let mut got = Vec::new();

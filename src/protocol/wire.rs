@@ -22,10 +22,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::memory::mapped::{Filling, MAPPED_MIN};
+use crate::memory::spares::Spares;
 
 /// Size of the length header in front of every frame.
 pub const HEADER_LEN: usize = 8;
@@ -38,9 +41,10 @@ pub enum FrameError {
     TooLarge { announced: u64, max: usize },
     /// The stream ended in the middle of a frame.
     Truncated,
-    /// The peer kept sending while it should have been waiting for an
-    /// answer, more than a whole frame's worth (see [`Connection::closed`]).
-    Unsolicited { buffered: usize },
+    /// The peer sent bytes while it should have been waiting for an
+    /// answer (see [`Connection::closed`]): `received` of them, thrown
+    /// away, so the frames after them cannot be read.
+    Unsolicited { received: usize },
     /// The underlying read failed.
     Io(io::Error),
 }
@@ -52,9 +56,9 @@ impl std::fmt::Display for FrameError {
                 write!(f, "frame of {announced} bytes announced, limit is {max}")
             }
             FrameError::Truncated => write!(f, "connection closed in the middle of a frame"),
-            FrameError::Unsolicited { buffered } => write!(
+            FrameError::Unsolicited { received } => write!(
                 f,
-                "peer sent {buffered} bytes while it should have been waiting for an answer"
+                "peer sent {received} bytes while it should have been waiting for an answer"
             ),
             FrameError::Io(e) => write!(f, "{e}"),
         }
@@ -125,8 +129,13 @@ pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Read size while discarding a frame.
+/// Read size while discarding a frame: the read buffer is made this large
+/// if it is smaller, and never grows past its size while discarding.
 const DISCARD_CHUNK: usize = 64 * 1024;
+
+/// Room the read buffer gets, at least, for bytes that arrive while the
+/// peer should be waiting and that are thrown away.
+const UNSOLICITED_CHUNK: usize = 4096;
 
 /// Below this, a frame's buffer is reserved in one go; above it the buffer
 /// grows with the bytes that actually arrive, so a peer that announces a
@@ -148,6 +157,10 @@ pub struct FrameReader<R> {
     /// A large frame whose header is consumed, being read straight into a
     /// mapping of its own ([`crate::memory::mapped`]) rather than into `buf`.
     large: Option<Filling>,
+    /// Where large frames' mappings come from and go back to, counted in
+    /// the memory budget; `None` (worker results, tests): fresh mappings,
+    /// unmapped with their frames.
+    spares: Option<Arc<Spares>>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -158,7 +171,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(8 * 1024),
             max,
             large: None,
+            spares: None,
         }
+    }
+
+    /// Takes large frames' mappings from `spares` and gives them back
+    /// there: for a client's frames, which the memory budget counts.
+    pub(crate) fn set_spares(&mut self, spares: Arc<Spares>) {
+        self.spares = Some(spares);
     }
 
     /// Changes the payload limit, e.g. from the small pre-authentication
@@ -230,7 +250,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if len < MAPPED_MIN {
             return Ok(false);
         }
-        let Some(mut large) = Filling::new(len) else {
+        let Some(mut large) = Filling::new(len, self.spares.as_ref()) else {
             return Ok(false);
         };
         self.buf.advance(HEADER_LEN);
@@ -266,6 +286,10 @@ pub struct Connection<S> {
     /// How long a write may make no progress before it fails; see
     /// [`Connection::set_write_stall`].
     write_stall: Option<Duration>,
+    /// Bytes the peer sent while it should have been waiting, thrown away
+    /// by [`Connection::closed`]: once any were, the frames after them
+    /// cannot be found, and reading fails.
+    unsolicited: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -274,6 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Connection {
             reader: FrameReader::new(stream, max),
             write_stall: None,
+            unsolicited: 0,
         }
     }
 
@@ -290,13 +315,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.reader.set_max(max);
     }
 
+    /// See [`FrameReader::set_spares`].
+    pub(crate) fn set_spares(&mut self, spares: Arc<Spares>) {
+        self.reader.set_spares(spares);
+    }
+
+    /// Fails once bytes were thrown away by [`Connection::closed`]: what
+    /// follows them is no frame boundary anyone knows.
+    fn in_step(&self) -> Result<(), FrameError> {
+        match self.unsolicited {
+            0 => Ok(()),
+            received => Err(FrameError::Unsolicited { received }),
+        }
+    }
+
     /// See [`FrameReader::buffered_capacity`].
     pub fn buffered_capacity(&self) -> usize {
         self.reader.buffered_capacity()
     }
 
-    /// See [`FrameReader::read_frame`].
+    /// See [`FrameReader::read_frame`]; fails after
+    /// [`Connection::closed`] threw bytes away.
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        self.in_step()?;
         self.reader.read_frame().await
     }
 
@@ -305,8 +346,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// with [`Connection::read_frame`] or dropped with
     /// [`Connection::discard_frame`]: the caller decides, knowing the size,
     /// before the payload is read. `None` is a clean end of stream.
-    /// Cancel-safe.
+    /// Cancel-safe. Fails after [`Connection::closed`] threw bytes away.
     pub async fn read_header(&mut self) -> Result<Option<usize>, FrameError> {
+        self.in_step()?;
         let r = &mut self.reader;
         if let Some(large) = &r.large {
             // Its header was taken when its payload started to arrive.
@@ -336,6 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// holding at most one read buffer of it; returns its length. For a
     /// frame too large to keep, whose job is answered without it.
     pub async fn discard_frame(&mut self) -> Result<usize, FrameError> {
+        self.in_step()?;
         let (len, mut left) = match self.reader.large.take() {
             Some(large) => (large.len(), large.len() - large.filled()),
             None => {
@@ -372,20 +415,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Completes with `Ok` when the peer closes its side, for noticing that
-    /// a client went away while its job runs. Bytes that arrive meanwhile
-    /// are kept for the next [`Connection::read_frame`]. A peer that sends
-    /// more than a maximal frame while it should be waiting is breaking the
-    /// protocol: that ends the wait with [`FrameError::Unsolicited`] rather
-    /// than growing the buffer without bound.
+    /// a client went away while its job runs. A pp client sends nothing
+    /// while it waits for an answer, so bytes that arrive meanwhile are
+    /// not kept: they are counted and thrown away as they come, through
+    /// the read buffer, which does not grow for them (a peer sending a
+    /// whole frame here costs no memory beyond that buffer). The answer
+    /// owed is still written, but reading goes no further
+    /// ([`FrameError::Unsolicited`]). A peer that sends more than a
+    /// maximal frame while it should be waiting ends the wait with that
+    /// error. Cancel-safe.
     pub async fn closed(&mut self) -> Result<(), FrameError> {
         let r = &mut self.reader;
         loop {
-            if r.buf.len() >= HEADER_LEN.saturating_add(r.max) {
+            // Bytes already read past the last frame count too.
+            self.unsolicited = self.unsolicited.saturating_add(r.buf.len());
+            r.buf.clear();
+            if self.unsolicited > HEADER_LEN.saturating_add(r.max) {
                 return Err(FrameError::Unsolicited {
-                    buffered: r.buf.len(),
+                    received: self.unsolicited,
                 });
             }
-            r.buf.reserve(4096);
+            if r.buf.capacity() < UNSOLICITED_CHUNK {
+                // The buffer is empty: this reuses its memory if it can.
+                r.buf.reserve(UNSOLICITED_CHUNK);
+            }
             if r.inner.read_buf(&mut r.buf).await? == 0 {
                 return Ok(());
             }
@@ -652,10 +705,10 @@ mod tests {
         drop(a);
         let mut c = Connection::new(b, usize::MAX);
         assert!(c.closed().await.is_ok());
-        assert_eq!(
-            c.read_frame().await.unwrap_err().to_string(),
-            FrameError::Truncated.to_string()
-        );
+        assert!(matches!(
+            c.read_frame().await,
+            Err(FrameError::Unsolicited { received: 11 })
+        ));
     }
 
     #[tokio::test]
@@ -665,8 +718,46 @@ mod tests {
         let mut c = Connection::new(b, 1024);
         assert!(matches!(
             c.closed().await,
-            Err(FrameError::Unsolicited { buffered }) if buffered >= 1024 + HEADER_LEN
+            Err(FrameError::Unsolicited { received }) if received > 1024 + HEADER_LEN
         ));
+    }
+
+    #[tokio::test]
+    async fn waiting_on_a_peer_that_sends_a_large_frame_buffers_none_of_it() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            a.write_all(&encode_frame(&vec![7u8; 4 << 20]))
+                .await
+                .unwrap();
+        });
+        let mut c = Connection::new(b, 8 << 20);
+        assert!(c.closed().await.is_ok(), "the peer left");
+        assert!(
+            c.buffered_capacity() < DISCARD_CHUNK,
+            "{} bytes held",
+            c.buffered_capacity()
+        );
+        assert!(
+            matches!(c.read_header().await, Err(FrameError::Unsolicited { received }) if received == HEADER_LEN + (4 << 20)),
+            "thrown away, not read as a frame"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_discarded_frame_is_not_buffered() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut bytes = encode_frame(&vec![7u8; 4 << 20]);
+        bytes.extend(encode_frame(b"next"));
+        tokio::spawn(async move { a.write_all(&bytes).await.unwrap() });
+        let mut c = Connection::new(b, 8 << 20);
+        assert_eq!(c.read_header().await.unwrap(), Some(4 << 20));
+        assert_eq!(c.discard_frame().await.unwrap(), 4 << 20);
+        assert!(
+            c.buffered_capacity() <= DISCARD_CHUNK,
+            "{} bytes held",
+            c.buffered_capacity()
+        );
+        assert_eq!(c.read_frame().await.unwrap().unwrap(), &b"next"[..]);
     }
 
     #[tokio::test]

@@ -253,30 +253,36 @@ impl Worker {
             written: 0,
         };
         let by_reference = args.len() >= MAPPED_MIN && mapped::is_mapped(args);
+        // A send cut short by the worker's exit drops its token, if the
+        // splice had begun: the args then stay counted as in a pipe.
         let sent = tokio::select! {
             biased;
             r = send_job(&mut stdin, package_frame, args, by_reference) => Some(r),
             _ = self.child.wait() => None,
         };
         let written = stdin.written;
-        match sent {
-            Some(Ok(())) => {}
+        let spliced = match sent {
+            Some(Ok(spliced)) => spliced,
             // The pipe was closed before this job reached the worker.
             Some(Err(_)) if written == 0 => return Outcome::NotStarted,
             // The worker may still have answered: ppft's worker answers a
             // package it cannot load and exits before reading the args.
-            Some(Err(_)) => {}
+            Some(Err(_)) => None,
             None => return self.exited(written).await,
-        }
+        };
         cache.insert(package.hash);
         match self.read_or_exit().await {
             Some(Ok(Some(result))) => {
                 let outcome = self.answered(result);
                 // A worker that answered and goes on has read its args
                 // whole; an empty pipe holds no reference to their pages,
-                // so their mapping may serve a later frame.
-                if by_reference && !self.exiting && unread(&self.stdin) == Some(0) {
-                    mapped::drained(args);
+                // so their mapping may serve a later frame. Only the
+                // splice into this pipe is uncounted, and only if there
+                // was one; any other way out leaves it counted.
+                if let Some(spliced) = spliced {
+                    if !self.exiting && unread(&self.stdin) == Some(0) {
+                        spliced.drained();
+                    }
                 }
                 outcome
             }
@@ -471,23 +477,28 @@ fn worker_oom_score_adj(server: i32) -> i32 {
 /// args frame. Arguments read into a mapping of their own
 /// ([`mapped::is_mapped`]) go in `by_reference` (`vmsplice`) after the
 /// package and their header: the worker reads them straight from the
-/// server's memory, and the server copies nothing. Everything else goes
-/// in one `writev`.
+/// server's memory, and the server copies nothing; the splice's token
+/// comes back, to be drained once the pipe is known empty. Everything
+/// else goes in one `writev`.
 async fn send_job(
     stdin: &mut Counted<'_>,
     package_frame: &[u8],
     args: &[u8],
     by_reference: bool,
-) -> Result<(), crate::protocol::wire::PartialWrite> {
+) -> Result<Option<mapped::Spliced>, crate::protocol::wire::PartialWrite> {
     if !by_reference {
-        return write_frames(stdin, &[package_frame, args]).await;
+        return write_frames(stdin, &[package_frame, args])
+            .await
+            .map(|()| None);
     }
+    // A failure here comes before any splice: nothing to uncount.
     write_heads(stdin, package_frame, args.len()).await?;
     // Counted in place, so a send cut short by the worker's exit still
     // tells how much went in.
     let Counted { pipe, written } = stdin;
     mapped::vmsplice_all(pipe, args, written)
         .await
+        .map(Some)
         .map_err(|error| crate::protocol::wire::PartialWrite {
             written: *written,
             error,
@@ -647,5 +658,193 @@ mod tests {
             describe(ExitStatus::from_raw(9)),
             "killed by signal 9 (SIGKILL)"
         );
+    }
+
+    use std::future::Future;
+
+    /// A stand-in for ppft's worker: says its pid, takes the protocol
+    /// number, waits for the file `go`, reads whatever its stdin holds,
+    /// closes it, answers, and waits to be stopped.
+    const CLOSES_STDIN_THEN_ANSWERS: &str = r#"
+import os, struct, sys, time
+def send(b):
+    os.write(1, struct.pack("!Q", len(b)) + b)
+def read_exactly(n):
+    got = b""
+    while len(got) < n:
+        more = os.read(0, n - len(got))
+        if not more:
+            sys.exit(1)
+        got += more
+    return got
+send(str(os.getpid()).encode())
+read_exactly(struct.unpack("!Q", read_exactly(8))[0])
+while not os.path.exists(GO):
+    time.sleep(0.01)
+os.read(0, 1 << 24)
+os.close(0)
+send(b"answer")
+time.sleep(600)
+"#;
+
+    /// A stand-in for ppft's worker that reads each job whole and answers
+    /// it.
+    const READS_AND_ANSWERS: &str = r#"
+import os, struct, sys
+def send(b):
+    os.write(1, struct.pack("!Q", len(b)) + b)
+def read_exactly(n):
+    got = bytearray()
+    while len(got) < n:
+        more = os.read(0, min(n - len(got), 1 << 20))
+        if not more:
+            sys.exit(0)
+        got += more
+    return got
+def recv():
+    return read_exactly(struct.unpack("!Q", read_exactly(8))[0])
+send(str(os.getpid()).encode())
+recv()
+while True:
+    recv()
+    recv()
+    send(b"answer")
+"#;
+
+    /// A directory of its own under the system's temporary directory,
+    /// removed when dropped (a failed test too).
+    struct ScratchDir(PathBuf);
+
+    impl ScratchDir {
+        fn new(name: &str) -> ScratchDir {
+            let dir = std::env::temp_dir().join(format!("ppserver-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            ScratchDir(dir)
+        }
+    }
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn spec_for(module: &str, dir: &Path) -> WorkerSpec {
+        WorkerSpec {
+            python: "python3".into(),
+            module: module.into(),
+            proto: 2,
+            pythonpath: dir.as_os_str().to_owned(),
+            max_frame: 1 << 20,
+            restart: false,
+            max_jobs: 0,
+            keep_abandoned: false,
+            job_timeout: None,
+            host: "test".into(),
+        }
+    }
+
+    /// A frame of `len` bytes in a mapping of its own.
+    fn mapped_frame(len: usize) -> Bytes {
+        let mut f = mapped::Filling::new(len, None).unwrap();
+        while !f.is_full() {
+            let room = f.unfilled().unwrap();
+            room.fill(3);
+            let n = room.len();
+            f.advance(n);
+        }
+        f.freeze()
+    }
+
+    /// Whether `python3` runs here; the tests that need it say so and
+    /// skip when it does not (a machine without Python runs no worker).
+    fn python_runs() -> bool {
+        let ran = std::process::Command::new("python3")
+            .args(["-c", ""])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ran {
+            eprintln!("python3 cannot be run here: test skipped");
+        }
+        ran
+    }
+
+    #[tokio::test]
+    async fn a_job_read_whole_uncounts_its_splice() {
+        if !python_runs() {
+            return;
+        }
+        let scratch = ScratchDir::new("reads-whole");
+        let dir = &scratch.0;
+        std::fs::write(dir.join("reads_whole.py"), READS_AND_ANSWERS).unwrap();
+        let mut w = Worker::spawn(&spec_for("reads_whole", dir)).await.unwrap();
+        let args = mapped_frame(3 * MAPPED_MIN);
+        let cache = crate::jobs::cache::PackageCache::new(1 << 20);
+        let package = cache.receive(Bytes::from_static(b"Npackage")).unwrap();
+        let mut wcache = WorkerCache::default();
+        for _ in 0..2 {
+            let outcome = w.run(&mut wcache, &package, &args).await;
+            assert!(matches!(outcome, Outcome::Answered(_)), "{outcome:?}");
+            assert_eq!(
+                mapped::pipes_holding(&args),
+                Some(0),
+                "read whole, the pipe empty: its mapping may be reused"
+            );
+        }
+        w.stop(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_header_write_that_fails_uncounts_no_splice() {
+        if !python_runs() {
+            return;
+        }
+        let scratch = ScratchDir::new("header-fails");
+        let dir = &scratch.0;
+        let go = dir.join("go");
+        let source =
+            CLOSES_STDIN_THEN_ANSWERS.replace("GO", &format!("{:?}", go.to_str().unwrap()));
+        std::fs::write(dir.join("closes_stdin.py"), source).unwrap();
+        let mut w = Worker::spawn(&spec_for("closes_stdin", dir)).await.unwrap();
+        let pid = w.pid;
+        // The arguments' pages are in another pipe too, not read yet.
+        let args = mapped_frame(2 * MAPPED_MIN);
+        let (other, _unread) = pipe::pipe().unwrap();
+        let mut n = 0;
+        let _in_other = mapped::vmsplice_all(&other, &args[..4096], &mut n)
+            .await
+            .unwrap();
+        assert_eq!(mapped::pipes_holding(&args), Some(1));
+        // A package larger than the worker's pipe: the first write fills
+        // the pipe and stops short of the arguments' header.
+        let cache = crate::jobs::cache::PackageCache::new(1 << 30);
+        let mut frame = vec![b'N'];
+        frame.resize(4 << 20, b'p');
+        let package = cache.receive(Bytes::from(frame)).unwrap();
+        let mut wcache = WorkerCache::default();
+        {
+            let run = w.run(&mut wcache, &package, &args);
+            tokio::pin!(run);
+            std::future::poll_fn(|cx| {
+                assert!(run.as_mut().poll(cx).is_pending(), "the pipe is full");
+                Poll::Ready(())
+            })
+            .await;
+            // The worker reads what the pipe holds and closes it: the rest
+            // of the package and the header cannot be written.
+            std::fs::write(&go, b"").unwrap();
+            let stdin = PathBuf::from(format!("/proc/{pid}/fd/0"));
+            while stdin.exists() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(matches!(run.await, Outcome::Answered(_)));
+        }
+        assert_eq!(
+            mapped::pipes_holding(&args),
+            Some(1),
+            "no splice into the worker's pipe was counted, none is uncounted"
+        );
+        w.stop(false).await;
     }
 }
