@@ -742,6 +742,7 @@ while True:
             keep_abandoned: false,
             job_timeout: None,
             host: "test".into(),
+            nofile: None,
         }
     }
 
