@@ -28,10 +28,11 @@
 //!   ([`workers::install`]), one supervisor per slot ([`workers::pool`]),
 //!   one worker process ([`workers::worker`]), and what jobs leave behind
 //!   ([`workers::reaper`]);
-//! - [`ops`]: metrics and the status page, job stats, stop requests and
-//!   the drain, the pid and ready files;
+//! - [`ops`]: metrics and the status page (its port capped), job stats,
+//!   stop requests and the drain, the pid and ready files, the open-file
+//!   limit ([`ops::openfiles`]);
 //! - [`logging`]: stderr and stdout written by threads, the `-f` format,
-//!   rate-limited warnings about peers.
+//!   rate-limited warnings about peers, panic messages.
 
 pub mod config;
 pub mod front;
