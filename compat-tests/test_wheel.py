@@ -143,7 +143,9 @@ def _assert_runs_jobs(venv, name, tmp_path, client_python, module, version):
         workers = procs.worker_pids(server)
         assert workers, server.log()
         for pid in workers:
-            assert procs.cmdline(pid)[:4] == [str(python), "-u", "-m", module]
+            # `python -u -c <bootstrap> -m MODULE` (src/workers/worker_bootstrap.py)
+            argv = procs.cmdline(pid)
+            assert argv[:3] == [str(python), "-u", "-c"] and argv[4:] == ["-m", module], argv
         return server.log()
     finally:
         pphelpers.stop_server(server)
