@@ -10,7 +10,8 @@
 # The wheel (scripts/wheel) is built once and installed by
 # compat-tests/test_wheel.py into venvs of its own, in the ppft 1.7.8 run.
 # The multi-host tests (autodiscovery, cluster) need root and `ip netns`:
-# iproute2 is installed here if `ip` is missing.
+# iproute2 is installed here if `ip` is missing; so are slurm-wlm and
+# munge, for the Slurm test (examples/slurm/ppserver.sbatch on a real Slurm).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -31,6 +32,15 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
         --no-install-recommends prometheus >/dev/null; } ||
         echo "== could not install prometheus: the promtool check will be skipped"
 fi
+# --- Slurm (compat-tests/test_slurm.py): Debian's slurm-wlm and munge ---
+if { [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/munged ]; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing slurm-wlm and munge (a Slurm cluster on this host: compat-tests/test_slurm.py)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends slurm-wlm munge >/dev/null; } ||
+        echo "== could not install slurm-wlm and munge: the Slurm test will be skipped"
+fi
+# --- end of Slurm ---
 export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
 echo "== import circles (scripts/check-imports), cargo fmt --check, clippy"
