@@ -38,7 +38,7 @@ import time
 
 import pytest
 
-from pphelpers import HERE, IMPL, REPO, rust_binary
+from pphelpers import FAMILY, HERE, IMPL, REPO, rust_binary
 from procs import wait_until
 from slurmcluster import KILL_WAIT, Cluster, missing_commands, wait_for_files
 
@@ -54,6 +54,7 @@ SECRET = "slurm;test secret"
 
 pytestmark = [
     pytest.mark.skipif(IMPL != "rust", reason="the script starts the Rust binary"),
+    pytest.mark.skipif(FAMILY != "ppft-1.7.8", reason="runs once, with the ppft 1.7.8 family"),
     # Daemons, then three batch jobs at once, one of them ended by
     # slurmctld's time-limit check: each wait is bounded on its own.
     pytest.mark.timeout(400),
