@@ -138,7 +138,9 @@ def _assert_runs_jobs(venv, name, tmp_path, client_python, module, version):
     try:
         python = venv / "bin" / "python3"
         startup = "(%s -u -m %s), advertising pp version %s" % (python, module, version)
-        assert startup in server.log(), server.log()
+        # The log is written by a thread of its own: the line may follow
+        # the listening socket by a moment.
+        assert procs.wait_until(lambda: startup in server.log(), timeout=30), server.log()
         _run_jobs(client_python, server, tmp_path)
         workers = procs.worker_pids(server)
         assert workers, server.log()
