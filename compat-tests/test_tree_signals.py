@@ -139,6 +139,18 @@ def test_sigterm_to_the_whole_tree_drains_the_running_jobs(launch, tmp_path):
         [p for p in workers if not is_gone(p)])
 
 
+def test_an_idle_worker_outlives_the_stop_signals(launch):
+    """SIGTERM, SIGINT and SIGHUP to a worker waiting for its next job: the
+    same worker runs that job."""
+    server = launch(nworkers=1)
+    (worker,) = wait_for_children(server, 1)
+    launch.workers.append(worker)
+    assert sp.raw_job(server, "worker_pid", sp.PID_SOURCE, ())[0] == worker
+    for signum in STOP_SIGNALS:
+        os.kill(worker, signum)
+    assert sp.raw_job(server, "worker_pid", sp.PID_SOURCE, ())[0] == worker, server.log_tail()
+
+
 def test_workers_handle_the_stop_signals_and_what_jobs_start_does_not(launch):
     """The worker handles SIGTERM, SIGINT and SIGHUP (none ignored); a
     program a job starts and a child it forks neither handle nor ignore
