@@ -13,7 +13,9 @@ import signal
 import time
 from pathlib import Path
 
-# `python -u -m MODULE`: the worker processes of every client family.
+# `python -u [-c BOOTSTRAP] -m MODULE`: the worker processes of every client
+# family (the server runs the module through a bootstrap that ignores the stop
+# signals: src/workers/worker_bootstrap.py).
 WORKER_MODULES = ("ppft", "pp._worker")
 
 WAIT_TIMEOUT = 30.0  # default upper bound of wait_until, in seconds
@@ -107,7 +109,7 @@ def cmdline(pid):
 
 
 def is_worker_cmdline(argv):
-    """`python -u -m ppft` (or pp._worker): a pp worker process."""
+    """`python -u [-c BOOTSTRAP] -m ppft` (or pp._worker): a pp worker process."""
     return "-m" in argv and argv.index("-m") + 1 < len(argv) and \
         argv[argv.index("-m") + 1] in WORKER_MODULES
 

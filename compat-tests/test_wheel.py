@@ -138,12 +138,16 @@ def _assert_runs_jobs(venv, name, tmp_path, client_python, module, version):
     try:
         python = venv / "bin" / "python3"
         startup = "(%s -u -m %s), advertising pp version %s" % (python, module, version)
-        assert startup in server.log(), server.log()
+        # The log is written by a thread of its own: the line may follow
+        # the listening socket by a moment.
+        assert procs.wait_until(lambda: startup in server.log(), timeout=30), server.log()
         _run_jobs(client_python, server, tmp_path)
         workers = procs.worker_pids(server)
         assert workers, server.log()
         for pid in workers:
-            assert procs.cmdline(pid)[:4] == [str(python), "-u", "-m", module]
+            # `python -u -c <bootstrap> -m MODULE` (src/workers/worker_bootstrap.py)
+            argv = procs.cmdline(pid)
+            assert argv[:3] == [str(python), "-u", "-c"] and argv[4:] == ["-m", module], argv
         return server.log()
     finally:
         pphelpers.stop_server(server)

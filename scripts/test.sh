@@ -11,7 +11,8 @@
 # compat-tests/test_wheel.py into venvs of its own, in the ppft 1.7.8 run.
 # The multi-host tests (autodiscovery, cluster, discovery across subnets)
 # need root and `ip netns`: iproute2 is installed here if `ip` is missing;
-# so is haproxy, for the load balancer test.
+# so are haproxy, for the load balancer test, and slurm-wlm and munge, for
+# the Slurm test (examples/slurm/ppserver.sbatch on a real Slurm).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -41,6 +42,15 @@ if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ] \
         echo "== could not install haproxy: the load balancer test will be skipped"
 fi
 # --- end load balancer ---
+# --- Slurm (compat-tests/test_slurm.py): Debian's slurm-wlm and munge ---
+if { [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/munged ]; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing slurm-wlm and munge (a Slurm cluster on this host: compat-tests/test_slurm.py)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends slurm-wlm munge >/dev/null; } ||
+        echo "== could not install slurm-wlm and munge: the Slurm test will be skipped"
+fi
+# --- end of Slurm ---
 export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
 echo "== import circles (scripts/check-imports), cargo fmt --check, clippy"

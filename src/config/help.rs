@@ -94,8 +94,8 @@ Options:
                      none)
 --drain-timeout S  : on SIGTERM/SIGINT/SIGHUP, stop accepting and answer the
                      jobs already received for at most S seconds, then close
-                     what is left (default {drain}; a second signal stops at
-                     once)
+                     what is left (default {drain}; a second signal, 1 s or
+                     more after the first, stops at once)
 --max-jobs-per-worker N: replace each worker after N jobs, between jobs
                      (for leaky extensions; default 0: never)
 --keep-abandoned   : let a running job whose client left finish, as ppft

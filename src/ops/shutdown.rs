@@ -7,7 +7,8 @@
 //! pending, so jobs sent after the request never start here: their clients
 //! find the connection closed and send them elsewhere or again. The drain
 //! ends when every connection has closed, after `--drain-timeout`, or on a
-//! second request, whichever comes first; then the remaining connections
+//! second request, whichever comes first (signals within
+//! [`REPEAT_WINDOW`] of the first are the same request); then the remaining connections
 //! are closed (pp clients resubmit a job whose connection broke, so none
 //! is lost, where an answer of `None` would be a silent wrong value) and
 //! the workers are stopped.
@@ -15,16 +16,24 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// Default `--drain-timeout`: long enough for typical jobs to finish, and
 /// shorter than systemd's default stop timeout (90 s) and the unit's 30 s.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Stop signals this soon after the first one are the same request, not a
+/// second one that cuts the drain short: Slurm's time limit sends SIGTERM
+/// to every process of the job twice within milliseconds.
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(1);
 
 /// Requests to stop, in the order they arrive.
 #[derive(Debug)]
 pub struct StopRequests {
     /// What asked (e.g. "SIGTERM"), once per request.
     rx: mpsc::UnboundedReceiver<&'static str>,
+    /// When the first request came.
+    first: Option<Instant>,
     /// Keeps the channel open when no sender is left, so a server whose
     /// signal handlers could not be installed waits instead of stopping.
     _keep: Option<mpsc::UnboundedSender<&'static str>>,
@@ -34,7 +43,14 @@ impl StopRequests {
     /// Requests made through the returned sender; for tests and embedders.
     pub fn channel() -> (mpsc::UnboundedSender<&'static str>, StopRequests) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (tx, StopRequests { rx, _keep: None })
+        (
+            tx,
+            StopRequests {
+                rx,
+                first: None,
+                _keep: None,
+            },
+        )
     }
 
     /// SIGINT, SIGTERM and SIGHUP, each delivery a request. SIGHUP means
@@ -69,15 +85,32 @@ impl StopRequests {
         }
         StopRequests {
             rx,
+            first: None,
             _keep: Some(tx),
         }
     }
 
-    /// The next request; logs it.
+    /// The next request; logs it. Signals within [`REPEAT_WINDOW`] of the
+    /// first request are logged and passed over.
     pub async fn next(&mut self) {
-        match self.rx.recv().await {
-            Some(what) => log::info!("{what} received"),
-            None => std::future::pending().await,
+        loop {
+            let Some(what) = self.rx.recv().await else {
+                return std::future::pending().await;
+            };
+            let now = Instant::now();
+            match self.first {
+                None => self.first = Some(now),
+                Some(first) if now.duration_since(first) < REPEAT_WINDOW => {
+                    log::info!(
+                        "{what} received again within {REPEAT_WINDOW:?} of the first stop \
+                         request: the same request"
+                    );
+                    continue;
+                }
+                Some(_) => {}
+            }
+            log::info!("{what} received");
+            return;
         }
     }
 }
@@ -136,16 +169,30 @@ impl DrainSwitch {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn requests_arrive_one_by_one() {
         let (tx, mut stops) = StopRequests::channel();
         tx.send("first").unwrap();
-        tx.send("second").unwrap();
         stops.next().await;
+        tokio::time::advance(REPEAT_WINDOW).await;
+        tx.send("second").unwrap();
         stops.next().await;
         drop(tx);
         let pending = tokio::time::timeout(Duration::from_millis(10), stops.next()).await;
         assert!(pending.is_err(), "no sender left: waits forever");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn signals_right_after_the_first_are_the_same_request() {
+        let (tx, mut stops) = StopRequests::channel();
+        tx.send("SIGTERM").unwrap();
+        tx.send("SIGTERM").unwrap();
+        stops.next().await;
+        let again = tokio::time::timeout(Duration::from_millis(10), stops.next()).await;
+        assert!(again.is_err(), "the repeat is not a second request");
+        tokio::time::advance(REPEAT_WINDOW).await;
+        tx.send("SIGINT").unwrap();
+        stops.next().await;
     }
 
     #[tokio::test]

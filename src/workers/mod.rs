@@ -1,8 +1,9 @@
 //! The Python workers that run the jobs: [`install`] finds the interpreter
 //! and checks, by a probe it runs, that it has the worker package;
 //! [`pool`] keeps one supervisor per slot that feeds its worker jobs and
-//! replaces it when it dies; [`worker`] is one worker process (spawn,
-//! handshake, run a job, stop and reap); [`reaper`] deals with what jobs
+//! replaces it when it dies; [`worker`] is one worker process (spawn
+//! through a bootstrap that ignores the stop signals, handshake, run a
+//! job, stop and reap); [`reaper`] deals with what jobs
 //! leave behind: orphans reaped, and all killed when the server stops.
 
 pub(crate) mod install;

@@ -2,7 +2,13 @@
 //! stopped and reaped.
 //!
 //! A worker is `<python> -u -m ppft` speaking the worker side of the
-//! protocol over its stdin/stdout, with the same framing as the sockets:
+//! protocol over its stdin/stdout, with the same framing as the sockets.
+//! It is started as `<python> -u -c <bootstrap> -m ppft`: the bootstrap
+//! (`worker_bootstrap.py`) ignores SIGTERM, SIGINT and SIGHUP in Python,
+//! then runs the module as `-m` does. A stop signal sent to every process
+//! of a tree (Slurm's scancel, systemd's control-group kill) then reaches
+//! the server, whose drain still gets the running jobs' answers from the
+//! workers. The protocol:
 //!
 //! 1. worker -> server: its pid, as a decimal string;
 //! 2. server -> worker: the pickle protocol number, as a decimal string;
@@ -27,6 +33,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,6 +67,25 @@ const FATAL_MARKER: &[u8] = b"A fatal error has occured during the function exec
 /// Only results this small are searched for [`FATAL_MARKER`]: a fatal
 /// result holds a traceback, never bulk data.
 const FATAL_SCAN_LIMIT: usize = 64 * 1024;
+/// Runs the worker module after ignoring the stop signals; kept in a file
+/// of its own so it reads (and can be tried) as Python.
+const BOOTSTRAP: &str = include_str!("worker_bootstrap.py");
+
+/// [`BOOTSTRAP`] as passed with `-c`: without its comment lines, which
+/// would only lengthen every worker's command line in `ps`.
+fn bootstrap_code() -> &'static str {
+    static CODE: OnceLock<String> = OnceLock::new();
+    CODE.get_or_init(|| without_comment_lines(BOOTSTRAP))
+}
+
+/// `source` without the lines that hold only a comment.
+fn without_comment_lines(source: &str) -> String {
+    source
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
 
 /// How to start a worker.
 #[derive(Debug)]
@@ -154,6 +180,8 @@ impl Worker {
     pub(crate) async fn spawn(spec: &WorkerSpec) -> io::Result<Worker> {
         let mut cmd = Command::new(&spec.python);
         cmd.arg("-u")
+            .arg("-c")
+            .arg(bootstrap_code())
             .arg("-m")
             .arg(&spec.module)
             .env("PYTHONPATH", &spec.pythonpath)
@@ -649,6 +677,15 @@ mod tests {
         let mut g = ProcessGroup::of(4242);
         assert_eq!(g.0, Some(Pid::from_raw(4242)));
         g.forget();
+    }
+
+    #[test]
+    fn the_bootstrap_loses_only_its_comment_lines() {
+        let code = without_comment_lines("# a\n  # b\nx = 1  # c\n\ny = '#'\n");
+        assert_eq!(code, "x = 1  # c\n\ny = '#'\n");
+        let code = bootstrap_code();
+        assert!(code.contains("_bootstrap()\n"), "{code}");
+        assert!(!code.lines().any(|l| l.trim_start().starts_with('#')));
     }
 
     #[test]
