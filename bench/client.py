@@ -2,7 +2,8 @@
 
 Run by bench/bench.py with the interpreter of the venv under test, so the
 same file drives a ppft 1.7.8 client (bench/.venv-ppft) or a pp 1.7.0 client
-(bench/.venv-pp). It takes one JSON argument (see ``main``), connects, warms
+(bench/.venv-pp); bench/latency.py runs it too, for its churn and latency
+phases (ppft only). It takes one JSON argument (see ``main``), connects, warms
 up, optionally waits at a barrier, runs its phases and prints one line
 ``BENCH-JSON {...}`` with the figures.
 
@@ -65,6 +66,66 @@ def run_tiny(server, n):
     return time.monotonic() - t0, wrong, t0
 
 
+def run_churn(server, backlog, max_seconds):
+    """Tiny jobs without a pause, `backlog` of them submitted ahead, until a
+    line (or EOF) arrives on stdin or max_seconds pass; then the backlog is
+    collected. Used by bench/latency.py: against a server with -r every job
+    ends a worker, so the server gets a steady stream of SIGCHLD."""
+    import collections
+    import threading
+    stop = threading.Event()
+
+    def wait_stdin():
+        sys.stdin.readline()
+        stop.set()
+
+    threading.Thread(target=wait_stdin, daemon=True).start()
+    emit("churning", {})
+    t0 = time.monotonic()
+    pending, done, wrong, i = collections.deque(), 0, 0, 0
+    while not stop.is_set() and time.monotonic() - t0 < max_seconds:
+        while len(pending) < backlog:
+            pending.append((i, server.submit(ident, (i,))))
+            i += 1
+        k, job = pending.popleft()
+        wrong += job() != k
+        done += 1
+    seconds = time.monotonic() - t0
+    for k, job in pending:
+        wrong += job() != k
+    return {"jobs": done, "seconds": seconds, "wrong": wrong}
+
+
+def stat_round_trip(server):
+    """Seconds for one Server.get_stats(): with a remote server, ppft sends
+    TIME on its STAT connection and reads the answer, which no worker is
+    involved in."""
+    t0 = time.perf_counter()
+    stats = server.get_stats()
+    took = time.perf_counter() - t0
+    if not any(s.rworker for s in stats.values()):
+        raise SystemExit("get_stats: no STAT connection to the server")
+    return took
+
+
+def run_latency(server, seconds, ping_seconds, ping_gap):
+    """For `seconds`: one tiny job, submitted and waited for, then STAT
+    round trips for ping_seconds (ping_gap apart), and again. Returns every
+    latency, in seconds."""
+    jobs, pings, wrong, i = [], [], 0, 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.perf_counter()
+        wrong += server.submit(ident, (i,))() != i
+        jobs.append(time.perf_counter() - t0)
+        i += 1
+        pings_end = time.monotonic() + ping_seconds
+        while time.monotonic() < pings_end:
+            pings.append(stat_round_trip(server))
+            time.sleep(ping_gap)
+    return {"jobs": jobs, "stat": pings, "wrong": wrong, "seconds": seconds}
+
+
 def main():
     cfg = json.loads(sys.argv[1])
     # cfg keys:
@@ -78,6 +139,9 @@ def main():
     #                    or {"name": "tiny_auto", "n_fast": N, "n_slow": M,
     #                        "slow_below": JOBS_PER_S, "reps": R}
     #                    or {"name": "bulk", "jobs": J, "mb": M, "reps": R}
+    #                    or {"name": "churn", "backlog": B, "max_seconds": S}
+    #                    or {"name": "latency", "seconds": S,
+    #                        "ping_seconds": P, "ping_gap": G}
     ppservers = (cfg["server"],) if cfg["server"] else ()
     server = pp.Server(ncpus=cfg["ncpus"], ppservers=ppservers, secret=cfg["secret"])
     out = {"client_version": pp.__version__, "pid": os.getpid()}
@@ -155,6 +219,11 @@ def main():
                              "seconds": seconds, "wrong": wrong,
                              "server_cpu_s": None if cpu0 is None else cpu1 - cpu0})
             out["bulk"] = runs
+        elif name == "churn":
+            out["churn"] = run_churn(server, phase["backlog"], phase["max_seconds"])
+        elif name == "latency":
+            out["latency"] = run_latency(server, phase["seconds"], phase["ping_seconds"],
+                                         phase["ping_gap"])
         else:
             raise SystemExit("unknown phase %r" % name)
 
