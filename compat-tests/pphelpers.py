@@ -52,6 +52,9 @@ def _import_client():
 CLIENT = _import_client()
 CLIENT_VERSION = CLIENT.__version__
 FAMILY = "%s-%s" % (CLIENT.__name__, CLIENT_VERSION)
+# The family that also runs the tests of the server's own behaviour (the
+# modules marked server_behaviour; conftest deselects them in the others).
+REFERENCE_FAMILY = "ppft-1.7.8"
 # The module the server's workers run (python -u -m ...).
 WORKER_MODULE = "ppft" if CLIENT.__name__ == "ppft" else "pp._worker"
 

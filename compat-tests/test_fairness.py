@@ -24,6 +24,10 @@ import serverprocs as sp
 from pphelpers import IMPL
 from procs import is_gone, wait_for_pool, wait_until
 
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = pytest.mark.server_behaviour
+
 # Bound of every wait for something the server should do soon.
 PROMPT = 60.0
 # The limit under test, and a job that would run far past it.

@@ -26,6 +26,10 @@ from pphelpers import (IMPL, close_client, connect_client, setup_or_fail, start_
                        stop_server)
 from procs import fd_count, fd_targets, is_gone, wait_for_pool, wait_settled, wait_until
 
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = pytest.mark.server_behaviour
+
 FD_SLACK = 3
 CONNECTIONS = 1500
 ADD = ppwire.function_package("add", ["def add(a, b):\n    return a + b\n"])

@@ -54,6 +54,8 @@ pytestmark = [
                        "and run once, with the ppft 1.7.8 family"),
     # Fixtures create venvs and install from PyPI.
     pytest.mark.timeout(300),
+    # Under xdist, on one worker: the venvs a module fixture makes are shared.
+    pytest.mark.xdist_group("wheel"),
 ]
 
 PIP_TIMEOUT = 240.0  # seconds for one pip command (downloads, pp 1.7.0's sdist build)
