@@ -154,7 +154,10 @@ def test_no_process_or_fd_leak_after_restarts_and_kills(tmp_path):
 def test_workers_do_not_outlive_the_server(tmp_path, how):
     """Stopping the server (SIGTERM), or killing it outright (SIGKILL), also
     ends every worker, even one in the middle of a long job."""
-    server = setup_or_fail(start_server, 2, tmp_path / "server.log")
+    # The job may have started before the signal lands: then SIGTERM's drain
+    # waits for it until --drain-timeout (default 20 s, test_stopping.py).
+    flags = ("--drain-timeout", "1") if IMPL == "rust" else ()
+    server = setup_or_fail(start_server, 2, tmp_path / "server.log", *flags)
     try:
         workers = wait_for_pool(server)
         sock = exec_session(server)

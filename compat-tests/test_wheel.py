@@ -140,7 +140,9 @@ def _assert_runs_jobs(venv, name, tmp_path, client_python, module, version):
     try:
         python = venv / "bin" / "python3"
         startup = "(%s -u -m %s), advertising pp version %s" % (python, module, version)
-        assert startup in server.log(), server.log()
+        # Listening comes first, the startup line (written by the server's
+        # log thread) a moment later.
+        assert procs.wait_until(lambda: startup in server.log(), timeout=30), server.log()
         _run_jobs(client_python, server, tmp_path)
         workers = procs.worker_pids(server)
         assert workers, server.log()
