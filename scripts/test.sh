@@ -2,76 +2,209 @@
 # Usage: scripts/test.sh [pytest args]
 # Runs every test: formatting and lints, the Rust unit and integration
 # tests (including the fixture replay against the real binary), and the
-# compat suite with real clients from PyPI against the release build, once
-# per client family (ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0), each from its own
+# compat suite with real clients from PyPI against the release build, in
+# each client family (ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0), each from its own
 # venv with pinned versions; the server's workers run with that venv too.
-# Then pathos (its own venv: pathos 0.3.5 on ppft 1.7.8) starting the
-# server with pathos.core.serve and mapping on it (compat-tests/test_pathos.py).
-# The wheel (scripts/wheel) is built once and installed by
-# compat-tests/test_wheel.py into venvs of its own, in the ppft 1.7.8 run.
+# The ppft 1.7.8 run is the whole suite; the other two run the tests whose
+# outcome depends on the family (protocol, jobs, faults, workers...) and
+# leave out the modules marked server_behaviour (flags, signals, limits,
+# hostile peers...: the server's own behaviour), which the ppft 1.7.8 run
+# covers (compat-tests/README.md). Each run is spread over
+# $PPSERVER_TEST_JOBS pytest-xdist processes (default 4; 0 runs it in this
+# process); a test that needs another one not beside it says so with an
+# xdist_group marker. Then pathos (its own venv: pathos 0.3.5 on ppft
+# 1.7.8) starting the server with pathos.core.serve and mapping on it
+# (compat-tests/test_pathos.py).
+# The release build is the wheel's (scripts/wheel, into target/wheel): the
+# compat suite runs the binary the wheel ships, and compat-tests/test_wheel.py
+# installs the wheel into venvs of its own, in the ppft 1.7.8 run.
+# The release build and the venvs are made in the background while the lints
+# and the Rust tests run (their output is in target/test-logs/), and the
+# time of each stage is printed at the end.
 # The multi-host tests (autodiscovery, cluster) need root and `ip netns`:
 # iproute2 is installed here if `ip` is missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-echo "== setting up the compat venvs (pinned clients: ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0)"
-scripts/venv.sh compat-tests/.venv compat-tests/requirements.txt
-scripts/venv.sh compat-tests/.venv-ppft1664 compat-tests/requirements-ppft1664.txt
-scripts/venv.sh compat-tests/.venv-pp170 compat-tests/requirements-pp170.txt
-scripts/venv.sh compat-tests/.venv-pathos compat-tests/requirements-pathos.txt
-if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing iproute2 (ip netns: the autodiscovery and cluster tests)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } ||
-        echo "== could not install iproute2: the autodiscovery and cluster tests will be skipped"
+xdist_jobs=${PPSERVER_TEST_JOBS:-4}
+logs=target/test-logs
+mkdir -p "$logs"
+# A fresh clone gains nothing from incremental compilation data.
+if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 fi
-if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing promtool (Debian's prometheus package: checks the /metrics page)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends prometheus >/dev/null; } ||
-        echo "== could not install prometheus: the promtool check will be skipped"
-fi
-export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
-echo "== cargo fmt --check, clippy"
+# --- stage times ---------------------------------------------------------------
+started=$EPOCHREALTIME
+stage_names=()
+stage_secs=()
+stage_start() { stage_t0=$EPOCHREALTIME; echo "== $*"; }
+stage_end() { # NAME [START]: records the seconds since START (default: stage_start's)
+    stage_names+=("$1")
+    stage_secs+=("$(awk -v a="${2:-$stage_t0}" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')")
+}
+times_printed=
+print_times() {
+    times_printed=1
+    echo "== stage times (wall clock; background stages overlap the others)"
+    local i
+    for i in "${!stage_names[@]}"; do
+        printf '   %5s s  %s\n' "${stage_secs[$i]}" "${stage_names[$i]}"
+    done
+    printf '   %5s s  in all\n' "$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')"
+}
+
+# --- background stages -----------------------------------------------------------
+bg_pids=()
+on_exit() {
+    local rc=$? pid
+    for pid in "${bg_pids[@]}"; do # a stage failed: stop what still runs
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+        fi
+    done
+    if [ -z "$times_printed" ]; then
+        print_times
+    fi
+    return "$rc"
+}
+trap on_exit EXIT
+
+# bg NAME LOG COMMAND...: runs COMMAND in the background (its own process
+# group), output to LOG; `finish NAME` waits for it.
+declare -A bg_pid bg_log bg_t0
+bg() {
+    local name=$1 log=$2
+    shift 2
+    bg_t0[$name]=$EPOCHREALTIME
+    bg_log[$name]=$log
+    rm -f "$log.end"
+    set -m
+    { "$@"; } >"$log" 2>&1 && echo "$EPOCHREALTIME" >"$log.end" &
+    set +m
+    bg_pid[$name]=$!
+    bg_pids+=("$!")
+}
+finish() {
+    local name=$1 rc=0
+    wait "${bg_pid[$name]}" || rc=$?
+    # Its own time, from its start to its end (not to this wait).
+    if [ -s "${bg_log[$name]}.end" ]; then
+        stage_names+=("$name (background)")
+        stage_secs+=("$(awk -v a="${bg_t0[$name]}" -v b="$(cat "${bg_log[$name]}.end")" \
+            'BEGIN { printf "%.0f", b - a }')")
+    else
+        stage_end "$name (background)" "${bg_t0[$name]}"
+    fi
+    if [ "$rc" -ne 0 ]; then
+        echo "== $name FAILED (exit $rc); its output (${bg_log[$name]}):"
+        cat "${bg_log[$name]}"
+        exit "$rc"
+    fi
+}
+
+setup_machine() {
+    # The venvs: the three client families, pathos.
+    local pids=() pid rc=0
+    scripts/venv.sh compat-tests/.venv compat-tests/requirements.txt & pids+=($!)
+    scripts/venv.sh compat-tests/.venv-ppft1664 compat-tests/requirements-ppft1664.txt & pids+=($!)
+    scripts/venv.sh compat-tests/.venv-pp170 compat-tests/requirements-pp170.txt & pids+=($!)
+    scripts/venv.sh compat-tests/.venv-pathos compat-tests/requirements-pathos.txt & pids+=($!)
+    # What pip does not bring: iproute2 (ip netns: the autodiscovery and
+    # cluster tests) and Debian's prometheus package (promtool checks the
+    # /metrics page), as root with apt-get; the tests say so and skip
+    # those checks if they are missing.
+    local packages=()
+    if ! command -v ip >/dev/null 2>&1; then
+        packages+=(iproute2)
+    fi
+    if ! command -v promtool >/dev/null 2>&1; then
+        packages+=(prometheus)
+    fi
+    if [ ${#packages[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "installing ${packages[*]}"
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                --no-install-recommends "${packages[@]}" >/dev/null; } ||
+                echo "could not install ${packages[*]}: the tests that need them will skip"
+        else
+            echo "not installing ${packages[*]} (needs root and apt-get): the tests that need them will skip"
+        fi
+    fi
+    for pid in "${pids[@]}"; do
+        wait "$pid" || rc=1
+    done
+    return "$rc"
+}
+
+echo "== in the background: the compat venvs (pinned clients: ppft 1.7.8, ppft 1.6.6.4," \
+    "pp 1.7.0; pathos) and system packages ($logs/setup.log)"
+bg "venvs and system packages" "$logs/setup.log" setup_machine
+echo "== in the background: the release build, as the wheel (scripts/wheel into target/wheel;" \
+    "$logs/wheel.log)"
+bg "release build and wheel" "$logs/wheel.log" scripts/wheel --target-dir target/wheel
+
+# --- lints and Rust tests (foreground) ---------------------------------------------
+stage_start "cargo fmt --check"
 cargo fmt --check
-cargo clippy --quiet --all-targets --all-features -- -D warnings
+stage_end "cargo fmt --check"
 
-echo "== cargo check for musl (glibc-only calls must stay gated)"
+stage_start "cargo clippy"
+cargo clippy --quiet --all-targets --all-features -- -D warnings
+stage_end "cargo clippy"
+
+stage_start "cargo check for musl (glibc-only calls must stay gated)"
 if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
     || rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1; then
     cargo check --quiet --target x86_64-unknown-linux-musl
 else
     echo "SKIPPED: the x86_64-unknown-linux-musl target cannot be installed here"
 fi
+stage_end "cargo check for musl"
 
-echo "== cargo test"
+# The fixture replay (tests/replay.rs) runs its workers with the venv.
+finish "venvs and system packages"
+export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
+stage_start "cargo test"
 cargo test --quiet
+stage_end "cargo test"
 
-echo "== release build"
-cargo build --release --quiet
-export PPSERVER_BIN="$here/target/release/ppserver"
-
-echo "== wheel (scripts/wheel; installed by compat-tests/test_wheel.py)"
-wheel=$(scripts/wheel | tail -n 1)
+finish "release build and wheel"
+wheel=$(tail -n 1 "$logs/wheel.log")
+case $wheel in
+    "$here"/dist/*.whl) ;;
+    *) echo "scripts/wheel did not name a wheel; its output:"; cat "$logs/wheel.log"; exit 1 ;;
+esac
 export PPSERVER_WHEEL="$wheel"
+export PPSERVER_BIN="$here/target/wheel/release/ppserver"
+echo "== release binary: $PPSERVER_BIN (the wheel's); wheel: $wheel"
 
+# --- the compat suite ----------------------------------------------------------------
+parallel=()
+if [ "$xdist_jobs" != 0 ]; then
+    parallel=(-n "$xdist_jobs" --dist loadgroup)
+fi
 failed=()
 for family in "ppft 1.7.8:.venv" "ppft 1.6.6.4:.venv-ppft1664" "pp 1.7.0:.venv-pp170"; do
     name=${family%%:*}
     venv=compat-tests/${family#*:}
-    echo "== compat suite ($name clients and workers against target/release/ppserver)"
-    "$venv/bin/python" -m pytest compat-tests -q "$@" || failed+=("$name")
+    stage_start "compat suite ($name clients and workers against the release binary)"
+    "$venv/bin/python" -m pytest compat-tests -q "${parallel[@]}" --durations=15 "$@" ||
+        failed+=("$name")
+    stage_end "compat suite, $name"
 done
 # pathos requires ppft 1.7.8 (and its own dill, pox, multiprocess): its own
 # venv, which also runs the workers of the server pathos starts. Exit code 5
 # (every test deselected by the arguments) is not a failure here.
-echo "== pathos 0.3.5 starting and using target/release/ppserver"
+stage_start "pathos 0.3.5 starting and using the release binary"
 rc=0
 compat-tests/.venv-pathos/bin/python -m pytest compat-tests/test_pathos.py -q "$@" || rc=$?
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
     failed+=("pathos")
 fi
+stage_end "pathos"
+print_times
 if [ ${#failed[@]} -gt 0 ]; then
     echo "== compat suite FAILED for: ${failed[*]}"
     exit 1
