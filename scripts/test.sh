@@ -9,10 +9,11 @@
 # outcome depends on the family (protocol, jobs, faults, workers...) and
 # leave out the modules marked server_behaviour (flags, signals, limits,
 # hostile peers...: the server's own behaviour), which the ppft 1.7.8 run
-# covers (compat-tests/README.md). Each run is spread over
-# $PPSERVER_TEST_JOBS pytest-xdist processes (default 4; 0 runs it in this
-# process); a test that needs another one not beside it says so with an
-# xdist_group marker. Then pathos (its own venv: pathos 0.3.5 on ppft
+# covers (compat-tests/README.md). The three runs go side by side: ppft
+# 1.7.8 on $PPSERVER_TEST_JOBS pytest-xdist processes (default 4; 0 runs
+# each family in one process), the other two on half as many each; tests
+# that must not run beside each other say so with an xdist_group marker.
+# Then pathos (its own venv: pathos 0.3.5 on ppft
 # 1.7.8) starting the server with pathos.core.serve and mapping on it
 # (compat-tests/test_pathos.py).
 # The release build is the wheel's (scripts/wheel, into target/wheel): the
@@ -86,7 +87,16 @@ bg() {
     bg_pid[$name]=$!
     bg_pids+=("$!")
 }
-finish() {
+finish() { # NAME: waits for it; if it failed, shows its output and exits
+    local name=$1 rc=0
+    collect "$name" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "== $name FAILED (exit $rc); its output (${bg_log[$name]}):"
+        cat "${bg_log[$name]}"
+        exit "$rc"
+    fi
+}
+collect() { # NAME: waits for it, records its time; returns its exit status
     local name=$1 rc=0
     wait "${bg_pid[$name]}" || rc=$?
     # Its own time, from its start to its end (not to this wait).
@@ -97,11 +107,7 @@ finish() {
     else
         stage_end "$name (background)" "${bg_t0[$name]}"
     fi
-    if [ "$rc" -ne 0 ]; then
-        echo "== $name FAILED (exit $rc); its output (${bg_log[$name]}):"
-        cat "${bg_log[$name]}"
-        exit "$rc"
-    fi
+    return "$rc"
 }
 
 setup_machine() {
@@ -181,22 +187,47 @@ export PPSERVER_BIN="$here/target/wheel/release/ppserver"
 echo "== release binary: $PPSERVER_BIN (the wheel's); wheel: $wheel"
 
 # --- the compat suite ----------------------------------------------------------------
-parallel=()
-if [ "$xdist_jobs" != 0 ]; then
-    parallel=(-n "$xdist_jobs" --dist loadgroup)
-fi
+# ppft 1.7.8 (the whole suite) in the foreground; ppft 1.6.6.4 and pp 1.7.0
+# (their family's tests) beside it, each on fewer xdist processes, their
+# output shown once the first is done. Exit code 5 (every test deselected,
+# e.g. by a -k given to this script) is not a failure.
+pytest_in() { # VENV XDIST_JOBS [pytest args]: the compat suite with VENV's clients
+    local venv=compat-tests/$1 jobs=$2 rc=0
+    shift 2
+    local parallel=()
+    if [ "$jobs" != 0 ]; then
+        parallel=(-n "$jobs" --dist loadgroup)
+    fi
+    "$venv/bin/python" -m pytest compat-tests -q "${parallel[@]}" --durations=15 "$@" || rc=$?
+    if [ "$rc" -eq 5 ]; then
+        rc=0
+    fi
+    return "$rc"
+}
+other_jobs=$(( (xdist_jobs + 1) / 2 ))
 failed=()
-for family in "ppft 1.7.8:.venv" "ppft 1.6.6.4:.venv-ppft1664" "pp 1.7.0:.venv-pp170"; do
+declare -A family_log
+for family in "ppft 1.6.6.4:.venv-ppft1664" "pp 1.7.0:.venv-pp170"; do
     name=${family%%:*}
-    venv=compat-tests/${family#*:}
-    stage_start "compat suite ($name clients and workers against the release binary)"
-    "$venv/bin/python" -m pytest compat-tests -q "${parallel[@]}" --durations=15 "$@" ||
+    family_log[$name]=$logs/compat-${family#*:.venv-}.log
+    echo "== in the background: compat suite ($name clients and workers against the" \
+        "release binary; ${family_log[$name]})"
+    bg "compat suite, $name" "${family_log[$name]}" pytest_in "${family#*:}" "$other_jobs" "$@"
+done
+stage_start "compat suite (ppft 1.7.8 clients and workers against the release binary)"
+pytest_in .venv "$xdist_jobs" "$@" || failed+=("ppft 1.7.8")
+stage_end "compat suite, ppft 1.7.8"
+for name in "ppft 1.6.6.4" "pp 1.7.0"; do
+    rc=0
+    collect "compat suite, $name" || rc=$?
+    echo "== compat suite ($name clients and workers; ${family_log[$name]}):"
+    cat "${family_log[$name]}"
+    if [ "$rc" -ne 0 ]; then
         failed+=("$name")
-    stage_end "compat suite, $name"
+    fi
 done
 # pathos requires ppft 1.7.8 (and its own dill, pox, multiprocess): its own
-# venv, which also runs the workers of the server pathos starts. Exit code 5
-# (every test deselected by the arguments) is not a failure here.
+# venv, which also runs the workers of the server pathos starts.
 stage_start "pathos 0.3.5 starting and using the release binary"
 rc=0
 compat-tests/.venv-pathos/bin/python -m pytest compat-tests/test_pathos.py -q "$@" || rc=$?
