@@ -13,9 +13,8 @@
 # 1.7.8 on $PPSERVER_TEST_JOBS pytest-xdist processes (default 4; 0 runs
 # each family in one process), the other two on half as many each; tests
 # that must not run beside each other say so with an xdist_group marker.
-# Then pathos (its own venv: pathos 0.3.5 on ppft
-# 1.7.8) starting the server with pathos.core.serve and mapping on it
-# (compat-tests/test_pathos.py).
+# Then pathos (its own venv: pathos 0.3.5 on ppft 1.7.8) starting the
+# server with pathos.core.serve and mapping on it (compat-tests/test_pathos.py).
 # The release build is the wheel's (scripts/wheel, into target/wheel): the
 # compat suite runs the binary the wheel ships, and compat-tests/test_wheel.py
 # installs the wheel into venvs of its own, in the ppft 1.7.8 run.
