@@ -14,20 +14,56 @@
   ``launch.workers`` are SIGKILLed then too, in case they outlived it.
 - ``@pytest.mark.better_than_ppft(reason=...)``: behaviour where the server
   under test is deliberately better than ppft's own; skipped for python.
+- ``pytestmark = pytest.mark.server_behaviour`` (a module): the server's own
+  behaviour, the same whatever the client family (flags, signals, limits,
+  hostile peers...): collected by every family, run only by the reference
+  family (``REFERENCE_FAMILY``, ppft 1.7.8) and deselected in the others,
+  unless ``PPSERVER_ALL_FAMILIES=1``. ``@pytest.mark.family_specific`` on a
+  test of such a module keeps it in every family: its outcome depends on the
+  family's client or workers.
 """
+
+import os
 
 import pytest
 
 import pphelpers
 import procs
-from pphelpers import IMPL, setup_or_fail
+from pphelpers import FAMILY, IMPL, REFERENCE_FAMILY, setup_or_fail
 
 if IMPL not in ("rust", "python"):
     raise pytest.UsageError("PPSERVER_IMPL must be 'rust' or 'python', not %r" % IMPL)
 
 
 def pytest_report_header(config):
-    return "ppserver under test: %s" % pphelpers.describe_impl()
+    if runs_server_behaviour():
+        once = "run here"
+    else:
+        once = "deselected (the %s run covers them)" % REFERENCE_FAMILY
+    return ["ppserver under test: %s" % pphelpers.describe_impl(),
+            "tests marked server_behaviour: %s" % once]
+
+
+def runs_server_behaviour():
+    """Whether this run includes the server_behaviour tests: with the
+    reference family, or when PPSERVER_ALL_FAMILIES=1 asks for them."""
+    return FAMILY == REFERENCE_FAMILY or os.environ.get("PPSERVER_ALL_FAMILIES") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Outside the reference family, deselect the server_behaviour tests
+    (those not marked family_specific): the reference family's run covers
+    them."""
+    if runs_server_behaviour():
+        return
+    kept, dropped = [], []
+    for item in items:
+        once = (item.get_closest_marker("server_behaviour") is not None
+                and item.get_closest_marker("family_specific") is None)
+        (dropped if once else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_runtest_setup(item):

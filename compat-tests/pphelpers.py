@@ -25,6 +25,7 @@ of the same family.
 import importlib
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -59,6 +60,9 @@ CLIENT_VERSION = CLIENT.__version__
 INTERPRETER = sys.implementation.name
 FAMILY = "%s-%s" % (CLIENT.__name__, CLIENT_VERSION) + (
     "" if INTERPRETER == "cpython" else "-" + INTERPRETER)
+# The family that also runs the tests of the server's own behaviour (the
+# modules marked server_behaviour; conftest deselects them in the others).
+REFERENCE_FAMILY = "ppft-1.7.8"
 # The module the server's workers run (python -u -m ...).
 WORKER_MODULE = "ppft" if CLIENT.__name__ == "ppft" else "pp._worker"
 
@@ -134,7 +138,36 @@ class ServerHandle:
         return "\n".join(self.log().splitlines()[-lines:])
 
 
+# free_port picks ports from LOWEST_PORT up to the kernel's ephemeral range.
+LOWEST_PORT = 10000
+_port_rng = random.SystemRandom()
+
+
+def _ephemeral_ports():
+    """The range the kernel takes clients' (and port 0's) local ports from."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host="127.0.0.1"):
+    """A TCP port of `host` nothing is bound to now, for a server about to
+    start. Taken at random below the ephemeral range: a port the kernel
+    handed out (bind to port 0) could be given again as the local port of
+    one of the many client connections that tests running beside this one
+    open (pytest-xdist), before the server binds it."""
+    low, _ = _ephemeral_ports()
+    if low - LOWEST_PORT >= 1000:
+        for _ in range(100):
+            port = _port_rng.randrange(LOWEST_PORT, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

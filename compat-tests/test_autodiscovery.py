@@ -16,6 +16,11 @@ datagrams to 255.255.255.255 go out on it. The server runs in one with
 Needs root and ``ip netns``; skipped otherwise (CI runs as root). The
 namespaces are removed afterwards, also when a test fails, and stale ones
 left by a killed run (name prefix, dead creator pid) are removed first.
+
+Runs in every client family: the client's side of discovery is the
+family's own (pp 1.7.0's is a rewrite of ppft's), so each family's client
+must find the server. The servers' side alone, with three of them:
+test_cluster.py, with ppft 1.7.8.
 """
 
 import json
@@ -46,6 +51,9 @@ SERVER_ADDR = "192.0.2.1"
 CLIENT_ADDR = "192.0.2.2"
 NJOBS = 12
 WORKERS = 2
+
+# Network namespaces: one at a time with test_cluster.py under xdist.
+pytestmark = pytest.mark.xdist_group("netns")
 
 
 def _ip(*args, check=True):

@@ -1,4 +1,3 @@
-# server behaviour: runs once, with ppft 1.7.8
 """Autodiscovery beyond one broadcast domain, with unmodified clients that
 list their server only as ``"*:PORT"`` (clients/discover_jobs.py).
 
@@ -62,6 +61,9 @@ WORKERS = 1
 # subnet 3 waits beyond it: every wait is bounded.
 ANNOUNCE_INTERVAL = 10
 pytestmark = [
+    pytest.mark.server_behaviour,
+    # Network namespaces: one at a time with the other netns modules.
+    pytest.mark.xdist_group("netns"),
     pytest.mark.timeout(240),
     pytest.mark.better_than_ppft(reason="ppft's server answers C by broadcast only, "
                                  "takes one -b and has no --announce"),

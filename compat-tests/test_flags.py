@@ -34,6 +34,10 @@ from pphelpers import (
 )
 from procs import wait_until
 
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = pytest.mark.server_behaviour
+
 ours_only = pytest.mark.skipif(
     IMPL == "python", reason="not a flag (or behaviour) of ppft's own ppserver"
 )
@@ -157,6 +161,7 @@ def test_k_closes_idle_connections_not_busy_ones(launch):
             sock.close()
 
 
+@pytest.mark.family_specific  # how each family's client reconnects and resends
 @pytest.mark.skipif(
     FAMILY == "pp-1.7.0" and pphelpers.IMPL == "python",
     reason="pp 1.7.0's client keeps its package send cache across reconnects, so on a "
@@ -346,6 +351,7 @@ def test_r_restarts_the_worker_after_each_job(launch):
 # --- -n: pickle protocol of results -----------------------------------------------
 
 
+@pytest.mark.family_specific  # the family's workers pickle the results
 @pytest.mark.parametrize("proto", [2, 3, 4, 5])
 def test_n_sets_the_result_pickle_protocol(launch, proto):
     """-n PROTO: the result frame a client gets is a pickle of that protocol

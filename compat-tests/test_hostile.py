@@ -25,6 +25,10 @@ from faulthelpers import stat_roundtrip
 from pphelpers import close_client, connect_client
 from procs import wait_until
 
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = pytest.mark.server_behaviour
+
 ADD = ppwire.function_package("add", ["def add(a, b):\n    return a + b\n"])
 FLOODER = "127.0.0.2"
 BYSTANDER = "127.0.0.3"

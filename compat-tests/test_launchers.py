@@ -30,6 +30,10 @@ import serverprocs as sp
 from pphelpers import CLIENT, HERE, IMPL, SECRET, WORKER_MODULE, free_port, server_env
 from procs import wait_until
 
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = pytest.mark.server_behaviour
+
 better_than_ppft = pytest.mark.better_than_ppft
 
 PP170 = WORKER_MODULE == "pp._worker"
@@ -239,6 +243,7 @@ js.destroy()
 """
 
 
+@pytest.mark.family_specific  # each family's client leaves in its own way
 @better_than_ppft(reason="ppft's server logs nothing when a client leaves silently")
 def test_a_client_of_another_version_is_named_once(launch, tmp_path):
     """A real client that finds another pp version advertised leaves without
@@ -258,6 +263,7 @@ def test_a_client_of_another_version_is_named_once(launch, tmp_path):
     assert "0.0.0-other" in warnings[0]
 
 
+@pytest.mark.family_specific  # PP_SECRET counts with pp 1.7.0's workers only
 @better_than_ppft(reason="only pp 1.7.0's server reads PP_SECRET")
 def test_pp_secret_only_for_pp170_workers(launch):
     """PP_SECRET is the secret when the workers are pp 1.7.0's (whose
@@ -278,6 +284,7 @@ def test_pp_secret_only_for_pp170_workers(launch):
         assert sp.handshake_reply(server, sp.DEFAULT_SECRET) == b"OK"
 
 
+@pytest.mark.family_specific  # the default depends on the family's workers
 def test_result_pickle_protocol_defaults_like_the_familys_server(launch):
     """-n defaults to 2 with ppft workers and 4 with pp 1.7.0's, as each
     family's own server does: the worker pickles results with it."""

@@ -26,6 +26,10 @@ from pphelpers import (IMPL, close_client, connect_client, setup_or_fail, start_
                        stop_server)
 from procs import fd_count, fd_targets, is_gone, wait_for_pool, wait_settled, wait_until
 
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = pytest.mark.server_behaviour
+
 FD_SLACK = 3
 CONNECTIONS = 1500
 ADD = ppwire.function_package("add", ["def add(a, b):\n    return a + b\n"])
@@ -150,7 +154,10 @@ def test_no_process_or_fd_leak_after_restarts_and_kills(tmp_path):
 def test_workers_do_not_outlive_the_server(tmp_path, how):
     """Stopping the server (SIGTERM), or killing it outright (SIGKILL), also
     ends every worker, even one in the middle of a long job."""
-    server = setup_or_fail(start_server, 2, tmp_path / "server.log")
+    # The job may have started before the signal lands: then SIGTERM's drain
+    # waits for it until --drain-timeout (default 20 s, test_stopping.py).
+    flags = ("--drain-timeout", "1") if IMPL == "rust" else ()
+    server = setup_or_fail(start_server, 2, tmp_path / "server.log", *flags)
     try:
         workers = wait_for_pool(server)
         sock = exec_session(server)

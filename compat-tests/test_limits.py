@@ -24,6 +24,10 @@ from faulthelpers import ExtraServer, exec_session, server_alive, stat_roundtrip
 from pphelpers import close_client, connect_client
 from procs import rss_kib, status_kib, wait_until
 
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = pytest.mark.server_behaviour
+
 PPSERVER_WORKERS = 2
 PPSERVER_FLAGS = ("-d",)  # conftest's ppserver for this module runs with -d
 

@@ -1,4 +1,3 @@
-# server behaviour: runs once, with ppft 1.7.8
 """Three servers behind HAProxy (Debian's ``haproxy``, TCP mode), and one
 client that lists only HAProxy's address.
 
@@ -54,6 +53,7 @@ ROUNDS = 4  # jobs per worker in each measure
 MIN_RATIO = 2.4  # the issue's criterion; 3.0 is the ideal
 
 pytestmark = [
+    pytest.mark.server_behaviour,
     pytest.mark.timeout(180),
     pytest.mark.better_than_ppft(reason="ppft's server has no --advertise-ncpus"),
 ]

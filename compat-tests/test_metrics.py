@@ -21,7 +21,12 @@ import ppwire
 import serverprocs as sp
 from procs import wait_for_children, wait_until
 
-pytestmark = pytest.mark.better_than_ppft(reason="ppft's server has no metrics")
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = [
+    pytest.mark.server_behaviour,
+    pytest.mark.better_than_ppft(reason="ppft's server has no metrics"),
+]
 
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')
 

@@ -1,4 +1,3 @@
-# server behaviour: runs once, with ppft 1.7.8
 """Open files: the server raises its open-file soft limit to the hard one
 and gives workers the original back; budgets that the limit cannot hold
 are lowered to fit (or, given explicitly, refused at startup); the
@@ -32,8 +31,14 @@ import pphelpers
 import serverprocs as sp
 from procs import fd_count, sigkill, wait_for_pool, wait_until, worker_pids
 
-pytestmark = pytest.mark.better_than_ppft(
-    reason="ppft's server keeps the soft limit it is given and has no budgets")
+pytestmark = [
+    pytest.mark.server_behaviour,
+    # Descriptor counts of its own servers under floods of sockets: one
+    # test at a time under xdist.
+    pytest.mark.xdist_group("openfiles"),
+    pytest.mark.better_than_ppft(
+        reason="ppft's server keeps the soft limit it is given and has no budgets"),
+]
 
 FLOODER = "127.0.0.2"
 FLOOD = 1500            # silent sockets against the client port

@@ -159,7 +159,7 @@ class _Reader:
         while True:
             try:
                 chunk = os.read(pipe.fileno(), 65536)
-            except OSError:  # closed by the fixture
+            except (OSError, ValueError):  # closed by the fixture
                 return
             if not chunk:
                 return

@@ -196,7 +196,10 @@ def test_nothing_a_job_started_outlives_the_server(launch, tmp_path):
     and, the server being a child subreaper, becomes the server's child);
     job 3 starts a child and keeps running. SIGTERM: exit 0, and none of
     the three children is left."""
-    server = launch(nworkers=2)
+    # Job 3 never ends by itself: SIGTERM's drain waits for it until
+    # --drain-timeout (default 20 s) runs out, which test_stopping.py tests;
+    # a short one spares those seconds here.
+    server = launch("--drain-timeout", 1, nworkers=2)
     launch.workers.extend(wait_for_pool(server))
     plain, detached, running = new_marker(), new_marker(), new_marker()
     run_job(server, "spawn", SPAWN_SOURCE, (plain, CHILD_LIFE, False))

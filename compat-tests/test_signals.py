@@ -16,6 +16,10 @@ import ppwire
 import serverprocs as sp
 from procs import is_gone, live_children, wait_for_children, wait_until
 
+# The server's own behaviour, whatever the client family: run with the
+# ppft 1.7.8 family only (conftest.py deselects it in the others).
+pytestmark = pytest.mark.server_behaviour
+
 better_than_ppft = pytest.mark.better_than_ppft(
     reason="ppft's ppserver dies on SIGTERM/SIGINT/SIGHUP/SIGKILL without stopping its workers "
     "or removing its pid file"

@@ -1,4 +1,3 @@
-# server behaviour: runs once, with ppft 1.7.8
 """examples/slurm/ppserver.sbatch on a real Slurm: Debian's slurm-wlm and
 munge, slurmctld and two slurmd nodes on this host (slurmcluster.py).
 
@@ -53,6 +52,7 @@ JOB_END = KILL_WAIT + 90
 SECRET = "slurm;test secret"
 
 pytestmark = [
+    pytest.mark.server_behaviour,
     pytest.mark.skipif(IMPL != "rust", reason="the script starts the Rust binary"),
     pytest.mark.skipif(FAMILY != "ppft-1.7.8", reason="runs once, with the ppft 1.7.8 family"),
     # Daemons, then three batch jobs at once, one of them ended by

@@ -56,6 +56,10 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 
+# Under xdist, the two tests of the venv ppft_then_ours makes run on one
+# process, in this order (the second changes the venv); the others anywhere.
+SHARED_VENV = pytest.mark.xdist_group("wheel")
+
 PIP_TIMEOUT = 240.0  # seconds for one pip command (downloads, pp 1.7.0's sdist build)
 PPFT_PINS = HERE / "requirements.txt"
 PP170_PINS = HERE / "requirements-pp170.txt"
@@ -183,6 +187,7 @@ def ppft_then_ours(tmp_path_factory):
     return venv
 
 
+@SHARED_VENV
 def test_installed_after_ppft_ppserver_is_ours_and_runs_workers_with_the_venv_python(
         ppft_then_ours, tmp_path):
     venv = ppft_then_ours
@@ -231,6 +236,7 @@ def test_installed_before_ppft_ppserver_rs_is_ours_warns_and_uninstalls_cleanly(
     assert header and int.from_bytes(header, "big") == len(pid) and pid.isdigit(), worker
 
 
+@SHARED_VENV
 def test_uninstalling_ppft_takes_ppserver_and_leaves_ppserver_rs(ppft_then_ours, tmp_path):
     """Runs after the first test: it changes the shared venv."""
     venv = ppft_then_ours

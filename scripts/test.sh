@@ -2,130 +2,298 @@
 # Usage: scripts/test.sh [pytest args]
 # Runs every test: formatting and lints, the Rust unit and integration
 # tests (including the fixture replay against the real binary), and the
-# compat suite with real clients from PyPI against the release build, once
-# per client family (ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0), each from its own
+# compat suite with real clients from PyPI against the release build, in
+# each client family (ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0), each from its own
 # venv with pinned versions; the server's workers run with that venv too.
+# The ppft 1.7.8 run is the whole suite; the other two run the tests whose
+# outcome depends on the family (protocol, jobs, faults, workers...) and
+# leave out the modules marked server_behaviour (flags, signals, limits,
+# hostile peers...: the server's own behaviour), which the ppft 1.7.8 run
+# covers (compat-tests/README.md). The three runs go side by side: ppft
+# 1.7.8 on $PPSERVER_TEST_JOBS pytest-xdist processes (default 4; 0 runs
+# each family in one process), the other two on half as many each; tests
+# that must not run beside each other say so with an xdist_group marker.
 # Then pathos (its own venv: pathos 0.3.5 on ppft 1.7.8) starting the
 # server with pathos.core.serve and mapping on it (compat-tests/test_pathos.py).
-# The wheel (scripts/wheel) is built once and installed by
-# compat-tests/test_wheel.py into venvs of its own, in the ppft 1.7.8 run.
+# The release build is the wheel's (scripts/wheel, into target/wheel): the
+# compat suite runs the binary the wheel ships, and compat-tests/test_wheel.py
+# installs the wheel into venvs of its own, in the ppft 1.7.8 run.
+# The release build and the venvs are made in the background while the lints
+# and the Rust tests run (their output is in target/test-logs/), and the
+# time of each stage is printed at the end.
 # The multi-host tests (autodiscovery, cluster, discovery across subnets)
 # need root and `ip netns`: iproute2 is installed here if `ip` is missing;
-# so are haproxy, for the load balancer test, and slurm-wlm and munge, for
-# the Slurm test (examples/slurm/ppserver.sbatch on a real Slurm).
+# so are haproxy, for the load balancer test, slurm-wlm and munge, for the
+# Slurm test (examples/slurm/ppserver.sbatch on a real Slurm), and pypy3
+# with pypy3-venv, for the PyPy family (ppft 1.7.8 on PyPy, clients and
+# workers: the protocol and job modules in pypy_modules below), which runs
+# beside the others.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-echo "== setting up the compat venvs (pinned clients: ppft 1.7.8, ppft 1.6.6.4, pp 1.7.0)"
-scripts/venv.sh compat-tests/.venv compat-tests/requirements.txt
-scripts/venv.sh compat-tests/.venv-ppft1664 compat-tests/requirements-ppft1664.txt
-scripts/venv.sh compat-tests/.venv-pp170 compat-tests/requirements-pp170.txt
-scripts/venv.sh compat-tests/.venv-pathos compat-tests/requirements-pathos.txt
-if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing iproute2 (ip netns: the autodiscovery and cluster tests)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } ||
-        echo "== could not install iproute2: the autodiscovery and cluster tests will be skipped"
+xdist_jobs=${PPSERVER_TEST_JOBS:-4}
+logs=target/test-logs
+mkdir -p "$logs"
+# A fresh clone gains nothing from incremental compilation data.
+if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 fi
-if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing promtool (Debian's prometheus package: checks the /metrics page)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends prometheus >/dev/null; } ||
-        echo "== could not install prometheus: the promtool check will be skipped"
-fi
-# --- load balancer (compat-tests/test_load_balancer.py): Debian's haproxy ---
-if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ] \
-    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing haproxy (three servers behind it: compat-tests/test_load_balancer.py)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends haproxy >/dev/null; } ||
-        echo "== could not install haproxy: the load balancer test will be skipped"
-fi
-# --- end load balancer ---
-# --- Slurm (compat-tests/test_slurm.py): Debian's slurm-wlm and munge ---
-if { [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/munged ]; } \
-    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing slurm-wlm and munge (a Slurm cluster on this host: compat-tests/test_slurm.py)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends slurm-wlm munge >/dev/null; } ||
-        echo "== could not install slurm-wlm and munge: the Slurm test will be skipped"
-fi
-# --- end of Slurm ---
-export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
 
-echo "== import circles (scripts/check-imports), cargo fmt --check, clippy"
+# --- stage times ---------------------------------------------------------------
+started=$EPOCHREALTIME
+stage_names=()
+stage_secs=()
+stage_start() { stage_t0=$EPOCHREALTIME; echo "== $*"; }
+stage_end() { # NAME [START]: records the seconds since START (default: stage_start's)
+    stage_names+=("$1")
+    stage_secs+=("$(awk -v a="${2:-$stage_t0}" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')")
+}
+times_printed=
+print_times() {
+    times_printed=1
+    echo "== stage times (wall clock; background stages overlap the others)"
+    local i
+    for i in "${!stage_names[@]}"; do
+        printf '   %5s s  %s\n' "${stage_secs[$i]}" "${stage_names[$i]}"
+    done
+    printf '   %5s s  in all\n' "$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')"
+}
+
+# --- background stages -----------------------------------------------------------
+bg_pids=()
+on_exit() {
+    local rc=$? pid
+    for pid in "${bg_pids[@]}"; do # a stage failed: stop what still runs
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+        fi
+    done
+    if [ -z "$times_printed" ]; then
+        print_times
+    fi
+    return "$rc"
+}
+trap on_exit EXIT
+
+# bg NAME LOG COMMAND...: runs COMMAND in the background (its own process
+# group), output to LOG; `finish NAME` waits for it.
+declare -A bg_pid bg_log bg_t0
+bg() {
+    local name=$1 log=$2
+    shift 2
+    bg_t0[$name]=$EPOCHREALTIME
+    bg_log[$name]=$log
+    rm -f "$log.end"
+    set -m
+    { "$@"; } >"$log" 2>&1 && echo "$EPOCHREALTIME" >"$log.end" &
+    set +m
+    bg_pid[$name]=$!
+    bg_pids+=("$!")
+}
+finish() { # NAME: waits for it; if it failed, shows its output and exits
+    local name=$1 rc=0
+    collect "$name" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "== $name FAILED (exit $rc); its output (${bg_log[$name]}):"
+        cat "${bg_log[$name]}"
+        exit "$rc"
+    fi
+}
+collect() { # NAME: waits for it, records its time; returns its exit status
+    local name=$1 rc=0
+    wait "${bg_pid[$name]}" || rc=$?
+    # Its own time, from its start to its end (not to this wait).
+    if [ -s "${bg_log[$name]}.end" ]; then
+        stage_names+=("$name (background)")
+        stage_secs+=("$(awk -v a="${bg_t0[$name]}" -v b="$(cat "${bg_log[$name]}.end")" \
+            'BEGIN { printf "%.0f", b - a }')")
+    else
+        stage_end "$name (background)" "${bg_t0[$name]}"
+    fi
+    return "$rc"
+}
+
+# The PyPy family's interpreter: Debian's pypy3 with ensurepip (pypy3-venv).
+pypy_ready() { pypy3 -c 'import ensurepip, sys; sys.exit(ensurepip.version() is None)' >/dev/null 2>&1; }
+
+setup_machine() {
+    # The venvs: the three client families, pathos.
+    local pids=() pid rc=0
+    scripts/venv.sh compat-tests/.venv compat-tests/requirements.txt & pids+=($!)
+    scripts/venv.sh compat-tests/.venv-ppft1664 compat-tests/requirements-ppft1664.txt & pids+=($!)
+    scripts/venv.sh compat-tests/.venv-pp170 compat-tests/requirements-pp170.txt & pids+=($!)
+    scripts/venv.sh compat-tests/.venv-pathos compat-tests/requirements-pathos.txt & pids+=($!)
+    # What pip does not bring: iproute2 (ip netns: the autodiscovery,
+    # cluster and subnet tests), Debian's prometheus package (promtool
+    # checks the /metrics page), haproxy (the load balancer test),
+    # slurm-wlm and munge (the Slurm test), pypy3 and pypy3-venv (the PyPy
+    # family), as root with apt-get; the tests say so and skip what needs
+    # a missing one.
+    local packages=()
+    if ! command -v ip >/dev/null 2>&1; then
+        packages+=(iproute2)
+    fi
+    if ! command -v promtool >/dev/null 2>&1; then
+        packages+=(prometheus)
+    fi
+    if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+        packages+=(haproxy)
+    fi
+    if [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/munged ]; then
+        packages+=(slurm-wlm munge)
+    fi
+    if ! pypy_ready; then
+        packages+=(pypy3 pypy3-venv)
+    fi
+    if [ ${#packages[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "installing ${packages[*]}"
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                --no-install-recommends "${packages[@]}" >/dev/null; } ||
+                echo "could not install ${packages[*]}: the tests that need them will skip"
+        else
+            echo "not installing ${packages[*]} (needs root and apt-get): the tests that need them will skip"
+        fi
+    fi
+    for pid in "${pids[@]}"; do
+        wait "$pid" || rc=1
+    done
+    if pypy_ready; then
+        scripts/venv.sh compat-tests/.venv-pypy compat-tests/requirements-pypy.txt pypy3 || rc=1
+    fi
+    return "$rc"
+}
+
+echo "== in the background: the compat venvs (pinned clients: ppft 1.7.8, ppft 1.6.6.4," \
+    "pp 1.7.0; pathos) and system packages ($logs/setup.log)"
+bg "venvs and system packages" "$logs/setup.log" setup_machine
+echo "== in the background: the release build, as the wheel (scripts/wheel into target/wheel;" \
+    "$logs/wheel.log)"
+bg "release build and wheel" "$logs/wheel.log" scripts/wheel --target-dir target/wheel
+
+# --- lints and Rust tests (foreground) ---------------------------------------------
+stage_start "import circles (scripts/check-imports)"
 scripts/check-imports
-cargo fmt --check
-cargo clippy --quiet --all-targets --all-features -- -D warnings
+stage_end "import circles"
 
-echo "== cargo check for musl (glibc-only calls must stay gated)"
+stage_start "cargo fmt --check"
+cargo fmt --check
+stage_end "cargo fmt --check"
+
+stage_start "cargo clippy"
+cargo clippy --quiet --all-targets --all-features -- -D warnings
+stage_end "cargo clippy"
+
+stage_start "cargo check for musl (glibc-only calls must stay gated)"
 if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
     || rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1; then
     cargo check --quiet --target x86_64-unknown-linux-musl
 else
     echo "SKIPPED: the x86_64-unknown-linux-musl target cannot be installed here"
 fi
+stage_end "cargo check for musl"
 
-echo "== cargo test"
+# The fixture replay (tests/replay.rs) runs its workers with the venv.
+finish "venvs and system packages"
+export PPSERVER_TEST_PYTHON="$here/compat-tests/.venv/bin/python"
+stage_start "cargo test"
 cargo test --quiet
+stage_end "cargo test"
 
-echo "== release build"
-cargo build --release --quiet
-export PPSERVER_BIN="$here/target/release/ppserver"
-
-echo "== wheel (scripts/wheel; installed by compat-tests/test_wheel.py)"
-wheel=$(scripts/wheel | tail -n 1)
+finish "release build and wheel"
+wheel=$(tail -n 1 "$logs/wheel.log")
+case $wheel in
+    "$here"/dist/*.whl) ;;
+    *) echo "scripts/wheel did not name a wheel; its output:"; cat "$logs/wheel.log"; exit 1 ;;
+esac
 export PPSERVER_WHEEL="$wheel"
+export PPSERVER_BIN="$here/target/wheel/release/ppserver"
+echo "== release binary: $PPSERVER_BIN (the wheel's); wheel: $wheel"
 
+# --- the compat suite ----------------------------------------------------------------
+# ppft 1.7.8 (the whole suite) in the foreground; ppft 1.6.6.4 and pp 1.7.0
+# (their family's tests) beside it, each on fewer xdist processes, their
+# output shown once the first is done. Exit code 5 (every test deselected,
+# e.g. by a -k given to this script) is not a failure.
+pytest_in() { # VENV XDIST_JOBS [pytest args]: the compat suite with VENV's clients
+    local venv=compat-tests/$1 jobs=$2 rc=0
+    shift 2
+    local parallel=()
+    if [ "$jobs" != 0 ]; then
+        parallel=(-n "$jobs" --dist loadgroup)
+    fi
+    "$venv/bin/python" -m pytest compat-tests -q "${parallel[@]}" --durations=15 "$@" || rc=$?
+    if [ "$rc" -eq 5 ]; then
+        rc=0
+    fi
+    return "$rc"
+}
+other_jobs=$(( (xdist_jobs + 1) / 2 ))
 failed=()
-for family in "ppft 1.7.8:.venv" "ppft 1.6.6.4:.venv-ppft1664" "pp 1.7.0:.venv-pp170"; do
+declare -A family_log
+for family in "ppft 1.6.6.4:.venv-ppft1664" "pp 1.7.0:.venv-pp170"; do
     name=${family%%:*}
-    venv=compat-tests/${family#*:}
-    echo "== compat suite ($name clients and workers against target/release/ppserver)"
-    "$venv/bin/python" -m pytest compat-tests -q "$@" || failed+=("$name")
+    family_log[$name]=$logs/compat-${family#*:.venv-}.log
+    echo "== in the background: compat suite ($name clients and workers against the" \
+        "release binary; ${family_log[$name]})"
+    bg "compat suite, $name" "${family_log[$name]}" pytest_in "${family#*:}" "$other_jobs" "$@"
+done
+# PyPy (Debian's pypy3, ppft 1.7.8 and dill: compat-tests/requirements-pypy.txt)
+# for the clients and the workers: only the modules where the interpreter of
+# the client and of the workers matters, and test_pypy.py (PyPy workers; the
+# wheel in a PyPy venv), in one process beside the others.
+pypy_modules=(test_jobs.py test_protocol.py test_auth.py test_stats.py test_concurrency.py
+    test_worker_failures.py test_pypy.py)
+pypy_run() {
+    local rc=0
+    compat-tests/.venv-pypy/bin/python -m pytest "${pypy_modules[@]/#/compat-tests/}" -q \
+        --durations=5 "$@" || rc=$?
+    if [ "$rc" -eq 5 ]; then
+        rc=0
+    fi
+    return "$rc"
+}
+if [ -x compat-tests/.venv-pypy/bin/python ] && pypy_ready; then
+    echo "== in the background: compat suite (ppft 1.7.8 on PyPy: ${pypy_modules[*]};" \
+        "$logs/compat-pypy.log)"
+    bg "compat suite, PyPy" "$logs/compat-pypy.log" pypy_run "$@"
+else
+    echo "SKIPPED: the PyPy family: no pypy3 with ensurepip (as root, scripts/test.sh installs" \
+        "Debian's pypy3 and pypy3-venv)"
+fi
+stage_start "compat suite (ppft 1.7.8 clients and workers against the release binary)"
+pytest_in .venv "$xdist_jobs" "$@" || failed+=("ppft 1.7.8")
+stage_end "compat suite, ppft 1.7.8"
+for name in "ppft 1.6.6.4" "pp 1.7.0"; do
+    rc=0
+    collect "compat suite, $name" || rc=$?
+    echo "== compat suite ($name clients and workers; ${family_log[$name]}):"
+    cat "${family_log[$name]}"
+    if [ "$rc" -ne 0 ]; then
+        failed+=("$name")
+    fi
 done
 # pathos requires ppft 1.7.8 (and its own dill, pox, multiprocess): its own
-# venv, which also runs the workers of the server pathos starts. Exit code 5
-# (every test deselected by the arguments) is not a failure here.
-echo "== pathos 0.3.5 starting and using target/release/ppserver"
+# venv, which also runs the workers of the server pathos starts.
+stage_start "pathos 0.3.5 starting and using the release binary"
 rc=0
 compat-tests/.venv-pathos/bin/python -m pytest compat-tests/test_pathos.py -q "$@" || rc=$?
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
     failed+=("pathos")
 fi
-# --- PyPy family (begin) ---------------------------------------------------
-# Debian's pypy3 with ppft 1.7.8 and dill (compat-tests/requirements-pypy.txt)
-# for the clients and the workers. Only the modules where the interpreter of
-# the client and of the workers matters: the protocol and job tests, and
-# test_pypy.py (PyPy workers; the wheel in a PyPy venv). pypy3 and
-# pypy3-venv (ensurepip's wheels) are installed as root with apt-get when
-# missing; without them the family is skipped, saying so.
-pypy_modules=(test_jobs.py test_protocol.py test_auth.py test_stats.py test_concurrency.py
-    test_worker_failures.py test_pypy.py)
-pypy_ready() { pypy3 -c 'import ensurepip, sys; sys.exit(ensurepip.version() is None)' >/dev/null 2>&1; }
-pypy_started=$SECONDS
-if ! pypy_ready && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing pypy3 and pypy3-venv (the PyPy family)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        pypy3 pypy3-venv >/dev/null; } ||
-        echo "== could not install pypy3: the PyPy family will be skipped"
-fi
-if pypy_ready; then
-    echo "== compat suite (ppft 1.7.8 on PyPy, clients and workers: ${pypy_modules[*]})"
+stage_end "pathos"
+# PyPy: its run went beside the others (started below, before ppft 1.7.8's).
+if [ -n "${bg_pid[compat suite, PyPy]:-}" ]; then
     rc=0
-    scripts/venv.sh compat-tests/.venv-pypy compat-tests/requirements-pypy.txt pypy3 &&
-        compat-tests/.venv-pypy/bin/python -m pytest "${pypy_modules[@]/#/compat-tests/}" -q "$@" ||
-        rc=$?
-    # Exit code 5: every test deselected by the arguments.
-    if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
+    collect "compat suite, PyPy" || rc=$?
+    echo "== compat suite (ppft 1.7.8 on PyPy; $logs/compat-pypy.log):"
+    cat "$logs/compat-pypy.log"
+    if [ "$rc" -ne 0 ]; then
         failed+=("ppft 1.7.8 on PyPy")
     fi
-    echo "== PyPy family: $((SECONDS - pypy_started)) s (install, venv and tests)"
-else
-    echo "SKIPPED: the PyPy family: no pypy3 with ensurepip (as root, scripts/test.sh installs" \
-        "Debian's pypy3 and pypy3-venv)"
 fi
-# --- PyPy family (end) -----------------------------------------------------
+print_times
 if [ ${#failed[@]} -gt 0 ]; then
     echo "== compat suite FAILED for: ${failed[*]}"
     exit 1
