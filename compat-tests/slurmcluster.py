@@ -196,6 +196,9 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        # slurmstepd and the steps of the last job may still be exiting
+        # under load: only what is still there after a bounded wait is left.
+        wait_until(lambda: not self.marked_processes(), timeout=STOP_TIMEOUT)
         left = self.marked_processes()
         for pid in left:
             try:

@@ -109,7 +109,10 @@ def test_wheel_in_a_pypy_venv_runs_its_workers_with_that_pypy(tmp_path):
         workers = procs.worker_pids(server)
         assert workers, server.log()
         for pid in workers:
-            assert procs.cmdline(pid)[:4] == [str(python3), "-u", "-m", "ppft"]
+            # `python -u -c BOOTSTRAP -m ppft`: the bootstrap that keeps
+            # the worker alive through a SIGTERM sent to the whole tree.
+            argv = procs.cmdline(pid)
+            assert argv[:2] == [str(python3), "-u"] and argv[-2:] == ["-m", "ppft"], argv
             assert os.path.realpath("/proc/%d/exe" % pid) == pypy
     finally:
         pphelpers.stop_server(server)
