@@ -200,6 +200,7 @@ class Cluster:
         # under load: only what is still there after a bounded wait is left.
         wait_until(lambda: not self.marked_processes(), timeout=STOP_TIMEOUT)
         left = self.marked_processes()
+        self.left_described = [describe(pid) for pid in left]
         for pid in left:
             try:
                 os.kill(pid, 9)
@@ -295,3 +296,11 @@ def wait_for_files(directory, pattern, count, timeout):
     wait_until(enough, timeout=timeout)
     return list(found)
 
+
+def describe(pid):
+    """`pid: command line`, for a failure message."""
+    try:
+        argv = Path("/proc", str(pid), "cmdline").read_bytes().split(b"\0")
+        return "%d: %s" % (pid, b" ".join(argv).decode(errors="replace")[:160])
+    except OSError:
+        return "%d: gone" % pid

@@ -53,6 +53,10 @@ SECRET = "slurm;test secret"
 
 pytestmark = [
     pytest.mark.server_behaviour,
+    # One cluster whose three batch jobs the tests share: all of them on
+    # one xdist process, or another process's fixture starts a second
+    # cluster and the first is stopped under jobs still running.
+    pytest.mark.xdist_group("slurm"),
     pytest.mark.skipif(IMPL != "rust", reason="the script starts the Rust binary"),
     pytest.mark.skipif(FAMILY != "ppft-1.7.8", reason="runs once, with the ppft 1.7.8 family"),
     # Daemons, then three batch jobs at once, one of them ended by
@@ -77,7 +81,8 @@ def cluster():
     finally:
         left = cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-    assert not left, "processes left after the cluster stopped: %r" % left
+    assert not left, "processes left after the cluster stopped:\n%s" % "\n".join(
+        cluster.left_described)
 
 
 class Job:
