@@ -194,7 +194,11 @@ def test_the_time_limit_drains_like_scancel(jobs):
     job = jobs["time limit"]
     state, report = job.finish()
     assert state == "TIMEOUT", (state, job.log())
-    assert len(report["results"]) == HELD and report["sigterm"], report
+    # Every worker got the time limit's SIGTERM while its job ran, and
+    # answered it (held=True). Whether the client, a background process of
+    # the batch script, also saw it depends on when slurmstepd reached it
+    # under load, so unlike scancel it is not required here.
+    assert len(report["results"]) == HELD, report
     _assert_results(report, held=True)
     assert job.log().count("draining: answering the jobs already received") == len(NODES), (
         job.log())
