@@ -43,6 +43,7 @@ from pphelpers import (
     stop_server,
     wait_listening,
 )
+from procs import wait_until
 from serverprocs import run_to_exit, stat_workers
 
 NSERVERS = 3
@@ -135,8 +136,11 @@ def test_advertised_cpus_keep_every_worker_behind_haproxy_busy(tmp_path):
             started.append(backends[node])
         for server in started:
             wait_listening(server)
-        assert "telling clients 6 CPUs (--advertise-ncpus)" in backends["n1"].log(), (
-            backends["n1"].log_tail())
+        # The startup line is written by the log thread, a moment after
+        # the socket listens.
+        assert wait_until(
+            lambda: "telling clients 6 CPUs (--advertise-ncpus)" in backends["n1"].log(),
+            timeout=30), backends["n1"].log_tail()
         balancer = _start_haproxy(binary, backends, tmp_path)
         started.append(balancer)
 

@@ -127,9 +127,13 @@ def open_files_limits(pid):
 
 
 def startup_line(server):
-    lines = [l for l in server.log().splitlines() if "listening on" in l]
-    assert lines, server.log_tail()
-    return lines[0]
+    """The startup line, which the log thread writes a moment after the
+    socket listens."""
+    def lines():
+        return [l for l in server.log().splitlines() if "listening on" in l]
+    found = wait_until(lines, timeout=30)
+    assert found, server.log_tail()
+    return found[0]
 
 
 # --- a flood that holds its sockets -----------------------------------------------
