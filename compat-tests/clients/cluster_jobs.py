@@ -14,10 +14,9 @@ connections.
 """
 
 import json
-import socket
 import sys
 
-from ppclient import pp, wait_for
+from ppclient import close, pp, wait_for
 
 
 def square_where(i):
@@ -45,24 +44,6 @@ def connected(js, nservers):
     ready = {k: s for k, s in stats.items()
              if s.ncpus and js.autopp_list.get(k, 0) >= 2 * s.ncpus}
     return ready if len(ready) >= nservers else None
-
-
-def close(js):
-    """destroy(), then close the sockets ppft leaves open, so the servers see
-    this client leave now (they would anyway when the process exits)."""
-    js.destroy()
-    rworkers = list(getattr(js, "_Server__rworkers", []))
-    rworkers += list(getattr(js, "_Server__rworkers_reserved", []))
-    rworkers += [s.rworker for s in getattr(js, "_Server__stats", {}).values()
-                 if getattr(s, "rworker", None)]
-    for rworker in rworkers:
-        sock = getattr(rworker, "socket", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            except OSError:
-                pass
 
 
 def main():

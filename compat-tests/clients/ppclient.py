@@ -7,6 +7,7 @@
 - ``connected_server``: a client of one server, fully connected.
 - ``start_together``: a barrier, so that several client processes submit
   their jobs at the same time.
+- ``close``: destroy a client and close the sockets ppft leaves open.
 - ``answer_of``: a submitted job's answer within a deadline, with the text
   the client prints when it unpickles it (ppserver's reason for a None).
 
@@ -17,6 +18,7 @@ No job functions here: a script's jobs are defined in the script itself
 import contextlib
 import io
 import os
+import socket
 import time
 
 try:
@@ -71,3 +73,21 @@ def answer_of(job, submitted, deadline):
     with contextlib.redirect_stdout(out):
         result = job()
     return result, out.getvalue()
+
+
+def close(js):
+    """destroy(), then close the sockets ppft leaves open, so the servers see
+    this client leave now (they would anyway when the process exits)."""
+    js.destroy()
+    rworkers = list(getattr(js, "_Server__rworkers", []))
+    rworkers += list(getattr(js, "_Server__rworkers_reserved", []))
+    rworkers += [s.rworker for s in getattr(js, "_Server__stats", {}).values()
+                 if getattr(s, "rworker", None)]
+    for rworker in rworkers:
+        sock = getattr(rworker, "socket", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass

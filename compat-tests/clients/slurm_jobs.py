@@ -30,10 +30,9 @@ submitted (the servers' drain sends them), then writes OUT and exits 0.
 import json
 import os
 import signal
-import socket
 import sys
 
-from ppclient import pp, wait_for
+from ppclient import close, pp, wait_for
 
 got_sigterm = []
 
@@ -90,23 +89,6 @@ def connected(js, servers):
         return False
     return all(s in stats and stats[s].ncpus and js.autopp_list.get(s, 0) >= 2 * stats[s].ncpus
                for s in servers)
-
-
-def close(js):
-    """destroy(), then close the sockets ppft leaves open."""
-    js.destroy()
-    rworkers = list(getattr(js, "_Server__rworkers", []))
-    rworkers += list(getattr(js, "_Server__rworkers_reserved", []))
-    rworkers += [s.rworker for s in getattr(js, "_Server__stats", {}).values()
-                 if getattr(s, "rworker", None)]
-    for rworker in rworkers:
-        sock = getattr(rworker, "socket", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            except OSError:
-                pass
 
 
 def main():
