@@ -113,6 +113,9 @@ where
             Long("max-connections") => ("--max-connections", Setting::MaxConnections),
             Long("max-jobs-per-worker") => ("--max-jobs-per-worker", Setting::MaxJobsPerWorker),
             Long("job-timeout") => ("--job-timeout", Setting::JobTimeout),
+            Long("worker-start") => ("--worker-start", Setting::WorkerStart),
+            Long("preload") => ("--preload", Setting::Preload),
+            Long("worker-memory-limit") => ("--worker-memory-limit", Setting::WorkerMemoryLimit),
             Long("keep-abandoned") => {
                 cfg.keep_abandoned = true;
                 continue;
@@ -524,6 +527,47 @@ mod tests {
         let path = temp_file("j2.conf", "[general]\njob_timeout = soon\n");
         let e = err(&["-c", path.to_str().unwrap()]);
         assert!(e.contains("[general] job_timeout"), "{e}");
+    }
+
+    #[test]
+    fn worker_start_preload_and_worker_memory_limit_flags_and_keys() {
+        use crate::config::{WorkerMemoryLimit, WorkerStart};
+        let c = run(&[]);
+        assert_eq!(c.worker_start, WorkerStart::Fork, "default: fork");
+        assert!(c.preload.is_empty(), "default: nothing preloaded");
+        assert_eq!(c.worker_memory_limit, None, "default: no limit");
+        assert_eq!(
+            run(&["--worker-start", "spawn"]).worker_start,
+            WorkerStart::Spawn
+        );
+        assert!(err(&["--worker-start", "exec"]).contains("--worker-start"));
+        let c = run(&["--preload", "numpy.random,json", "--preload", "json", "--preload=csv"]);
+        assert_eq!(c.preload, ["numpy.random", "json", "csv"], "repeatable, once each");
+        assert!(err(&["--preload", "os;rm"]).contains("--preload"));
+        assert!(err(&["--preload", "a..b"]).contains("--preload"));
+        assert!(err(&["--preload", ""]).contains("--preload"));
+        assert_eq!(
+            run(&["--worker-memory-limit", "200M"]).worker_memory_limit,
+            Some(WorkerMemoryLimit {
+                bytes: 200 << 20,
+                text: "200M".into()
+            })
+        );
+        assert_eq!(run(&["--worker-memory-limit=0"]).worker_memory_limit, None);
+        assert!(err(&["--worker-memory-limit", "1M"]).contains("at least 16M"));
+        assert!(err(&["--worker-memory-limit", "lots"]).contains("--worker-memory-limit"));
+        let path = temp_file(
+            "fork.conf",
+            "[general]\nworker_start = spawn\npreload = numpy, json\nworker_memory_limit = 1G\n",
+        );
+        let c = run(&["--preload", "csv", "-c", path.to_str().unwrap(), "--preload", "os"]);
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        assert_eq!(c.worker_start, WorkerStart::Spawn);
+        assert_eq!(c.preload, ["numpy", "json", "os"], "the file replaces, flags add");
+        assert_eq!(c.worker_memory_limit.map(|l| l.bytes), Some(1 << 30));
+        let path = temp_file("fork2.conf", "[general]\nworker_start = vfork\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(e.contains("[general] worker_start"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,8 @@ Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path] [-i interface]
                 [--max-handshakes-per-address N] [--allow CIDR]...
                 [--login-delay SECONDS] [--job-timeout SECONDS]
                 [--advertise-ncpus N] [--announce HOST]...
+                [--worker-start fork|spawn] [--preload MOD[,MOD...]]...
+                [--worker-memory-limit SIZE]
 
 Options:
 -h                 : this help message
@@ -115,6 +117,25 @@ Options:
 --job-timeout S    : stop the worker of a job that has run S seconds, answer
                      the job with None and a message, and start a fresh
                      worker (default 0: no limit)
+--worker-start fork|spawn
+                   : fork: workers are forked from one fork-server that has
+                     the worker module (and --preload) imported, a new one
+                     in milliseconds; spawn: each worker is a fresh
+                     python -u -m MODULE, as ppft's server does (default
+                     fork; spawn is used, and the log says why, when the
+                     fork-server cannot run)
+--preload MOD      : with fork, import MOD once in the fork-server, so every
+                     worker has it at no cost (numpy, numpy.random);
+                     repeatable or comma-separated; a module that fails to
+                     import is a startup error; sets OPENBLAS_NUM_THREADS
+                     and the like to 1 unless set (default: none)
+--worker-memory-limit SIZE
+                   : stop a worker whose memory goes past SIZE (K/M/G
+                     suffixes) with its process group, answer its job with
+                     None and a message, and start a fresh worker; by a
+                     memory cgroup per worker where the server can make
+                     them, else by polling each worker's PSS every 100 ms
+                     (default 0: no limit)
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).

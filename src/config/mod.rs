@@ -52,6 +52,9 @@ pub const MAX_MAX_FRAME: usize = 1 << 40;
 pub const FALLBACK_MEMORY_LIMIT: usize = 4 << 30;
 /// Smallest `--memory-limit`: room for the small frames every job has.
 pub const MIN_MEMORY_LIMIT: usize = 1 << 20;
+/// Least `--worker-memory-limit`: an interpreter with ppft imported holds
+/// about 10 MiB, so less would stop every worker before its first job.
+pub const MIN_WORKER_MEMORY_LIMIT: usize = 16 << 20;
 /// Default cap on simultaneous authenticated client connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on connections in their handshake at once. Half of it, the
@@ -156,6 +159,17 @@ pub struct Config {
     /// Stop a job's worker and answer the job with `None` once it has run
     /// this long (`--job-timeout`); `None`: no limit.
     pub job_timeout: Option<Duration>,
+    /// How workers are started (`--worker-start`): forked from a
+    /// fork-server that has the worker module and `preload` imported, or
+    /// each a fresh interpreter.
+    pub worker_start: WorkerStart,
+    /// Modules the fork-server imports once for every worker
+    /// (`--preload`); empty: none.
+    pub preload: Vec<String>,
+    /// A worker whose memory goes past this is stopped with its process
+    /// group, and its job answered (`--worker-memory-limit`); `None`: no
+    /// limit. The size as given is kept for the answer's text.
+    pub worker_memory_limit: Option<WorkerMemoryLimit>,
     /// Where `max_connections` and `max_handshakes` were given, if they
     /// were: only defaults are lowered to fit the open-file limit, and a
     /// given budget that cannot fit is an error naming its flag or key.
@@ -212,10 +226,43 @@ impl Default for Config {
             allow: AllowList::default(),
             login_delay: DEFAULT_LOGIN_DELAY,
             job_timeout: None,
+            worker_start: WorkerStart::Fork,
+            preload: Vec::new(),
+            worker_memory_limit: None,
             budget_origins: BudgetOrigins::default(),
             notes: Vec::new(),
         }
     }
+}
+
+/// How workers are started (`--worker-start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerStart {
+    /// Forked from the fork-server ([`crate::workers::forkserver`]), the
+    /// default; spawning is the fallback when it cannot run.
+    Fork,
+    /// Each worker a fresh `python -u -m MODULE`, as ppft's server does.
+    Spawn,
+}
+
+impl WorkerStart {
+    /// The flag's value for this choice.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerStart::Fork => "fork",
+            WorkerStart::Spawn => "spawn",
+        }
+    }
+}
+
+/// `--worker-memory-limit`: the bytes, and the size as the user wrote it,
+/// which the answer to a stopped job repeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerMemoryLimit {
+    /// The limit in bytes.
+    pub bytes: u64,
+    /// As given, e.g. `200M`.
+    pub text: String,
 }
 
 /// What the command line asks for.

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use crate::config::inifile;
 use crate::config::{
-    Config, ConfigError, Origin, MAX_LOGIN_DELAY, MAX_MAX_FRAME, MIN_MAX_FRAME, MIN_MEMORY_LIMIT,
+    Config, ConfigError, Origin, WorkerMemoryLimit, WorkerStart, MAX_LOGIN_DELAY, MAX_MAX_FRAME,
+    MIN_MAX_FRAME, MIN_MEMORY_LIMIT, MIN_WORKER_MEMORY_LIMIT,
 };
 
 /// A setting that can come from a flag or from the config file.
@@ -47,6 +48,9 @@ pub(crate) enum Setting {
     MaxHandshakesPerAddress,
     Allow,
     LoginDelay,
+    WorkerStart,
+    Preload,
+    WorkerMemoryLimit,
 }
 
 /// Config file keys, by section, as ppft's `parse_config` reads them.
@@ -73,6 +77,9 @@ pub(crate) const FILE_KEYS: &[(&str, &str, Setting)] = &[
     ("network", "metrics", Setting::Metrics),
     ("general", "login_delay", Setting::LoginDelay),
     ("general", "job_timeout", Setting::JobTimeout),
+    ("general", "worker_start", Setting::WorkerStart),
+    ("general", "preload", Setting::Preload),
+    ("general", "worker_memory_limit", Setting::WorkerMemoryLimit),
     ("network", "autodiscovery", Setting::Autodiscovery),
     ("network", "interface", Setting::Interface),
     ("network", "broadcast", Setting::Broadcast),
@@ -219,10 +226,41 @@ pub(crate) fn apply(
             cfg.secret = secret_from_file(Path::new(value))?;
             cfg.secret_is_default = false;
         }
+        Setting::WorkerStart => {
+            cfg.worker_start = match value.trim() {
+                "fork" => WorkerStart::Fork,
+                "spawn" => WorkerStart::Spawn,
+                _ => return Err(invalid(name, value, "expected fork or spawn")),
+            }
+        }
+        Setting::Preload => {
+            let modules = list(name, value, preload_module)?;
+            // As with --allow: the file's list replaces what flags before
+            // -c gave; each --preload adds.
+            if matches!(name, Origin::Key { .. }) {
+                cfg.preload.clear();
+            }
+            for m in modules {
+                if !cfg.preload.contains(&m) {
+                    cfg.preload.push(m);
+                }
+            }
+        }
+        Setting::WorkerMemoryLimit => {
+            let bytes = size(name, value)?;
+            cfg.worker_memory_limit = match bytes {
+                0 => None,
+                b if b < MIN_WORKER_MEMORY_LIMIT => {
+                    return Err(invalid(name, value, "must be at least 16M (or 0: no limit)"))
+                }
+                b => Some(WorkerMemoryLimit {
+                    bytes: b as u64,
+                    text: value.trim().to_string(),
+                }),
+            };
+        }
         Setting::WorkerModule => {
-            let module_name =
-                |p: &str| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_');
-            if !value.split('.').all(module_name) {
+            if !is_module_name(value) {
                 return Err(invalid(
                     name,
                     value,
@@ -332,6 +370,25 @@ fn list<T>(
         .into_iter()
         .map(|i| item(i).map_err(|why| invalid(name, value, &why)))
         .collect()
+}
+
+/// A dotted Python module name: `ppft`, `pp._worker`, `numpy.random`.
+fn is_module_name(value: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+            && p.chars().all(|c| c.is_alphanumeric() || c == '_')
+    };
+    value.split('.').all(part)
+}
+
+/// A `--preload` module.
+fn preload_module(text: &str) -> Result<String, String> {
+    if is_module_name(text) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not a Python module name"))
+    }
 }
 
 /// A `-b` address: any IPv4 address a datagram can be sent to.
