@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{BudgetOrigins, Config};
+use crate::config::{BudgetOrigins, Config, WorkerStart};
 use crate::front::discovery::{self, Destinations, Discovery, Unresolved};
 use crate::front::session::{self, SessionContext};
 use crate::jobs::scheduler::Scheduler;
@@ -26,6 +26,7 @@ use crate::ops::runfiles::RunFile;
 use crate::ops::scrapes::MAX_SCRAPES;
 use crate::ops::shutdown::StopRequests;
 use crate::ops::stats::Stats;
+use crate::workers::forkserver::{ForkServer, ForkSpec, Unusable};
 use crate::workers::install;
 use crate::workers::install::ProbeError;
 use crate::workers::pool::{self, PoolContext};
@@ -67,6 +68,8 @@ pub enum StartError {
     /// given that is too large, or the limit leaves no room for even one
     /// connection.
     OpenFiles(Box<NoRoom>),
+    /// A `--preload` module cannot be imported by the fork-server.
+    Preload(String),
 }
 
 /// The numbers of [`StartError::OpenFiles`].
@@ -167,6 +170,7 @@ impl std::fmt::Display for StartError {
                 write!(f, "cannot resolve {host:?} (--announce): {why}")
             }
             StartError::OpenFiles(no_room) => write!(f, "{no_room}"),
+            StartError::Preload(why) => write!(f, "{why}"),
         }
     }
 }
@@ -191,6 +195,8 @@ pub struct Server {
     ctx: Arc<SessionContext>,
     /// Pool slot supervisors.
     workers: JoinSet<()>,
+    /// Where workers are forked from, if they are.
+    forkserver: Option<Arc<ForkServer>>,
     /// Tells the supervisors to stop.
     stop: watch::Sender<bool>,
     /// `-t`: exit after this long without clients.
@@ -296,10 +302,12 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
             .unwrap_or_else(|| local.ip().to_string()),
         nofile: (files.original_soft < files.soft).then_some((files.original_soft, files.hard)),
     });
+    let forkserver = start_forkserver(&cfg, &spec).await?;
     let mut workers = JoinSet::new();
     for slot in 0..cfg.workers {
         let pctx = PoolContext {
             spec: spec.clone(),
+            forkserver: forkserver.clone(),
             scheduler: scheduler.clone(),
             stats: stats.clone(),
             shutdown: stopped.clone(),
@@ -313,7 +321,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     }
     install::warn_about_foreign_ppserver();
     log::info!(
-        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}{}{}, memory limit {}{lowered}",
+        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}, {}{}{}, memory limit {}{lowered}",
         cfg.workers,
         python.display(),
         if cfg.pp_version.is_some() {
@@ -321,6 +329,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         } else {
             String::new()
         },
+        worker_start_summary(&cfg, forkserver.is_some()),
         match cfg.advertise_ncpus {
             Some(n) => format!(", telling clients {n} CPUs (--advertise-ncpus)"),
             None => String::new(),
@@ -338,6 +347,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         listener,
         ctx,
         workers,
+        forkserver,
         stop,
         idle_exit: cfg.idle_exit,
         workers_count: cfg.workers,
@@ -581,6 +591,58 @@ impl Server {
         {
             log::error!("workers did not stop within {STOP_TIMEOUT:?}");
         }
+        if let Some(forkserver) = &self.forkserver {
+            forkserver.stop().await;
+        }
+    }
+}
+
+/// Starts the fork-server unless workers are to be spawned
+/// (`--worker-start spawn`); if it cannot run, workers are spawned and
+/// the log says why. A `--preload` module that cannot be imported is a
+/// startup error.
+async fn start_forkserver(
+    cfg: &Config,
+    spec: &WorkerSpec,
+) -> Result<Option<Arc<ForkServer>>, StartError> {
+    if cfg.worker_start == WorkerStart::Spawn {
+        if !cfg.preload.is_empty() {
+            log::warn!(
+                "--preload {} has no effect with --worker-start spawn",
+                cfg.preload.join(",")
+            );
+        }
+        return Ok(None);
+    }
+    let fork_spec = ForkSpec {
+        python: spec.python.clone(),
+        module: spec.module.clone(),
+        preload: cfg.preload.clone(),
+        pythonpath: spec.pythonpath.clone(),
+        nofile: spec.nofile,
+    };
+    match ForkServer::start(fork_spec).await {
+        Ok(forkserver) => Ok(Some(Arc::new(forkserver))),
+        Err(e @ Unusable::Preload { .. }) => Err(StartError::Preload(e.to_string())),
+        Err(e) => {
+            log::warn!("workers are spawned, not forked: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// How workers start, for the startup line.
+fn worker_start_summary(cfg: &Config, forked: bool) -> String {
+    if !forked {
+        return "workers spawned".to_string();
+    }
+    if cfg.preload.is_empty() {
+        "workers forked from a fork-server".to_string()
+    } else {
+        format!(
+            "workers forked from a fork-server with {} preloaded",
+            cfg.preload.join(", ")
+        )
     }
 }
 

@@ -86,6 +86,9 @@ pub(crate) struct Metrics {
     workers: Family<Label, Gauge>,
     /// Workers replaced, by cause.
     pub worker_restarts: Family<Label, Counter>,
+    /// Seconds from a slot's worker ending (or its first being asked for)
+    /// to the next one's handshake done.
+    pub worker_start_seconds: Histogram,
     /// Connections open now, by kind: pre-auth, STAT, EXEC.
     pub connections: Family<Label, Gauge>,
     /// Connections refused, by reason.
@@ -191,6 +194,8 @@ impl Metrics {
             jobs_queued: Gauge::default(),
             workers: Family::default(),
             worker_restarts: Family::default(),
+            // 0.5 ms to about 2 minutes: forks and interpreter start-ups.
+            worker_start_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             connections: Family::default(),
             connections_refused: Family::default(),
             failed_logins: Counter::default(),
@@ -273,6 +278,12 @@ impl Metrics {
             "Time jobs ran on a worker",
             Unit::Seconds,
             self.job_run_seconds.clone(),
+        );
+        r.register_with_unit(
+            "worker_start",
+            "Time from a worker slot falling vacant to its new worker being ready",
+            Unit::Seconds,
+            self.worker_start_seconds.clone(),
         );
         r.register_with_unit(
             "job_queue_wait",

@@ -20,8 +20,8 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
+use crate::workers::bootstrap::STARTUP_TIMEOUT;
 use crate::workers::reaper;
-use crate::workers::worker::STARTUP_TIMEOUT;
 
 /// The wheel's distribution name, for the pip command in messages.
 pub(crate) const DIST_NAME: &str = "ppserver-rs";

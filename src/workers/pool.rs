@@ -34,6 +34,7 @@ use crate::jobs::cache::WorkerCache;
 use crate::jobs::scheduler::{Job, Scheduler};
 use crate::ops::metrics::metrics;
 use crate::ops::stats::Stats;
+use crate::workers::forkserver::ForkServer;
 use crate::workers::worker::{Outcome, Worker, WorkerSpec};
 
 /// First and largest pause between attempts to start a worker that fails.
@@ -55,6 +56,8 @@ const ABANDON_GRACE: Duration = Duration::from_secs(1);
 pub(crate) struct PoolContext {
     /// How to start workers.
     pub(crate) spec: Arc<WorkerSpec>,
+    /// Where workers are forked from; `None`: they are spawned.
+    pub(crate) forkserver: Option<Arc<ForkServer>>,
     /// Where jobs come from.
     pub(crate) scheduler: Arc<Scheduler>,
     /// Where job times go.
@@ -126,16 +129,26 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
     let mut backoff = BACKOFF_START;
     // Failed starts in a row.
     let mut failures = 0;
+    // When the slot's last worker ended (or its first was asked for): a
+    // replacement's time is counted from there.
+    let mut vacant = Instant::now();
     loop {
         let spawned = tokio::select! {
-            w = Worker::spawn(&ctx.spec) => w,
+            w = Worker::start(&ctx.spec, ctx.forkserver.as_deref()) => w,
             _ = ctx.shutdown.wait_for(|&s| s) => return,
         };
         let mut worker = match spawned {
             Ok(w) => {
                 backoff = BACKOFF_START;
                 failures = 0;
-                log::debug!("slot {slot}: worker pid {} ready", w.pid);
+                let took = vacant.elapsed();
+                metrics().worker_start_seconds.observe(took.as_secs_f64());
+                log::debug!(
+                    "slot {slot}: worker pid {} ready by {} in {:.3} ms",
+                    w.pid,
+                    w.started.name(),
+                    took.as_secs_f64() * 1e3
+                );
                 w
             }
             Err(e) => {
@@ -171,6 +184,7 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
             }
         };
         let ended = serve(slot, &mut worker, &mut ctx).await;
+        vacant = Instant::now();
         match ended {
             Ended::Shutdown => {
                 worker.stop(false).await;
@@ -178,9 +192,13 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
             }
             Ended::Replace { cause } => {
                 metrics().worker_restart(cause);
-                let pid = worker.pid;
-                let how = worker.stop(true).await;
-                log::debug!("slot {slot}: worker pid {pid} replaced ({how})");
+                // It may take a while to exit by itself (an interpreter's
+                // shutdown); its replacement need not wait for that.
+                tokio::spawn(async move {
+                    let pid = worker.pid;
+                    let how = worker.stop(true).await;
+                    log::debug!("slot {slot}: worker pid {pid} replaced ({how})");
+                });
             }
             Ended::Abandoned { job } => {
                 metrics().worker_restart("abandoned");

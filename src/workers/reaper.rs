@@ -10,11 +10,18 @@
 //! unregistered while a scan runs), and only children missing from the
 //! registry are waited for here, each by its own pid: never `waitpid(-1)`.
 //!
+//! Workers forked by the fork-server are handed to the server by the exit
+//! of the process between them ([`crate::workers::process`]): while such a
+//! fork is on its way ([`Adopting`]), scans reap nothing, and the worker
+//! is registered ([`register`]) before that ends, so its exit status is
+//! always its owner's.
+//!
 //! The subreaper setting is not inherited across `fork` (prctl(2)), so
 //! workers and their children are plain processes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,6 +33,9 @@ use tokio::process::{Child, Command};
 /// Pids of the children tokio manages (spawned through [`spawn`] and not
 /// yet dropped): never waited for here.
 static OWN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Forks by the fork-server under way ([`Adopting`]).
+static ADOPTING: AtomicUsize = AtomicUsize::new(0);
 
 /// Least time between two scans for dead orphans: each reads all of
 /// `/proc`, and with `-r` a worker exits after every job.
@@ -69,6 +79,32 @@ pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, Registration)> {
         .ok_or_else(|| io::Error::other("spawned child has no pid"))?;
     own.insert(pid);
     Ok((child, Registration(pid)))
+}
+
+/// Registers `pid`, a child the server was handed rather than spawned,
+/// so that no scan takes its exit status from its owner.
+pub(crate) fn register(pid: u32) -> Registration {
+    own().insert(pid);
+    Registration(pid)
+}
+
+/// Held while a worker is being forked and handed to the server: until
+/// it is [`register`]ed, scans reap nothing, so a worker that dies at once
+/// is still reaped by its owner, who learns how it ended.
+#[derive(Debug)]
+pub(crate) struct Adopting(());
+
+impl Adopting {
+    pub(crate) fn begin() -> Adopting {
+        ADOPTING.fetch_add(1, Ordering::SeqCst);
+        Adopting(())
+    }
+}
+
+impl Drop for Adopting {
+    fn drop(&mut self) {
+        ADOPTING.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One process of the system, as `/proc/<pid>/stat` shows it.
@@ -173,6 +209,12 @@ pub fn reap_orphans() -> usize {
         return 0;
     }
     let own = own();
+    // Checked under the lock that `register` takes: a worker handed over
+    // while /proc was read is either registered by now or still covered.
+    // What is skipped is reaped after the next SIGCHLD.
+    if ADOPTING.load(Ordering::SeqCst) > 0 {
+        return 0;
+    }
     dead.into_iter()
         .filter(|pid| !own.contains(&(*pid as u32)))
         .filter(|pid| reap(*pid))

@@ -28,12 +28,11 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,24 +41,20 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::unix::pipe;
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::Command;
 
 use crate::jobs::cache::{Package, WorkerCache};
 use crate::memory::mapped::{self, MAPPED_MIN};
-use crate::ops::openfiles;
 use crate::protocol::wire::{write_frame, write_frames, write_heads, FrameError, FrameReader};
-use crate::workers::reaper::{self, Registration};
+use crate::workers::bootstrap::{self, STARTUP_TIMEOUT};
+use crate::workers::forkserver::{ForkServer, ForkedWorker};
+use crate::workers::process::{self, Process};
+use crate::workers::reaper;
 
-/// How long a new worker may take to announce its pid (importing ppft and
-/// dill on a loaded machine can take seconds).
-pub(crate) const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// After a worker's stdout closes, how long it may take to exit by itself
 /// before it is killed; and after it exits, how long an answer it wrote
 /// just before may take to be read from a pipe a child of it still holds.
 const EXIT_GRACE: Duration = Duration::from_millis(500);
-/// How much higher a worker's `oom_score_adj` is than the server's, and
-/// the least it is: ahead of ordinary processes when memory runs out.
-const WORKER_OOM_SCORE_ADJ: i32 = 500;
 /// ppft's worker prints this when it cannot go on (e.g. a package it cannot
 /// unpickle), sends that last result and exits; spotting it lets the slot be
 /// refilled before another job is handed to a dying process.
@@ -67,26 +62,6 @@ const FATAL_MARKER: &[u8] = b"A fatal error has occured during the function exec
 /// Only results this small are searched for [`FATAL_MARKER`]: a fatal
 /// result holds a traceback, never bulk data.
 const FATAL_SCAN_LIMIT: usize = 64 * 1024;
-/// Runs the worker module after ignoring the stop signals; kept in a file
-/// of its own so it reads (and can be tried) as Python.
-const BOOTSTRAP: &str = include_str!("worker_bootstrap.py");
-
-/// [`BOOTSTRAP`] as passed with `-c`: without its comment lines, which
-/// would only lengthen every worker's command line in `ps`.
-fn bootstrap_code() -> &'static str {
-    static CODE: OnceLock<String> = OnceLock::new();
-    CODE.get_or_init(|| without_comment_lines(BOOTSTRAP))
-}
-
-/// `source` without the lines that hold only a comment.
-fn without_comment_lines(source: &str) -> String {
-    source
-        .lines()
-        .filter(|line| !line.trim_start().starts_with('#'))
-        .map(|line| format!("{line}\n"))
-        .collect()
-}
-
 /// How to start a worker.
 #[derive(Debug)]
 pub(crate) struct WorkerSpec {
@@ -153,35 +128,84 @@ pub(crate) enum Outcome {
     },
 }
 
+/// How a worker was started, for the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Started {
+    /// Forked by the fork-server.
+    Fork,
+    /// A fresh interpreter.
+    Spawn,
+}
+
+impl Started {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Started::Fork => "fork",
+            Started::Spawn => "spawn",
+        }
+    }
+}
+
 /// A running worker process.
 pub(crate) struct Worker {
     /// The worker's process group, killed with it. Declared first so a
     /// worker dropped without [`Worker::stop`] loses its group before its
     /// process is reaped.
     group: ProcessGroup,
-    /// The process; dropping it kills it (`kill_on_drop`).
-    child: Child,
-    /// Keeps the scans for orphans off this child, which tokio reaps.
-    _registered: Registration,
+    /// The process; dropping it kills it.
+    child: Process,
     /// Jobs go in here. A pipe sender rather than tokio's `ChildStdin`,
     /// which cannot wait for room without writing: large arguments go in
     /// by `vmsplice` ([`mapped::vmsplice_all`]).
     stdin: pipe::Sender,
     /// Results come out here.
-    stdout: FrameReader<ChildStdout>,
+    stdout: FrameReader<pipe::Receiver>,
     /// The worker's pid (and process group id), for log lines.
     pub(crate) pid: u32,
+    /// How it was started.
+    pub(crate) started: Started,
     /// Set when the worker's last answer said it is about to exit.
     pub(crate) exiting: bool,
 }
 
 impl Worker {
-    /// Starts a worker and completes its handshake.
+    /// Starts a worker, forked by `forkserver` if there is one (spawned
+    /// if it fails), and completes its handshake.
+    pub(crate) async fn start(
+        spec: &WorkerSpec,
+        forkserver: Option<&ForkServer>,
+    ) -> io::Result<Worker> {
+        let Some(forkserver) = forkserver else {
+            return Worker::spawn(spec).await;
+        };
+        let forked = match forkserver.fork().await {
+            Ok(forked) => forked,
+            Err(e) => {
+                forkserver.fall_back(&e);
+                return Worker::spawn(spec).await;
+            }
+        };
+        let ForkedWorker {
+            process,
+            stdin,
+            stdout,
+            stderr,
+        } = forked;
+        Worker::begin(
+            spec,
+            Process::Forked(process),
+            Started::Fork,
+            [stdin, stdout, stderr],
+        )
+        .await
+    }
+
+    /// Starts a fresh interpreter as a worker and completes its handshake.
     pub(crate) async fn spawn(spec: &WorkerSpec) -> io::Result<Worker> {
         let mut cmd = Command::new(&spec.python);
         cmd.arg("-u")
             .arg("-c")
-            .arg(bootstrap_code())
+            .arg(bootstrap::worker_code())
             .arg("-m")
             .arg(&spec.module)
             .env("PYTHONPATH", &spec.pythonpath)
@@ -190,49 +214,47 @@ impl Worker {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        let parent = nix::unistd::getpid();
-        let oom = OomScoreAdj::for_worker();
-        let nofile = spec.nofile;
-        // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (open, write, close, setrlimit,
-        // prctl, getppid); it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(oom) = &oom {
-                    oom.write_own();
-                }
-                if let Some((soft, hard)) = nofile {
-                    // Lowering a soft limit cannot fail in practice, and a
-                    // worker with the server's higher limit still works:
-                    // no reason to fail the spawn.
-                    let _ = openfiles::restore_in_child(soft, hard);
-                }
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
-                // The server may have died between fork and prctl.
-                if nix::unistd::getppid() != parent {
-                    return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        process::prepare(&mut cmd, spec.nofile);
         let (mut child, registered) = reaper::spawn(&mut cmd)?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(io::Error::other("worker pipes missing"));
         };
+        let pipes = [
+            stdin.into_owned_fd()?,
+            stdout.into_owned_fd()?,
+            stderr.into_owned_fd()?,
+        ];
+        let process = Process::Spawned {
+            child,
+            _registered: registered,
+        };
+        Worker::begin(spec, process, Started::Spawn, pipes).await
+    }
+
+    /// Takes a started worker `process` with the server's ends of its
+    /// stdin, stdout and stderr, and completes its handshake.
+    async fn begin(
+        spec: &WorkerSpec,
+        process: Process,
+        started: Started,
+        [stdin, stdout, stderr]: [OwnedFd; 3],
+    ) -> io::Result<Worker> {
         widen_pipe(&stdin);
         widen_pipe(&stdout);
-        let stdin = pipe::Sender::from_owned_fd(stdin.into_owned_fd()?)?;
-        let pid = child.id().unwrap_or(0);
+        let pid = process.id();
+        // Pipes from the fork-server are blocking; tokio's take that too.
+        let stdin = pipe::Sender::from_owned_fd(stdin)?;
+        let stdout = pipe::Receiver::from_owned_fd(stdout)?;
+        let stderr = pipe::Receiver::from_owned_fd(stderr)?;
         let mut w = Worker {
             group: ProcessGroup::of(pid),
             pid,
-            child,
-            _registered: registered,
+            child: process,
             stdin,
             stdout: FrameReader::new(stdout, spec.max_frame),
+            started,
             exiting: false,
         };
         tokio::spawn(drain_stderr(w.pid, stderr));
@@ -447,60 +469,6 @@ impl Drop for ProcessGroup {
     }
 }
 
-/// The `oom_score_adj` a worker gives itself before exec, as the text
-/// written to `/proc/self/oom_score_adj`; formatted in the parent, so the
-/// forked child only has to write it.
-#[derive(Debug, Clone, Copy)]
-struct OomScoreAdj {
-    text: [u8; 8],
-    len: usize,
-}
-
-impl OomScoreAdj {
-    /// [`WORKER_OOM_SCORE_ADJ`] above the server's own value; `None` if
-    /// that cannot be read (no /proc): a worker never goes below it.
-    fn for_worker() -> Option<OomScoreAdj> {
-        let server = std::fs::read_to_string("/proc/self/oom_score_adj").ok()?;
-        let server: i32 = server.trim().parse().ok()?;
-        Some(OomScoreAdj::new(worker_oom_score_adj(server)))
-    }
-
-    fn new(value: i32) -> OomScoreAdj {
-        let shown = value.to_string();
-        let mut text = [0u8; 8];
-        let len = shown.len().min(text.len());
-        text[..len].copy_from_slice(&shown.as_bytes()[..len]);
-        OomScoreAdj { text, len }
-    }
-
-    /// Writes the value for the calling process. Raising it needs no
-    /// privilege; a failure is ignored (the worker runs all the same).
-    /// Async-signal-safe: open, write and close, nothing allocated.
-    fn write_own(&self) {
-        // SAFETY: a NUL-terminated path and a buffer of `len` bytes that
-        // outlive the calls; the fd is ours and closed once.
-        unsafe {
-            let fd = nix::libc::open(
-                c"/proc/self/oom_score_adj".as_ptr(),
-                nix::libc::O_WRONLY | nix::libc::O_CLOEXEC,
-            );
-            if fd >= 0 {
-                nix::libc::write(fd, self.text.as_ptr().cast(), self.len);
-                nix::libc::close(fd);
-            }
-        }
-    }
-}
-
-/// A worker's `oom_score_adj` given the server's: [`WORKER_OOM_SCORE_ADJ`]
-/// higher, and at least that, within the kernel's range (at 1000 the
-/// server is already first in line and they are equal).
-fn worker_oom_score_adj(server: i32) -> i32 {
-    server
-        .saturating_add(WORKER_OOM_SCORE_ADJ)
-        .clamp(WORKER_OOM_SCORE_ADJ, 1000)
-}
-
 /// Writes one job into a worker's stdin: the package frame, then the
 /// args frame. Arguments read into a mapping of their own
 /// ([`mapped::is_mapped`]) go in `by_reference` (`vmsplice`) after the
@@ -623,7 +591,7 @@ fn describe(status: ExitStatus) -> String {
 
 /// Reads whatever a worker writes to stderr so it can never block on a full
 /// pipe; logs it at debug level.
-async fn drain_stderr(pid: u32, mut stderr: tokio::process::ChildStderr) {
+async fn drain_stderr(pid: u32, mut stderr: pipe::Receiver) {
     let mut buf = vec![0u8; 4096];
     while let Ok(n) = stderr.read(&mut buf).await {
         if n == 0 {
@@ -659,17 +627,6 @@ mod tests {
     }
 
     #[test]
-    fn workers_rank_above_the_server_for_the_oom_killer() {
-        assert_eq!(worker_oom_score_adj(0), 500);
-        assert_eq!(worker_oom_score_adj(-1000), 500, "never below 500");
-        assert_eq!(worker_oom_score_adj(300), 800);
-        assert_eq!(worker_oom_score_adj(700), 1000);
-        assert_eq!(worker_oom_score_adj(1000), 1000);
-        let text = OomScoreAdj::new(-1000);
-        assert_eq!(&text.text[..text.len], b"-1000");
-    }
-
-    #[test]
     fn process_group_zero_or_one_is_never_killed() {
         assert!(ProcessGroup::of(0).0.is_none());
         assert!(ProcessGroup::of(1).0.is_none());
@@ -677,15 +634,6 @@ mod tests {
         let mut g = ProcessGroup::of(4242);
         assert_eq!(g.0, Some(Pid::from_raw(4242)));
         g.forget();
-    }
-
-    #[test]
-    fn the_bootstrap_loses_only_its_comment_lines() {
-        let code = without_comment_lines("# a\n  # b\nx = 1  # c\n\ny = '#'\n");
-        assert_eq!(code, "x = 1  # c\n\ny = '#'\n");
-        let code = bootstrap_code();
-        assert!(code.contains("_bootstrap()\n"), "{code}");
-        assert!(!code.lines().any(|l| l.trim_start().starts_with('#')));
     }
 
     #[test]

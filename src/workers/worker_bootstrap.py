@@ -16,15 +16,20 @@
 # What a job sees stays what -m gives: sys.argv, sys.path, __main__'s
 # names, the working directory and the environment. Comment lines are
 # left out of the text passed with -c (see worker.rs).
-def _bootstrap():
+#
+# The fork-server (forkserver.py) is this file's definition followed by
+# its own text: each worker it forks calls _bootstrap(MODULE), with
+# sys.argv and sys.path already set as below.
+def _bootstrap(module=None):
     import os, runpy, signal, sys
     # -m leaves no names of its own in __main__, where jobs run.
-    del globals()['_bootstrap']
-    module = sys.argv[2]
-    del sys.argv[1:]
-    # -c puts '' first on sys.path; -m the working directory, absolute.
-    if sys.path and sys.path[0] == '':
-        sys.path[0] = os.getcwd()
+    globals().pop('_bootstrap', None)
+    if module is None:
+        module = sys.argv[2]
+        del sys.argv[1:]
+        # -c puts '' first on sys.path; -m the working directory, absolute.
+        if sys.path and sys.path[0] == '':
+            sys.path[0] = os.getcwd()
 
     def ignore(signum, frame):
         pass

@@ -1,0 +1,228 @@
+# The fork-server. Run by ppserver as
+#   python -u -c <worker_bootstrap.py's _bootstrap, then this> MODULE [PRELOAD...]
+# from the command a worker is spawned with, in the same directory and
+# environment, with a Unix stream socket to the server as its stdin.
+#
+# It imports what `-m MODULE` would import before running the worker, and
+# the PRELOAD modules, freezes the objects it has (gc.freeze, so that no
+# collection in a worker writes to the pages it shares with this process),
+# says "R" to the server, and then forks a worker for every request.
+#
+# A request is one byte with three descriptors (SCM_RIGHTS): the new
+# worker's stdin, stdout and stderr. Every worker is forked twice: the
+# middle process exits at once, so the worker is handed to the server (a
+# child subreaper), which reaps it and learns of its exit as with a
+# worker it spawned; the answer, "P <pid>", comes once that is done.
+#
+# A worker then gets what a spawned worker has: its own process group,
+# death with the server (PR_SET_PDEATHSIG, which a fork does not
+# inherit), the pipes as 0, 1 and 2 and no other descriptor, the signal
+# handlers the server's command started with (then _bootstrap's), fresh
+# random state (random and numpy's global generator, if loaded), and the
+# sys.argv and sys.path a spawned worker starts with. Its environment is
+# this process's: with PRELOAD, the thread-count variables below are set
+# to 1 unless they were set, since a library that starts threads at import
+# (OpenBLAS, MKL, OpenMP) cannot be forked safely.
+#
+# Other answers: "I <module>\t<error>" when a PRELOAD module cannot be
+# imported (a startup error), "E <reason>" when it cannot serve (the
+# server then spawns workers) or cannot fork this once.
+THREAD_VARIABLES = ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS',
+                    'NUMEXPR_NUM_THREADS', 'VECLIB_MAXIMUM_THREADS', 'BLIS_NUM_THREADS')
+
+
+def _forkserver(bootstrap, warm, close_all_above):
+    import gc, os, signal, socket, sys, time
+    thread_variables = THREAD_VARIABLES
+    g = globals()
+    g.pop('_forkserver', None)
+    g.pop('THREAD_VARIABLES', None)
+    module, preload = sys.argv[1], sys.argv[2:]
+    del sys.argv[1:]
+    # As _bootstrap does for a spawned worker: -c puts '' first.
+    if sys.path and sys.path[0] == '':
+        sys.path[0] = os.getcwd()
+    path = list(sys.path)
+    server = os.getppid()
+    ctl = socket.socket(fileno=os.dup(0))
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+
+    def say(text):
+        ctl.sendall(text.encode('utf-8', 'replace') + b'\n')
+
+    # The stop signals are ignored here as in every worker; each worker
+    # gets the handlers the command started with back, then _bootstrap's.
+    stops = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+    started = {}
+    for signum in stops:
+        handler = signal.getsignal(signum)
+        if handler is not None:
+            started[signum] = handler
+            signal.signal(signum, signal.SIG_IGN)
+
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        if not hasattr(socket, 'recv_fds'):
+            raise OSError('socket.recv_fds is missing')
+    except Exception as e:
+        say('E %s: %s' % (type(e).__name__, e))
+        return None
+
+    if preload:
+        for name in thread_variables:
+            os.environ.setdefault(name, '1')
+    warm(module)
+    for name in preload:
+        try:
+            __import__(name)
+        except BaseException as e:
+            say('I %s\t%s: %s' % (name, type(e).__name__, e))
+            return None
+    # What the imports left behind goes now; what they built stays, frozen.
+    gc.collect()
+    gc.freeze()
+    say('R %d' % os.getpid())
+
+    while True:
+        try:
+            request, fds, _, _ = socket.recv_fds(ctl, 1, 3)
+        except ConnectionError:
+            return None
+        if not request:
+            # The server closed its end: it is stopping.
+            return None
+        if len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            say('E the request had %d descriptors, not 3' % len(fds))
+            continue
+        try:
+            rpid, wpid = os.pipe()
+            middle = os.fork()
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            say('E cannot fork: %s' % e)
+            continue
+        if middle == 0:
+            me = os.getpid()
+            try:
+                os.close(rpid)
+                worker = os.fork()
+            except BaseException:
+                os._exit(1)
+            if worker:
+                os.write(wpid, b'%d' % worker)
+                os._exit(0)
+            # The worker. Its parent is handed over to the server when the
+            # middle process exits, a moment from now. The fork-server reads
+            # the pid until the pipe ends: this end must not keep it open.
+            os.close(wpid)
+            while os.getppid() == me:
+                time.sleep(0.00005)
+            prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+            if os.getppid() != server:
+                # The server died meanwhile.
+                os._exit(1)
+            os.setpgid(0, 0)
+            for fd, target in zip(fds, (0, 1, 2)):
+                os.dup2(fd, target)
+            ctl.detach()
+            close_all_above(2)
+            for signum, handler in started.items():
+                signal.signal(signum, handler)
+            sys.path[:] = path
+            for name in ('random', 'numpy.random'):
+                reseed = getattr(sys.modules.get(name), 'seed', None)
+                if reseed is not None:
+                    try:
+                        reseed()
+                    except Exception:
+                        pass
+            return module
+        for fd in fds:
+            os.close(fd)
+        os.close(wpid)
+        got = b''
+        while True:
+            more = os.read(rpid, 32)
+            if not more:
+                break
+            got += more
+        os.close(rpid)
+        os.waitpid(middle, 0)
+        say('P %s' % got.decode() if got else 'E the fork did not complete')
+
+
+def _warm(module):
+    # What `-m MODULE` imports before it runs: its packages, then what the
+    # file it runs imports at its top level (as far as it can be told
+    # without running it). A failure here only costs the worker the import.
+    import ast, importlib, importlib.util
+    try:
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.submodule_search_locations is not None:
+            importlib.import_module(module)
+            module += '.__main__'
+            spec = importlib.util.find_spec(module)
+        source = spec.loader.get_source(module)
+        tree = ast.parse(source)
+    except Exception:
+        return
+    names = []
+    nodes = list(tree.body)
+    while nodes:
+        node = nodes.pop(0)
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            try:
+                base = importlib.util.resolve_name('.' * node.level + (node.module or ''),
+                                                   spec.parent)
+            except Exception:
+                continue
+            names.append(base)
+            names += [base + '.' + alias.name for alias in node.names]
+        elif isinstance(node, (ast.Try, ast.If)):
+            nodes += node.body
+            nodes += getattr(node, 'orelse', [])
+            for handler in getattr(node, 'handlers', []):
+                nodes += handler.body
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+
+
+def _close_all_above(highest):
+    import os
+    try:
+        fds = [int(fd) for fd in os.listdir('/proc/self/fd')]
+    except OSError:
+        fds = range(highest + 1, os.sysconf('SC_OPEN_MAX'))
+    for fd in fds:
+        if fd > highest:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _main():
+    import sys
+    bootstrap, warm, close_all_above = _bootstrap, _warm, _close_all_above
+    g = globals()
+    for name in ('_bootstrap', '_warm', '_close_all_above', '_main'):
+        g.pop(name, None)
+    module = _forkserver(bootstrap, warm, close_all_above)
+    if module is None:
+        sys.exit(0)
+    # In a forked worker: from here on, as a spawned one.
+    bootstrap(module)
+
+
+_main()

@@ -1,0 +1,433 @@
+//! The fork-server (`--worker-start fork`, the default): one Python
+//! process per server that imports the worker module and the `--preload`
+//! modules once, and forks a worker whenever a slot needs one, in a
+//! millisecond or two instead of an interpreter's start-up.
+//!
+//! It is `forkserver.py` ([`crate::workers::bootstrap`]),
+//! started from the same command as a spawned worker, prepared the same
+//! way ([`crate::workers::process::prepare`]), with a Unix socket to the
+//! server as its stdin. The server sends it the new worker's three pipes
+//! (`SCM_RIGHTS`); it forks twice so that the worker is handed to the
+//! server, and answers with the worker's pid. From there the worker is
+//! the server's like a spawned one: its pidfd, its pipes, its handshake.
+//!
+//! If the fork-server dies, the next worker start finds out and starts
+//! it again; meanwhile the workers it forked go on, and jobs wait in the
+//! queue as they do for any worker start. If it cannot run at all (an
+//! interpreter without `socket.recv_fds` or `ctypes`, a server that is
+//! not a child subreaper), workers are spawned, and the log says why,
+//! once. A `--preload` module that cannot be imported is a startup error
+//! instead: the operator asked for it.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+use crate::workers::bootstrap::{self, STARTUP_TIMEOUT};
+use crate::workers::process::{self, Forked};
+use crate::workers::reaper::{self, Adopting, Registration};
+
+/// How long one fork may take before the fork-server is taken for hung,
+/// killed and started again: a fork takes milliseconds, even of a process
+/// with large modules imported.
+const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest line read from the fork-server: an error message at most.
+const MAX_LINE: usize = 64 * 1024;
+/// How to start the fork-server: as a worker is spawned.
+#[derive(Debug, Clone)]
+pub(crate) struct ForkSpec {
+    /// The interpreter.
+    pub(crate) python: PathBuf,
+    /// The worker module, run in each fork as `-m` would.
+    pub(crate) module: String,
+    /// Imported once for every worker (`--preload`).
+    pub(crate) preload: Vec<String>,
+    /// `PYTHONPATH`, as for spawned workers.
+    pub(crate) pythonpath: OsString,
+    /// The open-file limits workers get; see [`crate::workers::process`].
+    pub(crate) nofile: Option<(u64, u64)>,
+}
+
+/// Why the fork-server is not used.
+#[derive(Debug)]
+pub(crate) enum Unusable {
+    /// A `--preload` module failed to import: a startup error.
+    Preload {
+        /// The module, as given.
+        module: String,
+        /// The exception.
+        why: String,
+    },
+    /// Anything else: workers are spawned instead.
+    Other(String),
+}
+
+impl fmt::Display for Unusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unusable::Preload { module, why } => {
+                write!(f, "cannot import {module} (--preload): {why}")
+            }
+            Unusable::Other(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// A new worker process from the fork-server: the server's ends of its
+/// pipes, and the process.
+pub(crate) struct ForkedWorker {
+    pub(crate) process: Forked,
+    pub(crate) stdin: OwnedFd,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+}
+
+/// The fork-server, started again when it is found dead.
+#[derive(Debug)]
+pub(crate) struct ForkServer {
+    spec: ForkSpec,
+    /// The running fork-server, if any; held for one fork at a time, as
+    /// it forks one worker at a time.
+    running: Mutex<Option<Running>>,
+    /// Set once the log said that workers are spawned instead.
+    fell_back: AtomicBool,
+}
+
+/// One run of the fork-server.
+#[derive(Debug)]
+struct Running {
+    child: Child,
+    _registered: Registration,
+    ctl: UnixStream,
+    /// Its pid, for the log.
+    pid: u32,
+}
+
+impl ForkServer {
+    /// Starts the fork-server and waits until it has imported everything.
+    pub(crate) async fn start(spec: ForkSpec) -> Result<ForkServer, Unusable> {
+        let running = Running::start(&spec).await?;
+        log::debug!(
+            "fork-server pid {} ready ({} -u -m {}, preloaded: {})",
+            running.pid,
+            spec.python.display(),
+            spec.module,
+            if spec.preload.is_empty() {
+                "nothing".to_string()
+            } else {
+                spec.preload.join(", ")
+            }
+        );
+        Ok(ForkServer {
+            spec,
+            running: Mutex::new(Some(running)),
+            fell_back: AtomicBool::new(false),
+        })
+    }
+
+    /// A new worker process. Starts the fork-server again if it is gone,
+    /// once; an error means this worker must be spawned.
+    pub(crate) async fn fork(&self) -> io::Result<ForkedWorker> {
+        let mut running = self.running.lock().await;
+        for attempt in 0..2 {
+            if running.is_none() {
+                match Running::start(&self.spec).await {
+                    Ok(r) => {
+                        log::warn!("fork-server started again (pid {})", r.pid);
+                        *running = Some(r);
+                    }
+                    Err(e) => {
+                        return Err(io::Error::other(format!(
+                            "the fork-server cannot start: {e}"
+                        )))
+                    }
+                }
+            }
+            let Some(r) = running.as_mut() else {
+                continue;
+            };
+            match r.fork().await {
+                Ok(w) => return Ok(w),
+                Err(Failure::Once(e)) => return Err(e),
+                Err(Failure::Dead(e)) => {
+                    if attempt == 0 {
+                        log::warn!(
+                            "the fork-server (pid {}) is gone or hung ({e}); starting it again",
+                            r.pid
+                        );
+                    }
+                    if let Some(mut r) = running.take() {
+                        r.stop().await;
+                    }
+                }
+            }
+        }
+        Err(io::Error::other("the fork-server failed twice in a row"))
+    }
+
+    /// Logs, the first time only, that a worker is spawned because `why`.
+    pub(crate) fn fall_back(&self, why: &io::Error) {
+        if !self.fell_back.swap(true, Ordering::SeqCst) {
+            log::warn!("a worker is spawned instead of forked: {why} (said once)");
+        }
+    }
+
+    /// Stops the fork-server, at the server's stop.
+    pub(crate) async fn stop(&self) {
+        if let Some(mut r) = self.running.lock().await.take() {
+            r.stop().await;
+        }
+    }
+}
+
+/// How a fork failed.
+enum Failure {
+    /// The fork-server is dead, hung or out of step: start it again.
+    Dead(io::Error),
+    /// This fork failed, the fork-server is fine (e.g. out of processes).
+    Once(io::Error),
+}
+
+impl Running {
+    async fn start(spec: &ForkSpec) -> Result<Running, Unusable> {
+        let other = |what: &str, e: &dyn fmt::Display| Unusable::Other(format!("{what}: {e}"));
+        if !nix::sys::prctl::get_child_subreaper().unwrap_or(false) {
+            return Err(Unusable::Other(
+                "the server is not a child subreaper, so forked workers could not be handed \
+                 to it"
+                    .into(),
+            ));
+        }
+        let (ours, theirs) =
+            StdUnixStream::pair().map_err(|e| other("cannot make the fork-server's socket", &e))?;
+        let mut cmd = Command::new(&spec.python);
+        cmd.arg("-u")
+            .arg("-c")
+            .arg(bootstrap::forkserver_code())
+            .arg(&spec.module)
+            .args(&spec.preload)
+            .env("PYTHONPATH", &spec.pythonpath)
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Its own group, as a worker's: a Ctrl-C in the server's
+            // terminal is the server's to handle.
+            .process_group(0);
+        process::prepare(&mut cmd, spec.nofile);
+        let (mut child, registered) =
+            reaper::spawn(&mut cmd).map_err(|e| other("cannot start the fork-server", &e))?;
+        drop(cmd);
+        let pid = child.id().unwrap_or(0);
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(log_stderr(pid, stderr));
+        }
+        ours.set_nonblocking(true)
+            .map_err(|e| other("cannot set up the fork-server's socket", &e))?;
+        let ctl = UnixStream::from_std(ours)
+            .map_err(|e| other("cannot set up the fork-server's socket", &e))?;
+        let mut running = Running {
+            child,
+            _registered: registered,
+            ctl,
+            pid,
+        };
+        let hello = tokio::select! {
+            line = tokio::time::timeout(STARTUP_TIMEOUT, read_line(&mut running.ctl)) => line,
+            status = running.child.wait() => {
+                let how = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                return Err(Unusable::Other(format!("the fork-server exited at startup ({how})")));
+            }
+        };
+        let hello = match hello {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => {
+                running.stop().await;
+                return Err(other("the fork-server did not start", &e));
+            }
+            Err(_) => {
+                running.stop().await;
+                return Err(Unusable::Other(format!(
+                    "the fork-server was not ready within {STARTUP_TIMEOUT:?}"
+                )));
+            }
+        };
+        match hello.split_once(' ').unwrap_or((hello.as_str(), "")) {
+            ("R", _) => Ok(running),
+            ("I", rest) => {
+                running.stop().await;
+                let (module, why) = rest.split_once('\t').unwrap_or((rest, ""));
+                Err(Unusable::Preload {
+                    module: module.to_string(),
+                    why: why.to_string(),
+                })
+            }
+            ("E", why) => {
+                running.stop().await;
+                Err(Unusable::Other(format!(
+                    "the fork-server cannot run: {why}"
+                )))
+            }
+            _ => {
+                running.stop().await;
+                Err(Unusable::Other(format!(
+                    "the fork-server said {hello:?} at startup"
+                )))
+            }
+        }
+    }
+
+    /// Asks for one worker.
+    async fn fork(&mut self) -> Result<ForkedWorker, Failure> {
+        let pipes = Pipes::new().map_err(Failure::Once)?;
+        // From the request until the worker is registered, no scan for
+        // orphans takes its exit status.
+        let adopting = Adopting::begin();
+        let asked = async {
+            send_fds(&self.ctl, &pipes.theirs()).await?;
+            read_line(&mut self.ctl).await
+        };
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(FORK_TIMEOUT, asked) => answer,
+            status = self.child.wait() => {
+                let how = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                return Err(Failure::Dead(io::Error::other(format!("it exited ({how})"))));
+            }
+        };
+        let line = match answer {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => return Err(Failure::Dead(e)),
+            Err(_) => {
+                return Err(Failure::Dead(io::Error::other(format!(
+                    "no answer within {FORK_TIMEOUT:?}"
+                ))))
+            }
+        };
+        match line.split_once(' ').unwrap_or((line.as_str(), "")) {
+            ("P", pid) => {
+                let pid: u32 = pid.trim().parse().map_err(|_| {
+                    Failure::Dead(io::Error::other(format!("it answered {line:?}")))
+                })?;
+                let registered = reaper::register(pid);
+                drop(adopting);
+                let process = Forked::adopt(pid, registered).map_err(Failure::Once)?;
+                let Pipes { ours, .. } = pipes;
+                let [stdin, stdout, stderr] = ours;
+                Ok(ForkedWorker {
+                    process,
+                    stdin,
+                    stdout,
+                    stderr,
+                })
+            }
+            ("E", why) => Err(Failure::Once(io::Error::other(format!(
+                "the fork-server could not fork: {why}"
+            )))),
+            _ => Err(Failure::Dead(io::Error::other(format!(
+                "it answered {line:?}"
+            )))),
+        }
+    }
+
+    /// Kills it (its forks live on: they are the server's now) and reaps it.
+    async fn stop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// A new worker's three pipes: `theirs` go to the fork-server (the
+/// worker's stdin to read, stdout and stderr to write), `ours` stay.
+struct Pipes {
+    ours: [OwnedFd; 3],
+    theirs: [OwnedFd; 3],
+}
+
+impl Pipes {
+    fn new() -> io::Result<Pipes> {
+        let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+        let (stdin_r, stdin_w) = nix::unistd::pipe2(cloexec)?;
+        let (stdout_r, stdout_w) = nix::unistd::pipe2(cloexec)?;
+        let (stderr_r, stderr_w) = nix::unistd::pipe2(cloexec)?;
+        Ok(Pipes {
+            ours: [stdin_w, stdout_r, stderr_r],
+            theirs: [stdin_r, stdout_w, stderr_w],
+        })
+    }
+
+    fn theirs(&self) -> [i32; 3] {
+        self.theirs.each_ref().map(|fd| fd.as_fd().as_raw_fd())
+    }
+}
+
+/// Sends one request byte with `fds` attached.
+async fn send_fds(ctl: &UnixStream, fds: &[i32; 3]) -> io::Result<()> {
+    loop {
+        ctl.writable().await?;
+        let sent = ctl.try_io(Interest::WRITABLE, || {
+            sendmsg::<()>(
+                ctl.as_raw_fd(),
+                &[IoSlice::new(b"F")],
+                &[ControlMessage::ScmRights(fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(1) => return Ok(()),
+            Ok(_) => return Err(io::Error::other("the request was not sent")),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One line from the fork-server, without its newline. Only one request
+/// is ever outstanding, so nothing past the newline is read.
+async fn read_line(ctl: &mut UnixStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if ctl.read(&mut byte).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the fork-server closed its socket",
+            ));
+        }
+        if byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        if line.len() >= MAX_LINE {
+            return Err(io::Error::other("the fork-server's answer is too long"));
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// Logs what the fork-server writes to stderr (tracebacks of imports), at
+/// debug level as for workers; reading it keeps it from blocking.
+async fn log_stderr(pid: u32, mut stderr: tokio::process::ChildStderr) {
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = stderr.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        log::debug!(
+            "fork-server pid {pid} stderr: {}",
+            String::from_utf8_lossy(&buf[..n]).trim_end()
+        );
+    }
+}
