@@ -109,9 +109,27 @@ def cmdline(pid):
 
 
 def is_worker_cmdline(argv):
-    """`python -u [-c BOOTSTRAP] -m ppft` (or pp._worker): a pp worker process."""
+    """`python -u [-c BOOTSTRAP] -m ppft` (or pp._worker): a pp worker process,
+    or the fork-server, whose forks keep its command line (see
+    is_forkserver)."""
     return "-m" in argv and argv.index("-m") + 1 < len(argv) and \
         argv[argv.index("-m") + 1] in WORKER_MODULES
+
+
+# The fork-server's process name (/proc/PID/comm); its workers take the
+# interpreter's back.
+FORKSERVER_COMM = "ppserver-fork"
+
+
+def comm(pid):
+    try:
+        return Path("/proc/%d/comm" % pid).read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def is_forkserver(pid):
+    return comm(pid) == FORKSERVER_COMM
 
 
 def fd_count(pid):
@@ -166,6 +184,17 @@ def zombie_children(pid):
     return {child for child, state in children(pid).items() if state == "Z"}
 
 
+def worker_children(pid):
+    """Sorted pids of the live children of server `pid` but its fork-server:
+    its workers, and whatever else it reaped or adopted."""
+    return [child for child in live_children(pid) if not is_forkserver(child)]
+
+
+def forkserver_pids(server):
+    """The server's live fork-server (a list: none with --worker-start spawn)."""
+    return [child for child in live_children(server.proc.pid) if is_forkserver(child)]
+
+
 # --- a server's workers --------------------------------------------------------------
 
 
@@ -174,17 +203,17 @@ def worker_pids(server):
     return {
         pid
         for pid, state in children(server.proc.pid).items()
-        if state != "Z" and is_worker_cmdline(cmdline(pid))
+        if state != "Z" and is_worker_cmdline(cmdline(pid)) and not is_forkserver(pid)
     }
 
 
 def wait_for_children(server, count, timeout=WAIT_TIMEOUT):
     """Wait (bounded) until the server has at least `count` live child
-    processes (its workers); returns their sorted pids."""
+    processes but its fork-server (its workers); returns their sorted pids."""
     found = []
 
     def enough():
-        found[:] = live_children(server.proc.pid)
+        found[:] = worker_children(server.proc.pid)
         return len(found) >= count
 
     assert wait_until(enough, timeout=timeout), (

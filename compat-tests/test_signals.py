@@ -14,7 +14,7 @@ import pytest
 
 import ppwire
 import serverprocs as sp
-from procs import is_gone, live_children, wait_for_children, wait_until
+from procs import is_gone, wait_for_children, wait_until, worker_children
 
 # The server's own behaviour, whatever the client family: run with the
 # ppft 1.7.8 family only (conftest.py deselects it in the others).
@@ -127,7 +127,7 @@ def test_workers_are_the_servers_children(launch):
     server = launch(nworkers=3)
     workers = wait_for_children(server, 3)
     assert len(workers) == 3
-    assert live_children(server.proc.pid) == workers
+    assert worker_children(server.proc.pid) == workers
     pids = set()
     for _ in range(20):
         pids.add(sp.raw_job(server, "worker_pid", sp.PID_SOURCE, ())[0])

@@ -246,6 +246,21 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let version = cfg.pp_version.clone().unwrap_or(found.clone());
     cfg.settle_for_worker(&module);
 
+    let nofile = (files.original_soft < files.soft).then_some((files.original_soft, files.hard));
+    // Before the port listens: whoever waits for it finds the fork-server
+    // ready (and named) and the workers on their way.
+    let forkserver = start_forkserver(
+        &cfg,
+        ForkSpec {
+            python: python.clone(),
+            module: module.clone(),
+            preload: cfg.preload.clone(),
+            pythonpath: pythonpath.clone(),
+            nofile,
+        },
+    )
+    .await?;
+
     let listener = bind(&cfg.interface, cfg.port).await?;
     let local = listener.local_addr().map_err(|source| StartError::Bind {
         addr: SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), cfg.port),
@@ -300,9 +315,8 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
             .and_then(|h| h.into_string().ok())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| local.ip().to_string()),
-        nofile: (files.original_soft < files.soft).then_some((files.original_soft, files.hard)),
+        nofile,
     });
-    let forkserver = start_forkserver(&cfg, &spec).await?;
     let mut workers = JoinSet::new();
     for slot in 0..cfg.workers {
         let pctx = PoolContext {
@@ -603,7 +617,7 @@ impl Server {
 /// startup error.
 async fn start_forkserver(
     cfg: &Config,
-    spec: &WorkerSpec,
+    fork_spec: ForkSpec,
 ) -> Result<Option<Arc<ForkServer>>, StartError> {
     if cfg.worker_start == WorkerStart::Spawn {
         if !cfg.preload.is_empty() {
@@ -614,13 +628,6 @@ async fn start_forkserver(
         }
         return Ok(None);
     }
-    let fork_spec = ForkSpec {
-        python: spec.python.clone(),
-        module: spec.module.clone(),
-        preload: cfg.preload.clone(),
-        pythonpath: spec.pythonpath.clone(),
-        nofile: spec.nofile,
-    };
     match ForkServer::start(fork_spec).await {
         Ok(forkserver) => Ok(Some(Arc::new(forkserver))),
         Err(e @ Unusable::Preload { .. }) => Err(StartError::Preload(e.to_string())),

@@ -1,5 +1,5 @@
 # The fork-server. Run by ppserver as
-#   python -u -c <worker_bootstrap.py's _bootstrap, then this> MODULE [PRELOAD...]
+#   python -u -c <worker_bootstrap.py's _bootstrap, then this> -m MODULE [PRELOAD...]
 # from the command a worker is spawned with, in the same directory and
 # environment, with a Unix stream socket to the server as its stdin.
 #
@@ -24,6 +24,11 @@
 # to 1 unless they were set, since a library that starts threads at import
 # (OpenBLAS, MKL, OpenMP) cannot be forked safely.
 #
+# Its workers' command line is its own (a fork keeps it): `-m MODULE`
+# in it names the worker module, as in a spawned worker's. The fork-server
+# alone is named "ppserver-fork" (PR_SET_NAME: ps -o comm, top); each
+# worker takes the interpreter's name back.
+#
 # Other answers: "I <module>\t<error>" when a PRELOAD module cannot be
 # imported (a startup error), "E <reason>" when it cannot serve (the
 # server then spawns workers) or cannot fork this once.
@@ -37,7 +42,20 @@ def _forkserver(bootstrap, warm, close_all_above):
     g = globals()
     g.pop('_forkserver', None)
     g.pop('THREAD_VARIABLES', None)
-    module, preload = sys.argv[1], sys.argv[2:]
+    # Named first: until then it looks like a worker in ps.
+    ctl_error = None
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        if not hasattr(socket, 'recv_fds'):
+            raise OSError('socket.recv_fds is missing')
+        with open('/proc/self/comm', 'rb') as f:
+            comm = ctypes.c_char_p(f.read().rstrip(b'\n'))
+        prctl(15, ctypes.c_char_p(b'ppserver-fork'))  # PR_SET_NAME
+    except Exception as e:
+        ctl_error = '%s: %s' % (type(e).__name__, e)
+
+    module, preload = sys.argv[2], sys.argv[3:]
     del sys.argv[1:]
     # As _bootstrap does for a spawned worker: -c puts '' first.
     if sys.path and sys.path[0] == '':
@@ -52,6 +70,10 @@ def _forkserver(bootstrap, warm, close_all_above):
     def say(text):
         ctl.sendall(text.encode('utf-8', 'replace') + b'\n')
 
+    if ctl_error is not None:
+        say('E ' + ctl_error)
+        return None
+
     # The stop signals are ignored here as in every worker; each worker
     # gets the handlers the command started with back, then _bootstrap's.
     stops = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
@@ -61,15 +83,6 @@ def _forkserver(bootstrap, warm, close_all_above):
         if handler is not None:
             started[signum] = handler
             signal.signal(signum, signal.SIG_IGN)
-
-    try:
-        import ctypes
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        if not hasattr(socket, 'recv_fds'):
-            raise OSError('socket.recv_fds is missing')
-    except Exception as e:
-        say('E %s: %s' % (type(e).__name__, e))
-        return None
 
     if preload:
         for name in thread_variables:
@@ -127,6 +140,7 @@ def _forkserver(bootstrap, warm, close_all_above):
             if os.getppid() != server:
                 # The server died meanwhile.
                 os._exit(1)
+            prctl(15, comm)
             os.setpgid(0, 0)
             for fd, target in zip(fds, (0, 1, 2)):
                 os.dup2(fd, target)

@@ -216,6 +216,7 @@ impl Running {
         cmd.arg("-u")
             .arg("-c")
             .arg(bootstrap::forkserver_code())
+            .arg("-m")
             .arg(&spec.module)
             .args(&spec.preload)
             .env("PYTHONPATH", &spec.pythonpath)
