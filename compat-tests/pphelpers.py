@@ -175,9 +175,11 @@ def free_port(host="127.0.0.1"):
 
 def server_command(*flags, python=None):
     """The server under test's command line with these flags: for ``rust``
-    the binary, then the flags, then ``--python <this interpreter>`` (so its
-    workers are of this client family); for ``python`` the family's own
-    Python ppserver with the flags."""
+    the binary, then ``--worker-start $PPSERVER_WORKER_START`` if that is
+    set (scripts/test.sh runs the suite once with ``spawn``; a test's own
+    ``--worker-start`` comes later and wins), the flags, then ``--python
+    <this interpreter>`` (so its workers are of this client family); for
+    ``python`` the family's own Python ppserver with the flags."""
     flags = [str(f) for f in flags]
     if IMPL == "python":
         return [python or sys.executable, "-m", python_server_module(), *flags]
@@ -187,7 +189,9 @@ def server_command(*flags, python=None):
             "ppserver binary not found at %s (build it with `cargo build --release` "
             "or set PPSERVER_BIN)" % binary
         )
-    return [str(binary), *flags, "--python", python or sys.executable]
+    start = os.environ.get("PPSERVER_WORKER_START")
+    chosen = ["--worker-start", start] if start else []
+    return [str(binary), *chosen, *flags, "--python", python or sys.executable]
 
 
 def server_env(extra=None, pythonpath=(HERE,)):
@@ -280,7 +284,7 @@ def wait_listening(handle, timeout=STARTUP_TIMEOUT):
 
 def start_server(nworkers, log_path, *flags, host="127.0.0.1", secret=SECRET,
                  with_secret=True, debug=None, env=None, cwd=HERE, pythonpath=(HERE,),
-                 wait=True):
+                 wait=True, python=None):
     """Start the server under test on a free port of `host` with
     ``-i HOST -p PORT -w NWORKERS [-s SECRET] [-d]`` and `flags`, and wait
     (bounded) until it accepts TCP connections (see launch). Raises
@@ -307,7 +311,7 @@ def start_server(nworkers, log_path, *flags, host="127.0.0.1", secret=SECRET,
         debug = bool(os.environ.get("PPSERVER_DEBUG"))
     if debug and "-d" not in flags:
         base.append("-d")
-    argv = server_command(*base, *flags)
+    argv = server_command(*base, *flags, python=python)
     if env is None:
         env = server_env(pythonpath=pythonpath)
     return launch(argv, log_path, port=port, host=host, secret=secret, nworkers=nworkers,

@@ -33,7 +33,7 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
-use tokio::sync::Mutex;
+use tokio::sync::{oneshot, watch, Mutex};
 
 use crate::workers::bootstrap::{self, STARTUP_TIMEOUT};
 use crate::workers::process::{self, Forked};
@@ -43,6 +43,9 @@ use crate::workers::reaper::{self, Adopting, Registration};
 /// killed and started again: a fork takes milliseconds, even of a process
 /// with large modules imported.
 const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a fork-server that closed its socket at startup may take to
+/// exit, for its exit status to be told.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
 /// Longest line read from the fork-server: an error message at most.
 const MAX_LINE: usize = 64 * 1024;
 /// How to start the fork-server: as a worker is spawned.
@@ -108,8 +111,11 @@ pub(crate) struct ForkServer {
 /// One run of the fork-server.
 #[derive(Debug)]
 struct Running {
-    child: Child,
-    _registered: Registration,
+    /// Says how it ended, as soon as it has ([`watch_exit`]): it is reaped at
+    /// once, not when the next worker is asked for.
+    exited: watch::Receiver<Option<String>>,
+    /// Tells [`watch_exit`] to kill it.
+    kill: Option<oneshot::Sender<()>>,
     ctl: UnixStream,
     /// Its pid, for the log.
     pid: u32,
@@ -235,28 +241,37 @@ impl Running {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(log_stderr(pid, stderr));
         }
+        let (exited_tx, exited) = watch::channel(None);
+        let (kill, killed) = oneshot::channel();
+        tokio::spawn(watch_exit(child, registered, killed, exited_tx));
         ours.set_nonblocking(true)
             .map_err(|e| other("cannot set up the fork-server's socket", &e))?;
         let ctl = UnixStream::from_std(ours)
             .map_err(|e| other("cannot set up the fork-server's socket", &e))?;
         let mut running = Running {
-            child,
-            _registered: registered,
+            exited,
+            kill: Some(kill),
             ctl,
             pid,
         };
         let hello = tokio::select! {
             line = tokio::time::timeout(STARTUP_TIMEOUT, read_line(&mut running.ctl)) => line,
-            status = running.child.wait() => {
-                let how = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            how = ended(&mut running.exited) => {
                 return Err(Unusable::Other(format!("the fork-server exited at startup ({how})")));
             }
         };
         let hello = match hello {
             Ok(Ok(line)) => line,
             Ok(Err(e)) => {
+                // Its socket closes as it exits: its status says more.
+                let how = tokio::time::timeout(EXIT_WAIT, ended(&mut running.exited)).await;
                 running.stop().await;
-                return Err(other("the fork-server did not start", &e));
+                return Err(match how {
+                    Ok(how) => {
+                        Unusable::Other(format!("the fork-server exited at startup ({how})"))
+                    }
+                    Err(_) => other("the fork-server did not start", &e),
+                });
             }
             Err(_) => {
                 running.stop().await;
@@ -302,8 +317,7 @@ impl Running {
         };
         let answer = tokio::select! {
             answer = tokio::time::timeout(FORK_TIMEOUT, asked) => answer,
-            status = self.child.wait() => {
-                let how = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            how = ended(&mut self.exited) => {
                 return Err(Failure::Dead(io::Error::other(format!("it exited ({how})"))));
             }
         };
@@ -342,10 +356,44 @@ impl Running {
         }
     }
 
-    /// Kills it (its forks live on: they are the server's now) and reaps it.
+    /// Kills it (its forks live on: they are the server's now) and waits
+    /// until it is reaped.
     async fn stop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        ended(&mut self.exited).await;
+    }
+}
+
+/// Waits for the fork-server to exit (killing it when told to), reaps it,
+/// and says how it ended.
+async fn watch_exit(
+    mut child: Child,
+    _registered: Registration,
+    killed: oneshot::Receiver<()>,
+    exited: watch::Sender<Option<String>>,
+) {
+    let status = tokio::select! {
+        status = child.wait() => status,
+        _ = killed => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    let how = match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("cannot be reaped: {e}"),
+    };
+    exited.send_replace(Some(how));
+}
+
+/// How the fork-server ended, once it has (at once if it had).
+async fn ended(exited: &mut watch::Receiver<Option<String>>) -> String {
+    match exited.wait_for(Option::is_some).await {
+        Ok(how) => how.clone().unwrap_or_default(),
+        // The watcher is gone: it ended with the fork-server.
+        Err(_) => "gone".to_string(),
     }
 }
 
