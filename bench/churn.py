@@ -231,8 +231,8 @@ def measure_replace(mode, logdir, workdir):
             time.sleep(IDLE_GAP)
             # Only a live worker of this server: guards against pid reuse.
             if B.descendants(server.proc.pid).get(pid) != start or start is None:
-                raise B.BenchError("slot %d: worker pid %d is gone before its kill"
-                                   % (slot, pid))
+                raise B.BenchError("slot %d: worker pid %d is no longer a live process "
+                                   "under the server, not killed" % (slot, pid))
             t0 = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             got = wait_ready(lines, lambda got: any(s == slot and p != pid
@@ -427,8 +427,10 @@ def render(out):
                                                 for r in out["r"]) + ".")
         L.append("")
         L.append("- Method: one server at a time, started for its row and stopped after; "
-                 "tiny jobs as above (%d-job warm-up, %d-job calibration; under %d jobs/s "
-                 "%d jobs once, else %d jobs, median of %d runs, range in brackets). Our "
+                 "tiny jobs (a function returning its int argument) submitted all at once, "
+                 "then collected in order and checked (%d-job warm-up, %d-job calibration; "
+                 "under %d jobs/s %d jobs once, else %d jobs, median of %d runs, range in "
+                 "brackets). Our "
                  "server runs with -d for its ready lines (two short log lines per job), "
                  "the Python servers without. Ready in: the server's own figure, from the "
                  "previous worker's end to the new one's handshake, median over the row's "
@@ -505,12 +507,13 @@ def render(out):
     def check(desc, key, value, op, threshold, unit):
         """A target met by the `key` measurement; judged only where all its
         workers were started by fork, as the target is about fork."""
-        if value is None:
-            rows.append((desc, "n/a", "n/a"))
-            return
         started = g(key, "started_by") or "n/a"
+        shown = "unavailable" if value is None else unit % value
         if not re.fullmatch(r"fork \d+", started):
-            rows.append((desc, unit % value, "n/a: workers started by: %s" % started))
+            rows.append((desc, shown, "n/a: workers started by: %s" % started))
+            return
+        if value is None:
+            rows.append((desc, shown, "n/a"))
             return
         ok = {">=": value >= threshold, "<=": value <= threshold,
               "<": value < threshold}[op]
@@ -518,8 +521,8 @@ def render(out):
 
     if out["r"]:
         check("-r tiny jobs/s, fork >= 10x ppft's Python ppserver with -r", "ours-ppft-r-fork",
-              B.ratio(g("ours-ppft-r-fork", "tiny_jobs_per_s"), g("ppft-py-r", "tiny_jobs_per_s")),
-              ">=", 10, "%.2fx")
+              B.ratio(g("ours-ppft-r-fork", "tiny_jobs_per_s"),
+                      g("ppft-py-r", "tiny_jobs_per_s")), ">=", 10, "%.2fx")
     if out["replace"]:
         ms = g("replace-fork", "ms")
         check("replacement with fork: ready in, median < 10 ms", "replace-fork",
