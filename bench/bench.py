@@ -12,8 +12,14 @@ Configurations (2 workers everywhere):
   pp170-py     pp 1.7.0 client   -> python -m pp.cli (pp 1.7.0's ppserver)
   ours-pp170   pp 1.7.0 client   -> target/release/ppserver, pp._worker workers
   local-pp170  pp 1.7.0 client alone, pp.Server(ncpus=2): no server at all
+and then bench/churn.py's (fresh workers: tiny jobs under -r with ours, by
+fork and by spawn, and with both Python ppservers; the time our server takes
+to replace a killed worker; the memory of 4 workers that use numpy, by fork
+with --preload numpy and by spawn), each with a server of its own that runs
+alone, started for it and stopped after.
 
-Every server is started once and kept for the whole run. Tiny jobs and the
+Every server of configs() is started once and kept for the whole run of
+configs() (and stopped before bench/churn.py's part). Tiny jobs and the
 concurrent clients are measured one configuration after the other; bulk
 runs alternate between the configurations, round after round, so that
 whatever else loads the machine at some moment falls on all of them alike,
@@ -42,6 +48,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# bench/churn.py does `import bench`: run as a script, this module is
+# __main__, and churn must get it rather than a second copy, whose table of
+# live processes the cleanup here would not see.
+sys.modules.setdefault("bench", sys.modules[__name__])
+import churn  # noqa: E402  (bench/churn.py: -r rows, replacement time, memory)
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 CLIENT = BENCH / "client.py"
@@ -65,9 +77,10 @@ BULK_JOBS, BULK_MB, BULK_ROUNDS = 16, 16, 5
 SCALE_CLIENTS = (1, 4, 16)
 SCALE_N_FAST, SCALE_N_SLOW = 1000, 50  # tiny jobs per client
 
-# Deadlines (seconds). The whole run takes ~1.5 minutes on 2 cores; the
-# global alarm is the last resort if something misbehaves anyway.
-GLOBAL_DEADLINE = 10 * 60
+# Deadlines (seconds). The whole run takes ~4 minutes on 2 cores (~1.5 for
+# configs(), the rest bench/churn.py's); the global alarm is the last
+# resort if something misbehaves anyway.
+GLOBAL_DEADLINE = 14 * 60
 SERVER_START_TIMEOUT = 30
 STOP_GRACE = 5
 CLIENT_TIMEOUT = 120  # one client: warm-up, then tiny runs or one bulk run
@@ -667,15 +680,15 @@ def targets(by):
     return rows
 
 
-def render(results, machine, pickles, total_s):
-    by = {r["key"]: r for r in results}
+def render(results, machine, pickles, total_s, fresh):
     L = []
     L.append("# ppserver benchmark")
     L.append("")
     L.append("Written by `scripts/bench` (one run on one machine; numbers from a "
              "shared 2-core VM move by ~10-20%% between runs). "
-             "Every configuration uses %d workers and real, unmodified clients; "
-             "figures are from the client's side." % WORKERS)
+             "Every configuration uses %d workers (the worker-memory test: %d) and "
+             "real, unmodified clients; figures are from the client's side."
+             % (WORKERS, churn.MEMORY_WORKERS))
     L.append("")
     L.append("## Machine")
     L.append("")
@@ -686,6 +699,22 @@ def render(results, machine, pickles, total_s):
                                                    fmt(machine["load"], "%.2f")))
     L.append("- total benchmark time: %.0f s" % total_s)
     L.append("")
+    if results:
+        L += render_main(results, pickles)
+    L += churn.render(fresh)
+    if results:
+        profile = BENCH / "profile.md"
+        if profile.exists():
+            # Written by hand from bench/profile.py runs; kept across reruns.
+            L.append(profile.read_text().rstrip())
+            L.append("")
+    return "\n".join(L)
+
+
+def render_main(results, pickles):
+    """The sections on the configurations of configs(), as lines."""
+    by = {r["key"]: r for r in results}
+    L = []
     L.append("## Results")
     L.append("")
     L.append("| configuration | client | tiny jobs | tiny jobs/s | server CPU ms / 1000 jobs "
@@ -833,12 +862,7 @@ def render(results, machine, pickles, total_s):
         if r.get("leftovers"):
             L.append("- %s: on SIGTERM: %s" % (r["key"], "; ".join(r["leftovers"])))
     L.append("")
-    profile = BENCH / "profile.md"
-    if profile.exists():
-        # Written by hand from bench/profile.py runs; kept across reruns.
-        L.append(profile.read_text().rstrip())
-        L.append("")
-    return "\n".join(L)
+    return L
 
 
 def chart(results, path):
@@ -906,9 +930,10 @@ def _alarm(signum, frame):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", action="append", metavar="KEY",
+    all_keys = [c.key for c in configs()] + churn.keys()
+    parser.add_argument("--only", action="append", metavar="KEY", choices=all_keys,
                         help="run only this configuration (repeatable): "
-                             + ", ".join(c.key for c in configs()))
+                             + ", ".join(all_keys))
     parser.add_argument("--output", default=str(BENCH), metavar="DIR",
                         help="where results.md and chart.png go (default bench/)")
     args = parser.parse_args()
@@ -935,26 +960,31 @@ def main():
     started = time.monotonic()
     cfgs = [c for c in configs() if not args.only or c.key in args.only]
     servers, by_key = {}, {}
+    results, pickles = [], None
     failed = False
     try:
-        print("== starting %d servers" % sum(1 for c in cfgs if c.server_argv), flush=True)
-        servers, by_key = start_servers(cfgs, logdir, workdir)
-        for cfg in cfgs:
-            res = by_key[cfg.key]
-            if cfg.server_argv and cfg.key not in servers:
-                print("== %s: server did not start" % cfg.key, flush=True)
-                continue
-            print("== %s: %s" % (cfg.key, cfg.label), flush=True)
-            measure(cfg, servers.get(cfg.key), res, logdir, workdir)
-            print("   tiny %s jobs/s in %.0f s%s" % (
-                fmt(res.get("tiny_jobs_per_s")), res["seconds"],
-                ", ERRORS: %d" % len(res["errors"]) if res["errors"] else ""), flush=True)
-        print("== bulk: %d rounds, configurations alternating" % BULK_ROUNDS, flush=True)
-        measure_bulk(cfgs, servers, by_key, logdir, workdir)
-        finish_servers(servers, by_key)
-        results = [by_key[c.key] for c in cfgs]
-        failed = any(r["errors"] for r in results)
-        pickles = pickle_rates()
+        if cfgs:
+            print("== starting %d servers" % sum(1 for c in cfgs if c.server_argv),
+                  flush=True)
+            servers, by_key = start_servers(cfgs, logdir, workdir)
+            for cfg in cfgs:
+                res = by_key[cfg.key]
+                if cfg.server_argv and cfg.key not in servers:
+                    print("== %s: server did not start" % cfg.key, flush=True)
+                    continue
+                print("== %s: %s" % (cfg.key, cfg.label), flush=True)
+                measure(cfg, servers.get(cfg.key), res, logdir, workdir)
+                print("   tiny %s jobs/s in %.0f s%s" % (
+                    fmt(res.get("tiny_jobs_per_s")), res["seconds"],
+                    ", ERRORS: %d" % len(res["errors"]) if res["errors"] else ""), flush=True)
+            print("== bulk: %d rounds, configurations alternating" % BULK_ROUNDS, flush=True)
+            measure_bulk(cfgs, servers, by_key, logdir, workdir)
+            finish_servers(servers, by_key)
+            results = [by_key[c.key] for c in cfgs]
+            pickles = pickle_rates()
+        # Fresh workers: each of its servers runs alone, after the above.
+        fresh = churn.run(args.only, logdir, workdir)
+        failed = any(r["errors"] for r in results) or churn.failed(fresh)
     except KeyboardInterrupt as exc:
         print("\ninterrupted (%s): stopping everything; logs in %s" % (exc or "Ctrl-C", logdir),
               file=sys.stderr)
@@ -968,12 +998,16 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     machine["load_before"] = load_before
-    text = render(results, machine, pickles, time.monotonic() - started)
+    text = render(results, machine, pickles, time.monotonic() - started, fresh)
     (out / "results.md").write_text(text)
-    chart(results, out / "chart.png")
     print()
     print(text)
-    print("wrote %s and %s" % (out / "results.md", out / "chart.png"))
+    if results:
+        chart(results, out / "chart.png")
+        print("wrote %s and %s" % (out / "results.md", out / "chart.png"))
+    else:
+        # The chart shows configs() alone; without them it is left as it was.
+        print("wrote %s" % (out / "results.md"))
     if failed:
         print("some measurements failed; logs kept in %s" % logdir, file=sys.stderr)
         sys.exit(1)

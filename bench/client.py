@@ -3,7 +3,7 @@
 Run by bench/bench.py with the interpreter of the venv under test, so the
 same file drives a ppft 1.7.8 client (bench/.venv-ppft) or a pp 1.7.0 client
 (bench/.venv-pp); bench/latency.py runs it too, for its churn and latency
-phases (ppft only). It takes one JSON argument (see ``main``), connects, warms
+phases, and bench/churn.py for its numpy phase (ppft only). It takes one JSON argument (see ``main``), connects, warms
 up, optionally waits at a barrier, runs its phases and prints one line
 ``BENCH-JSON {...}`` with the figures.
 
@@ -38,6 +38,18 @@ def ident(x):
 
 def blen(b):
     return len(b)
+
+
+def numpy_job(seconds):
+    """Uses numpy in the worker (a no-op import where the worker was forked
+    from a fork-server that preloaded it), then sleeps so that the other
+    jobs of its batch land on other workers; returns (worker pid, sum)."""
+    import os
+    import time
+    import numpy
+    total = int(numpy.arange(10 ** 5).sum())
+    time.sleep(seconds)
+    return os.getpid(), total
 
 
 def cpu_seconds(pid):
@@ -96,6 +108,24 @@ def run_churn(server, backlog, max_seconds):
     return {"jobs": done, "seconds": seconds, "wrong": wrong}
 
 
+def run_numpy(server, jobs, seconds, batches):
+    """Batches of `jobs` numpy jobs submitted at once, each sleeping
+    `seconds`, until one batch ran on `jobs` different workers (at most
+    `batches` batches). Used by bench/churn.py to have every worker of a
+    server import and use numpy before their memory is read."""
+    expected = int(sum(range(10 ** 5)))
+    runs = []
+    for _ in range(batches):
+        results = [job() for job in [server.submit(numpy_job, (seconds,))
+                                     for _ in range(jobs)]]
+        wrong = sum(1 for r in results if not r or r[1] != expected)
+        pids = [r[0] for r in results if r]
+        runs.append({"pids": pids, "wrong": wrong})
+        if not wrong and len(set(pids)) == jobs:
+            break
+    return runs
+
+
 def stat_round_trip(server):
     """Seconds for one Server.get_stats(): with a remote server, ppft sends
     TIME on its STAT connection and reads the answer, which no worker is
@@ -142,6 +172,8 @@ def main():
     #                    or {"name": "churn", "backlog": B, "max_seconds": S}
     #                    or {"name": "latency", "seconds": S,
     #                        "ping_seconds": P, "ping_gap": G}
+    #                    or {"name": "numpy", "jobs": J, "seconds": S,
+    #                        "batches": B}
     ppservers = (cfg["server"],) if cfg["server"] else ()
     server = pp.Server(ncpus=cfg["ncpus"], ppservers=ppservers, secret=cfg["secret"])
     out = {"client_version": pp.__version__, "pid": os.getpid()}
@@ -224,6 +256,9 @@ def main():
         elif name == "latency":
             out["latency"] = run_latency(server, phase["seconds"], phase["ping_seconds"],
                                          phase["ping_gap"])
+        elif name == "numpy":
+            out["numpy"] = run_numpy(server, phase["jobs"], phase["seconds"],
+                                     phase["batches"])
         else:
             raise SystemExit("unknown phase %r" % name)
 
