@@ -541,8 +541,18 @@ mod tests {
             WorkerStart::Spawn
         );
         assert!(err(&["--worker-start", "exec"]).contains("--worker-start"));
-        let c = run(&["--preload", "numpy.random,json", "--preload", "json", "--preload=csv"]);
-        assert_eq!(c.preload, ["numpy.random", "json", "csv"], "repeatable, once each");
+        let c = run(&[
+            "--preload",
+            "numpy.random,json",
+            "--preload",
+            "json",
+            "--preload=csv",
+        ]);
+        assert_eq!(
+            c.preload,
+            ["numpy.random", "json", "csv"],
+            "repeatable, once each"
+        );
         assert!(err(&["--preload", "os;rm"]).contains("--preload"));
         assert!(err(&["--preload", "a..b"]).contains("--preload"));
         assert!(err(&["--preload", ""]).contains("--preload"));
@@ -560,10 +570,21 @@ mod tests {
             "fork.conf",
             "[general]\nworker_start = spawn\npreload = numpy, json\nworker_memory_limit = 1G\n",
         );
-        let c = run(&["--preload", "csv", "-c", path.to_str().unwrap(), "--preload", "os"]);
+        let c = run(&[
+            "--preload",
+            "csv",
+            "-c",
+            path.to_str().unwrap(),
+            "--preload",
+            "os",
+        ]);
         assert!(c.notes.is_empty(), "{:?}", c.notes);
         assert_eq!(c.worker_start, WorkerStart::Spawn);
-        assert_eq!(c.preload, ["numpy", "json", "os"], "the file replaces, flags add");
+        assert_eq!(
+            c.preload,
+            ["numpy", "json", "os"],
+            "the file replaces, flags add"
+        );
         assert_eq!(c.worker_memory_limit.map(|l| l.bytes), Some(1 << 30));
         let path = temp_file("fork2.conf", "[general]\nworker_start = vfork\n");
         let e = err(&["-c", path.to_str().unwrap()]);

@@ -251,7 +251,11 @@ pub(crate) fn apply(
             cfg.worker_memory_limit = match bytes {
                 0 => None,
                 b if b < MIN_WORKER_MEMORY_LIMIT => {
-                    return Err(invalid(name, value, "must be at least 16M (or 0: no limit)"))
+                    return Err(invalid(
+                        name,
+                        value,
+                        "must be at least 16M (or 0: no limit)",
+                    ))
                 }
                 b => Some(WorkerMemoryLimit {
                     bytes: b as u64,
