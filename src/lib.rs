@@ -26,7 +26,8 @@
 //!   in turn ([`jobs::scheduler`]);
 //! - [`workers`]: the worker interpreter and its probe
 //!   ([`workers::install`]), one supervisor per slot ([`workers::pool`]),
-//!   one worker process ([`workers::worker`]), and what jobs leave behind
+//!   one worker process ([`workers::worker`]), `--worker-memory-limit`
+//!   ([`workers::memlimit`]), and what jobs leave behind
 //!   ([`workers::reaper`]);
 //! - [`ops`]: metrics and the status page (its port capped), job stats,
 //!   stop requests and the drain, the pid and ready files, the open-file

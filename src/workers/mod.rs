@@ -3,10 +3,13 @@
 //! [`pool`] keeps one supervisor per slot that feeds its worker jobs and
 //! replaces it when it dies; [`worker`] is one worker process (spawn
 //! through a bootstrap that ignores the stop signals, handshake, run a
-//! job, stop and reap); [`reaper`] deals with what jobs
-//! leave behind: orphans reaped, and all killed when the server stops.
+//! job, stop and reap); [`memlimit`] holds each worker to
+//! `--worker-memory-limit` (a memory cgroup per slot, else polling);
+//! [`reaper`] deals with what jobs leave behind: orphans reaped, and all
+//! killed when the server stops.
 
 pub(crate) mod install;
+pub(crate) mod memlimit;
 pub(crate) mod pool;
 pub mod reaper;
 pub(crate) mod worker;
