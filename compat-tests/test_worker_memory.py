@@ -7,8 +7,9 @@ slot where it can make them: cgroup v1 as root on this test host), and
 with polling (PPSERVER_WORKER_MEMORY_CGROUP=0 in the server's
 environment). A job allocates and touches 1 GB under a 200M limit; the
 job on the other worker waits at a gate the test opens once the first is
-answered, so "meanwhile" is an order, not a time. Waits are bounded only
-so that a server that never gets there fails.
+answered, so "meanwhile" is an order, not a time. With a cgroup, what a
+job starts counts too: a job whose child touches 1 GB is answered the same
+way. Waits are bounded only so that a server that never gets there fails.
 """
 
 import os
@@ -66,6 +67,19 @@ def held(path, gate):
 
 def square(x):
     return x * x
+
+
+def child_hog(seconds):
+    """Starts a child process that touches 1 GB, and sleeps `seconds`
+    without waiting for it (so the job does not end when the child is
+    killed); returns the child's exit code."""
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "blob = b'x' * 10**9"])
+    time.sleep(seconds)
+    return child.wait()
 
 
 def v1_memory_dir():
@@ -155,3 +169,32 @@ def test_a_worker_over_the_limit_is_stopped_and_its_job_answered(launch, tmp_pat
     made = v1_memory_dir() and v1_memory_dir() / ("ppserver-%d" % server.proc.pid)
     if made:
         assert not made.exists(), "the server left its cgroup %s behind" % made
+
+
+def test_a_child_over_the_limit_stops_its_worker_too(launch, capsys):
+    """With a cgroup, what a job starts counts too: a job whose child
+    process touches 1 GB under 200M (the kernel kills the child, not the
+    worker) is answered with the limit, its worker stopped and replaced,
+    and the next job works. Polling counts the worker alone: skipped
+    there."""
+    server = launch("--worker-memory-limit", LIMIT, nworkers=1)
+    line = "worker memory limit %s by " % LIMIT
+    assert wait_until(lambda: line in server.log(), timeout=PROMPT), server.log_tail()
+    if "by polling" in server.log():
+        pytest.skip("no memory cgroup here: polling counts the worker process alone")
+    before = wait_for_pool(server)
+    launch.workers.extend(before)
+    js = pphelpers.connect_client(server)
+    try:
+        job = js.submit(child_hog, (30,))
+        assert finished_within(job, PROMPT), "no answer\n%s" % server.log_tail()
+        capsys.readouterr()
+        assert job() is None
+        out = capsys.readouterr().out
+        assert "job exceeded --worker-memory-limit of %s on" % LIMIT in out, out
+        after = wait_for_pool(server, exclude=before)
+        launch.workers.extend(after)
+        assert js.submit(square, (5,))() == 25
+    finally:
+        pphelpers.close_client(js)
+    assert server_alive(server)

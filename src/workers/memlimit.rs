@@ -384,7 +384,8 @@ struct Watched {
 struct OomCount {
     /// `memory.events` (v2) or `memory.oom_control` (v1).
     file: PathBuf,
-    /// The count when the worker joined: the cgroup outlives workers.
+    /// The count when the running job started (or the worker joined):
+    /// kills before it were not this job's doing.
     at_start: u64,
 }
 
@@ -392,10 +393,13 @@ impl OomCount {
     /// Whether the cgroup's OOM killer struck since the worker joined.
     /// A cgroup file is read straight away: no page tables to walk.
     fn rose(&self) -> bool {
+        self.now().is_some_and(|n| n > self.at_start)
+    }
+
+    fn now(&self) -> Option<u64> {
         std::fs::read_to_string(&self.file)
             .ok()
             .and_then(|t| oom_kills(&t))
-            .is_some_and(|n| n > self.at_start)
     }
 }
 
@@ -449,15 +453,20 @@ fn join(dir: &Path, events: &str, pid: u32) -> Result<OomCount, String> {
 }
 
 impl Watch {
-    /// Completes once the worker's job went over the limit: its cgroup's
-    /// OOM killer struck (maybe at a child of the job rather than the
+    /// Completes once the worker's job (the one running when it is first
+    /// polled) went over the limit: its cgroup's OOM killer struck (maybe at a child of the job rather than the
     /// worker, which must then be stopped all the same), or, polling, its
     /// PSS is over. Checked every [`POLL`]; never without a limit. Safe to
     /// cancel in a `select!`.
     pub(crate) async fn exceeded(&mut self) {
-        let Some(w) = &self.limit else {
+        let Some(w) = &mut self.limit else {
             return std::future::pending().await;
         };
+        if let Some(oom) = &mut w.oom {
+            // A job whose child was killed may have answered before this
+            // noticed; the next job is not to blame for that kill.
+            oom.at_start = oom.now().unwrap_or(oom.at_start);
+        }
         loop {
             tokio::time::sleep(POLL).await;
             let over = match &w.oom {
@@ -626,7 +635,12 @@ fn cgroup_dir(m: &Mount, path: &str) -> Option<PathBuf> {
     } else {
         path.strip_prefix(m.root.as_str())?.strip_prefix('/')?
     };
-    Some(m.point.join(rest.trim_start_matches('/')))
+    let rest = rest.trim_start_matches('/');
+    Some(if rest.is_empty() {
+        m.point.clone()
+    } else {
+        m.point.join(rest)
+    })
 }
 
 #[cfg(test)]
@@ -655,8 +669,9 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/e278"))
         );
         assert_eq!(
-            find_mount(info, "cgroup2", None, "/"),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            find_mount(info, "cgroup2", None, "/").unwrap().as_os_str(),
+            "/sys/fs/cgroup/unified",
+            "no trailing slash"
         );
         assert_eq!(find_mount(info, "cgroup", Some("pids"), "/"), None);
         // A container's mount of its own subtree, with a space escaped.
