@@ -26,11 +26,13 @@ import importlib
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,6 +349,31 @@ def stop_server(handle):
         if procs.is_worker_cmdline(procs.cmdline(pid)):  # else gone (its pid maybe reused)
             procs.sigkill(pid)
     return exited_early
+
+
+# --- the --metrics pages ------------------------------------------------------------
+
+METRIC_SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')
+
+
+def metrics_get(port, path, accept=None):
+    """GET `path` from a server's --metrics port on 127.0.0.1; returns
+    (content type, body)."""
+    request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path))
+    if accept:
+        request.add_header("Accept", accept)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.headers.get("Content-Type"), response.read().decode()
+
+
+def metric_samples(text):
+    """{(name, labels): value} of a Prometheus text page."""
+    found = {}
+    for line in text.splitlines():
+        m = METRIC_SAMPLE.match(line)
+        if m:
+            found[(m.group(1), m.group(2) or "")] = float(m.group(3))
+    return found
 
 
 # --- ppft clients -------------------------------------------------------------

@@ -9,7 +9,6 @@
 No wall-clock thresholds: every wait is a generous upper bound.
 """
 
-import re
 import shutil
 import subprocess
 import urllib.request
@@ -27,27 +26,6 @@ pytestmark = [
     pytest.mark.server_behaviour,
     pytest.mark.better_than_ppft(reason="ppft's server has no metrics"),
 ]
-
-SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')
-
-
-def _get(port, path, accept=None):
-    request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path))
-    if accept:
-        request.add_header("Accept", accept)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.headers.get("Content-Type"), response.read().decode()
-
-
-def _samples(text):
-    """{(name, labels): value} of a Prometheus text page."""
-    found = {}
-    for line in text.splitlines():
-        m = SAMPLE.match(line)
-        if m:
-            found[(m.group(1), m.group(2) or "")] = float(m.group(3))
-    return found
-
 
 def _started(launch, *flags, nworkers=2):
     port = pphelpers.free_port()
@@ -72,9 +50,9 @@ def test_counters_match_a_known_run(launch):
     result, text = sp.raw_job(server, "add", sp.ADD_SOURCE, (b"z" * (4 << 20), b""))
     assert result is None and "--memory-limit" in text
 
-    content_type, page = _get(server.metrics_port, "/metrics")
+    content_type, page = pphelpers.metrics_get(server.metrics_port, "/metrics")
     assert content_type.startswith("text/plain; version=0.0.4"), content_type
-    s = _samples(page)
+    s = pphelpers.metric_samples(page)
     assert s[("ppserver_jobs_received_total", "")] == 201, page
     assert s[("ppserver_jobs_answered_total", "")] == 200, page
     assert s[("ppserver_job_run_seconds_count", "")] == 200, page
@@ -94,8 +72,8 @@ def test_counters_match_a_known_run(launch):
     else:
         pytest.skip("promtool is not installed (scripts/test.sh installs it); counters checked")
 
-    content_type, om = _get(server.metrics_port, "/metrics",
-                            accept="application/openmetrics-text; version=1.0.0")
+    content_type, om = pphelpers.metrics_get(
+        server.metrics_port, "/metrics", accept="application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text"), content_type
     assert om.rstrip().endswith("# EOF")
 
@@ -106,12 +84,12 @@ def test_pages_answer_while_every_worker_is_busy(launch, tmp_path):
     first, pid1 = sp.start_marked_nap(server, tmp_path / "a", seconds=600)
     second, pid2 = sp.start_marked_nap(server, tmp_path / "b", seconds=600)
     try:
-        _, page = _get(server.metrics_port, "/metrics")
-        s = _samples(page)
+        _, page = pphelpers.metrics_get(server.metrics_port, "/metrics")
+        s = pphelpers.metric_samples(page)
         assert s[("ppserver_jobs_running", "")] == 2, page
         assert s[("ppserver_workers", '{state="busy"}')] == 2, page
         assert s[("ppserver_connections", '{kind="exec"}')] == 2, page
-        _, status = _get(server.metrics_port, "/status")
+        _, status = pphelpers.metrics_get(server.metrics_port, "/status")
         assert "running jobs (2)" in status, status
         assert "pid %d" % pid1 in status and "pid %d" % pid2 in status, status
         assert "127.0.0.1: 2 EXEC" in status, status
@@ -123,7 +101,7 @@ def test_pages_answer_while_every_worker_is_busy(launch, tmp_path):
 def test_other_paths_and_methods_are_refused(launch):
     server = _started(launch, nworkers=1)
     with pytest.raises(urllib.error.HTTPError) as err:
-        _get(server.metrics_port, "/nothing")
+        pphelpers.metrics_get(server.metrics_port, "/nothing")
     assert err.value.code == 404
     sock = ppwire.connect("127.0.0.1", server.metrics_port)
     try:

@@ -29,6 +29,7 @@ use crate::ops::stats::Stats;
 use crate::workers::forkserver::{ForkServer, ForkSpec, Unusable};
 use crate::workers::install;
 use crate::workers::install::ProbeError;
+use crate::workers::memlimit::MemoryLimit;
 use crate::workers::pool::{self, PoolContext};
 use crate::workers::worker::{self, WorkerSpec};
 
@@ -218,6 +219,9 @@ pub struct Server {
     /// is a launcher's pipe, since the server prints nothing at startup
     /// there.
     warn_default_secret: bool,
+    /// `--worker-memory-limit`, whose cgroups go once the workers are
+    /// stopped.
+    memory_limit: Option<Arc<MemoryLimit>>,
 }
 
 /// Checks the interpreter, binds, and starts the workers.
@@ -317,6 +321,12 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
             .unwrap_or_else(|| local.ip().to_string()),
         nofile,
     });
+    // Last of what can fail the start is done: cgroups made from here on
+    // are removed at stop.
+    let memory_limit = cfg
+        .worker_memory_limit
+        .as_ref()
+        .map(|limit| Arc::new(MemoryLimit::new(limit, cfg.workers)));
     let mut workers = JoinSet::new();
     for slot in 0..cfg.workers {
         let pctx = PoolContext {
@@ -325,6 +335,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
             scheduler: scheduler.clone(),
             stats: stats.clone(),
             shutdown: stopped.clone(),
+            memory_limit: memory_limit.clone(),
         };
         workers.spawn(pool::keep_supervised(slot, pctx));
     }
@@ -335,7 +346,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     }
     install::warn_about_foreign_ppserver();
     log::info!(
-        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}, {}{}{}, memory limit {}{lowered}",
+        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}, {}{}{}, memory limit {}{lowered}{}",
         cfg.workers,
         python.display(),
         if cfg.pp_version.is_some() {
@@ -354,6 +365,10 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
             String::new()
         },
         crate::memory::budget::human(cfg.memory_limit),
+        match &memory_limit {
+            Some(m) => format!(", {}", m.describe()),
+            None => String::new(),
+        },
     );
 
     let ctx = Arc::new(SessionContext::new(&cfg, version, scheduler, stats));
@@ -371,6 +386,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         sessions: JoinSet::new(),
         drain_timeout: cfg.drain_timeout,
         warn_default_secret,
+        memory_limit,
     })
 }
 
@@ -607,6 +623,10 @@ impl Server {
         }
         if let Some(forkserver) = &self.forkserver {
             forkserver.stop().await;
+        }
+        if let Some(m) = self.memory_limit.take() {
+            // Removing a cgroup waits for its last processes to go.
+            let _ = tokio::task::spawn_blocking(move || m.cleanup()).await;
         }
     }
 }

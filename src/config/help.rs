@@ -139,6 +139,8 @@ Options:
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).
+PPSERVER_WORKER_MEMORY_CGROUP=0 makes --worker-memory-limit poll instead of
+using cgroups.
 The server raises its open-file soft limit to the hard limit; workers get the
 soft limit it started with.
 SIGUSR1 prints the job statistics; SIGTERM, SIGINT and SIGHUP stop the server

@@ -221,6 +221,7 @@ impl Metrics {
             "oversize",
             "unknown_package",
             "job_timeout",
+            "memory_limit",
             "lost",
         ] {
             drop(
@@ -238,6 +239,7 @@ impl Metrics {
             "worker_exiting",
             "restart_flag",
             "job_timeout",
+            "memory_limit",
             "supervisor_panic",
         ] {
             drop(self.worker_restarts.get_or_create(&label("cause", cause)));

@@ -4,12 +4,15 @@
 //! replaces it when it dies; [`worker`] is one worker process (started,
 //! handshake, run a job, stop and reap), forked by the [`forkserver`] or
 //! spawned, each way through the Python text of [`bootstrap`], and held
-//! as a [`process`]; [`reaper`] deals with what jobs leave behind:
-//! orphans reaped, and all killed when the server stops.
+//! as a [`process`]; [`memlimit`] holds each worker to
+//! `--worker-memory-limit` (a memory cgroup per slot, else polling);
+//! [`reaper`] deals with what jobs leave behind: orphans reaped, and all
+//! killed when the server stops.
 
 pub(crate) mod bootstrap;
 pub(crate) mod forkserver;
 pub(crate) mod install;
+pub(crate) mod memlimit;
 pub(crate) mod pool;
 pub(crate) mod process;
 pub mod reaper;

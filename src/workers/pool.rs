@@ -18,7 +18,10 @@
 //! With `--job-timeout`, a job that runs longer has its worker (and the
 //! worker's process group) stopped and replaced, and its client gets
 //! `(None, "job exceeded --job-timeout of N s on HOST")`; the job is not
-//! retried.
+//! retried. With `--worker-memory-limit`, a worker that goes over it while
+//! running a job is dealt with the same way ([`crate::workers::memlimit`]
+//! watches it), and its client gets `(None, "job exceeded
+//! --worker-memory-limit of SIZE on HOST")`.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -35,6 +38,7 @@ use crate::jobs::scheduler::{Job, Scheduler};
 use crate::ops::metrics::metrics;
 use crate::ops::stats::Stats;
 use crate::workers::forkserver::ForkServer;
+use crate::workers::memlimit::{self, MemoryLimit, Watch};
 use crate::workers::worker::{Outcome, Worker, WorkerSpec};
 
 /// First and largest pause between attempts to start a worker that fails.
@@ -64,6 +68,8 @@ pub(crate) struct PoolContext {
     pub(crate) stats: Arc<Stats>,
     /// Becomes true when the server stops.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// `--worker-memory-limit`, if set.
+    pub(crate) memory_limit: Option<Arc<MemoryLimit>>,
 }
 
 /// [`supervise`]s pool slot `slot` until shutdown, starting its supervisor
@@ -183,7 +189,8 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                 continue;
             }
         };
-        let ended = serve(slot, &mut worker, &mut ctx).await;
+        let mut memory = memlimit::watch(ctx.memory_limit.as_deref(), slot, worker.pid).await;
+        let ended = serve(slot, &mut worker, &mut ctx, &mut memory).await;
         vacant = Instant::now();
         match ended {
             Ended::Shutdown => {
@@ -217,8 +224,13 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                 let how = worker.stop(false).await;
                 answer_timed_out(job, limit, pid, &how, &ctx.spec.host);
             }
+            Ended::MemoryLimit { job } => {
+                metrics().worker_restart("memory_limit");
+                let pid = worker.pid;
+                let how = worker.stop(false).await;
+                memory.answer(job, pid, &how, &ctx.spec.host);
+            }
             Ended::Died { job, refused } => {
-                metrics().worker_restart("died");
                 let pid = worker.pid;
                 let how = match refused {
                     // The worker is alive but out of step: stop it now.
@@ -228,7 +240,11 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                     }
                     None => worker.stop(true).await,
                 };
+                // Killed by its memory cgroup: the limit's answer, not a crash's.
+                let by_limit = job.is_some() && memory.killed_by_limit();
+                metrics().worker_restart(if by_limit { "memory_limit" } else { "died" });
                 match job {
+                    Some(job) if by_limit => memory.answer(job, pid, &how, &ctx.spec.host),
                     Some(job) => answer_died(job, pid, &how),
                     None => log::warn!(
                         "slot {slot}: idle worker pid {pid} died ({how}); starting a new one"
@@ -273,6 +289,11 @@ enum Ended {
         /// The limit it reached.
         limit: Duration,
     },
+    /// `job`'s worker went over `--worker-memory-limit`: stop it now.
+    MemoryLimit {
+        /// Still to be answered, once its worker is gone.
+        job: Job,
+    },
     /// The worker died, while running `job` if there is one.
     Died {
         /// The job it was running, still to be answered.
@@ -288,7 +309,12 @@ enum Ended {
 }
 
 /// Feeds jobs to one live worker until it must be replaced.
-async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended {
+async fn serve(
+    slot: usize,
+    worker: &mut Worker,
+    ctx: &mut PoolContext,
+    memory: &mut Watch,
+) -> Ended {
     // The worker counts as live for exactly as long as it is served.
     let _live = ctx.scheduler.worker_up();
     let mut cache = WorkerCache::default();
@@ -356,6 +382,10 @@ async fn serve(slot: usize, worker: &mut Worker, ctx: &mut PoolContext) -> Ended
             limit = time_limit(ctx.spec.job_timeout) => {
                 ctx.stats.record_job(started.elapsed());
                 return Ended::TimedOut { job, limit };
+            }
+            () = memory.exceeded() => {
+                ctx.stats.record_job(started.elapsed());
+                return Ended::MemoryLimit { job };
             }
             _ = ctx.shutdown.wait_for(|&s| s) => return Ended::Shutdown,
         };

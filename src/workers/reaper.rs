@@ -204,21 +204,29 @@ fn reap(pid: i32) -> bool {
 /// `/proc` is read is registered by the time the lock is ours, since
 /// `spawn` holds the lock until it has registered the child.
 pub fn reap_orphans() -> usize {
+    scan().unwrap_or(0)
+}
+
+/// [`reap_orphans`], or `None` if it had to leave the dead where they are
+/// because a worker was being handed over ([`Adopting`]): the caller
+/// scans again later, as no other SIGCHLD may come.
+fn scan() -> Option<usize> {
     let dead = dead_children();
     if dead.is_empty() {
-        return 0;
+        return Some(0);
     }
     let own = own();
     // Checked under the lock that `register` takes: a worker handed over
     // while /proc was read is either registered by now or still covered.
-    // What is skipped is reaped after the next SIGCHLD.
     if ADOPTING.load(Ordering::SeqCst) > 0 {
-        return 0;
+        return None;
     }
-    dead.into_iter()
-        .filter(|pid| !own.contains(&(*pid as u32)))
-        .filter(|pid| reap(*pid))
-        .count()
+    Some(
+        dead.into_iter()
+            .filter(|pid| !own.contains(&(*pid as u32)))
+            .filter(|pid| reap(*pid))
+            .count(),
+    )
 }
 
 /// The server's children that are dead and not yet reaped, tokio's
@@ -247,12 +255,19 @@ pub async fn reap_orphans_forever() {
             return;
         }
     };
-    while sigchld.recv().await.is_some() {
+    // A scan that had to skip the dead: the next one comes without a
+    // SIGCHLD.
+    let mut again = false;
+    loop {
+        if !again && sigchld.recv().await.is_none() {
+            return;
+        }
         // On a blocking thread: the scan reads all of /proc, which would
         // stall every client on the runtime's only thread (with `-r` a
         // worker exits after every job).
-        if let Err(e) = tokio::task::spawn_blocking(reap_orphans).await {
-            log::error!("the scan for orphaned processes failed: {e}");
+        match tokio::task::spawn_blocking(scan).await {
+            Ok(scanned) => again = scanned.is_none(),
+            Err(e) => log::error!("the scan for orphaned processes failed: {e}"),
         }
         // Signals that arrive meanwhile are folded into one wake-up.
         tokio::time::sleep(REAP_SPACING).await;
@@ -382,6 +397,16 @@ mod tests {
             .unwrap();
         wait_zombie(ours.id().unwrap());
         wait_zombie(foreign.id());
+        {
+            // A worker being handed over: nothing is reaped, and the
+            // caller is told to scan again.
+            let _adopting = Adopting::begin();
+            assert_eq!(scan(), None);
+            assert!(processes()
+                .unwrap()
+                .iter()
+                .any(|p| p.pid == foreign.id() as i32));
+        }
         assert_eq!(reap_orphans(), 1, "only the unregistered child");
         assert!(!processes()
             .unwrap()

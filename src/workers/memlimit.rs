@@ -1,0 +1,784 @@
+//! `--worker-memory-limit`: how a worker's memory is held to the limit, and
+//! the answer a job gets when its worker went over it.
+//!
+//! A job that eats all the memory of a shared machine takes every other
+//! job (and the server) down with it, and the kernel's OOM killer picks
+//! its victim without regard to whose fault it was. Here the job's own
+//! worker is stopped with its process group, its client is told why, and
+//! a fresh worker takes the slot ([`crate::workers::pool`] does that, as
+//! for `--job-timeout`).
+//!
+//! [`MemoryLimit::new`] picks the method once, at startup, and never fails:
+//! 1. a memory cgroup v2 per slot, where the server can make child
+//!    cgroups (a delegated subtree, as under systemd's `Delegate=yes`, or
+//!    as root): the kernel holds the worker and every process its jobs
+//!    start to the limit, exactly, and OOM-kills the whole cgroup;
+//! 2. a cgroup v1 memory controller cgroup per slot, the same on hosts
+//!    that still mount v1 (the kernel kills one process in it, we stop the
+//!    rest);
+//! 3. else polling each busy worker's PSS every [`POLL`]: only the worker
+//!    process itself is counted, and a peak shorter than the period can
+//!    pass, but it needs nothing from the host.
+//!
+//! `PPSERVER_WORKER_MEMORY_CGROUP=0` skips the cgroups: a way out where
+//! the cgroup setup misbehaves, and how tests reach the polling on hosts
+//! where cgroups work.
+//!
+//! A worker's [`Watch`] completes [`Watch::exceeded`] while a job runs once
+//! the limit was hit (its cgroup's `oom_kill` count rose, or its PSS is
+//! over), and says after a worker died whether the cgroup's OOM killer did
+//! it ([`Watch::killed_by_limit`]), so that death is answered as the limit
+//! and not as a crash.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::WorkerMemoryLimit;
+use crate::jobs::scheduler::Job;
+use crate::ops::metrics::metrics;
+
+/// How often a running job's worker is checked: often enough that a
+/// runaway allocation is caught within a fraction of a second, rarely
+/// enough that reading `smaps_rollup` (a walk of the page tables) costs
+/// nothing noticeable.
+pub(crate) const POLL: Duration = Duration::from_millis(100);
+
+/// Set to `0`, the server does without cgroups (polling).
+pub(crate) const CGROUP_ENV: &str = "PPSERVER_WORKER_MEMORY_CGROUP";
+
+/// How long [`MemoryLimit::cleanup`] keeps trying to remove a cgroup whose
+/// last processes are still exiting.
+const CLEANUP_TRIES: u32 = 40;
+const CLEANUP_PAUSE: Duration = Duration::from_millis(50);
+
+/// The limit and how it is held; built once by the server, shared by the
+/// slots' supervisors.
+#[derive(Debug)]
+pub(crate) struct MemoryLimit {
+    /// The limit in bytes.
+    bytes: u64,
+    /// As the user wrote it (`200M`), repeated in the answer.
+    text: String,
+    method: Method,
+}
+
+#[derive(Debug)]
+enum Method {
+    /// One cgroup v2 per slot, beside the leaf the server moved into.
+    V2(V2Groups),
+    /// One cgroup per slot under `ppserver-<pid>` in the v1 memory
+    /// hierarchy.
+    V1 {
+        /// `ppserver-<pid>`, removed at exit.
+        parent: PathBuf,
+        /// The slots' cgroups, by slot.
+        slots: Vec<PathBuf>,
+    },
+    /// No cgroup; `why` says why not, for the startup line.
+    Polling { why: String },
+}
+
+/// What the v2 setup made, to be undone at exit.
+#[derive(Debug)]
+struct V2Groups {
+    /// The cgroup the server started in.
+    own: PathBuf,
+    /// The leaf it moved into, since a cgroup with processes of its own
+    /// cannot hand controllers to its children (the no-internal-processes
+    /// rule).
+    server: PathBuf,
+    /// The slots' cgroups, by slot.
+    slots: Vec<PathBuf>,
+    /// Whether the server turned the memory controller on for `own`'s
+    /// children (and so turns it off again).
+    enabled_memory: bool,
+}
+
+impl MemoryLimit {
+    /// Sets the limit up for `slots` worker slots by the first method that
+    /// works here; what failed is kept for [`MemoryLimit::describe`].
+    pub(crate) fn new(limit: &WorkerMemoryLimit, slots: usize) -> MemoryLimit {
+        let method = if std::env::var_os(CGROUP_ENV).is_some_and(|v| v == "0") {
+            Method::Polling {
+                why: format!("{CGROUP_ENV}=0"),
+            }
+        } else {
+            cgroups(limit.bytes, slots)
+        };
+        MemoryLimit {
+            bytes: limit.bytes,
+            text: limit.text.clone(),
+            method,
+        }
+    }
+
+    /// For the startup line: the limit and how it is held.
+    pub(crate) fn describe(&self) -> String {
+        let how = match &self.method {
+            Method::V2(g) => format!(
+                "memory cgroup v2 ({})",
+                g.own.join(format!("{}-worker-N", prefix())).display()
+            ),
+            Method::V1 { parent, .. } => format!(
+                "cgroup v1 memory controller ({})",
+                parent.join("worker-N").display()
+            ),
+            Method::Polling { why } => format!(
+                "polling each worker's PSS every {} ms (no cgroup: {why})",
+                POLL.as_millis()
+            ),
+        };
+        format!("worker memory limit {} by {how}", self.text)
+    }
+
+    /// The cgroup of `slot` and the file whose `oom_kill` line counts its
+    /// OOM kills; `None` when polling.
+    fn slot_group(&self, slot: usize) -> Option<(PathBuf, &'static str)> {
+        match &self.method {
+            Method::V2(g) => Some((g.slots.get(slot)?.clone(), "memory.events")),
+            Method::V1 { slots, .. } => Some((slots.get(slot)?.clone(), "memory.oom_control")),
+            Method::Polling { .. } => None,
+        }
+    }
+
+    /// Removes the cgroups [`MemoryLimit::new`] made, once the workers are
+    /// stopped: what is still in them (a job's detached child) is killed
+    /// first, since a cgroup with processes cannot be removed. Failures are
+    /// logged; nothing else depends on them.
+    pub(crate) fn cleanup(&self) {
+        match &self.method {
+            Method::V2(g) => {
+                for dir in &g.slots {
+                    remove_group(dir);
+                }
+                if g.enabled_memory {
+                    let _ = std::fs::write(g.own.join("cgroup.subtree_control"), "-memory");
+                }
+                // Back where it started, so its leaf can go too.
+                let _ = std::fs::write(g.own.join("cgroup.procs"), std::process::id().to_string());
+                remove_group(&g.server);
+            }
+            Method::V1 { parent, slots } => {
+                for dir in slots {
+                    remove_group(dir);
+                }
+                remove_group(parent);
+            }
+            Method::Polling { .. } => {}
+        }
+    }
+}
+
+/// `ppserver-<pid>`: the start of every cgroup's name, unique to this
+/// server among those sharing its cgroup.
+fn prefix() -> String {
+    format!("ppserver-{}", std::process::id())
+}
+
+/// The cgroup methods in order of preference, or polling with both
+/// reasons.
+fn cgroups(bytes: u64, slots: usize) -> Method {
+    let (own, mounts) = match (
+        std::fs::read_to_string("/proc/self/cgroup"),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) {
+        (Ok(own), Ok(mounts)) => (own, mounts),
+        (Err(e), _) => {
+            return Method::Polling {
+                why: format!("cannot read /proc/self/cgroup: {e}"),
+            }
+        }
+        (_, Err(e)) => {
+            return Method::Polling {
+                why: format!("cannot read /proc/self/mountinfo: {e}"),
+            }
+        }
+    };
+    let v2 = match v2_setup(&own, &mounts, bytes, slots) {
+        Ok(groups) => return Method::V2(groups),
+        Err(why) => why,
+    };
+    log::debug!("worker memory limit: no cgroup v2: {v2}");
+    match v1_setup(&own, &mounts, bytes, slots) {
+        Ok((parent, slots)) => Method::V1 { parent, slots },
+        Err(v1) => Method::Polling {
+            why: format!("cgroup v2: {v2}; cgroup v1: {v1}"),
+        },
+    }
+}
+
+/// The v2 setup: the server into a leaf of its cgroup, the memory
+/// controller on for the cgroup's children, one cgroup per slot. Anything
+/// that fails undoes what was done and says why.
+/// The server's children among the processes of cgroup `dir`.
+fn children_in(dir: &std::path::Path) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return Vec::new();
+    };
+    procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .filter(|&pid| parent_of(pid) == Some(me))
+        .collect()
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (fields counted from the
+/// last `)`, as the command name may hold anything).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn v2_setup(own: &str, mounts: &str, bytes: u64, slots: usize) -> Result<V2Groups, String> {
+    let path = own_cgroup_v2(own).ok_or("the server is in no cgroup v2")?;
+    let dir = find_mount(mounts, "cgroup2", None, path)
+        .ok_or_else(|| format!("no cgroup2 mount holds {path}"))?;
+    let controllers = read(&dir.join("cgroup.controllers"))?;
+    if !controllers.split_whitespace().any(|c| c == "memory") {
+        return Err(format!("no memory controller in {}", dir.display()));
+    }
+    let subtree = read(&dir.join("cgroup.subtree_control"))?;
+    let mut groups = V2Groups {
+        own: dir.clone(),
+        server: dir.join(format!("{}-server", prefix())),
+        slots: Vec::new(),
+        enabled_memory: !subtree.split_whitespace().any(|c| c == "memory"),
+    };
+    let done = (|| {
+        make_dir(&groups.server)?;
+        write(
+            &groups.server.join("cgroup.procs"),
+            &std::process::id().to_string(),
+        )?;
+        // The children started before this (the fork-server) go with the
+        // server: none may be left where the controller is turned on.
+        for child in children_in(&dir) {
+            let _ = std::fs::write(groups.server.join("cgroup.procs"), child.to_string());
+        }
+        write(&dir.join("cgroup.subtree_control"), "+memory").map_err(|e| {
+            format!("{e} (other processes share the server's cgroup, or it is not delegated)")
+        })?;
+        for slot in 0..slots {
+            let group = dir.join(format!("{}-worker-{slot}", prefix()));
+            make_dir(&group)?;
+            groups.slots.push(group.clone());
+            write(&group.join("memory.max"), &bytes.to_string())?;
+            // Best effort: without swap accounting a worker could swap
+            // instead of being stopped, which only makes it slower.
+            let _ = std::fs::write(group.join("memory.swap.max"), "0");
+            // The whole cgroup goes, not one process of it: the worker
+            // is stopped anyway.
+            let _ = std::fs::write(group.join("memory.oom.group"), "1");
+        }
+        Ok::<(), String>(())
+    })();
+    match done {
+        Ok(()) => Ok(groups),
+        Err(why) => {
+            MemoryLimit {
+                bytes,
+                text: String::new(),
+                method: Method::V2(groups),
+            }
+            .cleanup();
+            Err(why)
+        }
+    }
+}
+
+/// The v1 setup: `ppserver-<pid>/worker-<slot>` under the server's memory
+/// cgroup. Returns the parent and the slots' cgroups.
+fn v1_setup(
+    own: &str,
+    mounts: &str,
+    bytes: u64,
+    slots: usize,
+) -> Result<(PathBuf, Vec<PathBuf>), String> {
+    let path = own_cgroup_v1(own, "memory").ok_or("no memory controller mounted")?;
+    let dir = find_mount(mounts, "cgroup", Some("memory"), path)
+        .ok_or_else(|| format!("no cgroup mount of the memory controller holds {path}"))?;
+    let parent = dir.join(prefix());
+    let mut made = Vec::new();
+    let done = (|| {
+        make_dir(&parent)?;
+        for slot in 0..slots {
+            let group = parent.join(format!("worker-{slot}"));
+            make_dir(&group)?;
+            made.push(group.clone());
+            write(&group.join("memory.limit_in_bytes"), &bytes.to_string())?;
+            // Best effort, as for v2's memory.swap.max; only there with
+            // swap accounting, and never below the limit above.
+            let _ = std::fs::write(group.join("memory.memsw.limit_in_bytes"), bytes.to_string());
+        }
+        Ok::<(), String>(())
+    })();
+    match done {
+        Ok(()) => Ok((parent, made)),
+        Err(why) => {
+            MemoryLimit {
+                bytes,
+                text: String::new(),
+                method: Method::V1 {
+                    parent,
+                    slots: made,
+                },
+            }
+            .cleanup();
+            Err(why)
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value)
+        .map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
+}
+
+fn make_dir(path: &Path) -> Result<(), String> {
+    match std::fs::create_dir(path) {
+        // Left by an earlier server that had this pid and was killed.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        r => r.map_err(|e| format!("cannot create {}: {e}", path.display())),
+    }
+}
+
+/// Removes a cgroup, killing what is still in it; a process just killed
+/// takes a moment to leave, hence the tries.
+fn remove_group(dir: &Path) {
+    let mut last = None;
+    for _ in 0..CLEANUP_TRIES {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                kill_members(dir);
+                last = Some(e);
+                std::thread::sleep(CLEANUP_PAUSE);
+            }
+            Err(e) => {
+                last = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = last {
+        log::warn!("cannot remove the cgroup {}: {e}", dir.display());
+    }
+}
+
+/// SIGKILLs every process in a cgroup: at exit, only what jobs left there.
+fn kill_members(dir: &Path) {
+    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return;
+    };
+    let me = std::process::id();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // Never the server itself (a v2 leaf it could not leave).
+        if pid > 1 && pid as u32 != me {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Watches one worker for the limit; made by [`watch`] once it started.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    /// `None` without `--worker-memory-limit`: never fires.
+    limit: Option<Watched>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    pid: u32,
+    bytes: u64,
+    text: String,
+    /// The slot cgroup's OOM kill count, with a cgroup; `None`: polling.
+    oom: Option<OomCount>,
+}
+
+#[derive(Debug)]
+struct OomCount {
+    /// `memory.events` (v2) or `memory.oom_control` (v1).
+    file: PathBuf,
+    /// The count when the running job started (or the worker joined):
+    /// kills before it were not this job's doing.
+    at_start: u64,
+}
+
+impl OomCount {
+    /// Whether the cgroup's OOM killer struck since the worker joined.
+    /// A cgroup file is read straight away: no page tables to walk.
+    fn rose(&self) -> bool {
+        self.now().is_some_and(|n| n > self.at_start)
+    }
+
+    fn now(&self) -> Option<u64> {
+        std::fs::read_to_string(&self.file)
+            .ok()
+            .and_then(|t| oom_kills(&t))
+    }
+}
+
+/// A [`Watch`] on a worker (`pid`) that just started in `slot`: with a
+/// cgroup it is put in the slot's cgroup (a worker that cannot be is
+/// polled instead), and the cgroup's OOM kill count noted.
+pub(crate) async fn watch(limit: Option<&MemoryLimit>, slot: usize, pid: u32) -> Watch {
+    let Some(limit) = limit else {
+        return Watch { limit: None };
+    };
+    let oom = match limit.slot_group(slot) {
+        Some((dir, events)) => {
+            // Moving a process between cgroups can wait on a kernel lock:
+            // off the runtime's only thread.
+            let joined = tokio::task::spawn_blocking(move || join(&dir, events, pid)).await;
+            match joined {
+                Ok(Ok(oom)) => Some(oom),
+                Ok(Err(e)) => {
+                    log::warn!(
+                        "slot {slot}: cannot put worker pid {pid} in its memory cgroup ({e}); \
+                         its PSS is polled instead"
+                    );
+                    None
+                }
+                Err(e) => {
+                    log::warn!("slot {slot}: worker pid {pid}: {e}; its PSS is polled instead");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    Watch {
+        limit: Some(Watched {
+            pid,
+            bytes: limit.bytes,
+            text: limit.text.clone(),
+            oom,
+        }),
+    }
+}
+
+/// Puts `pid` in the cgroup `dir` and reads its OOM kill count.
+fn join(dir: &Path, events: &str, pid: u32) -> Result<OomCount, String> {
+    write(&dir.join("cgroup.procs"), &pid.to_string())?;
+    let file = dir.join(events);
+    // A kernel too old to count OOM kills: the kill is still noticed as a
+    // death, only not told apart from a crash.
+    let at_start = oom_kills(&read(&file)?).unwrap_or(0);
+    Ok(OomCount { file, at_start })
+}
+
+impl Watch {
+    /// Completes once the worker's job (the one running when it is first
+    /// polled) went over the limit: its cgroup's OOM killer struck (maybe at a child of the job rather than the
+    /// worker, which must then be stopped all the same), or, polling, its
+    /// PSS is over. Checked every [`POLL`]; never without a limit. Safe to
+    /// cancel in a `select!`.
+    pub(crate) async fn exceeded(&mut self) {
+        let Some(w) = &mut self.limit else {
+            return std::future::pending().await;
+        };
+        if let Some(oom) = &mut w.oom {
+            // A job whose child was killed may have answered before this
+            // noticed; the next job is not to blame for that kill.
+            oom.at_start = oom.now().unwrap_or(oom.at_start);
+        }
+        loop {
+            tokio::time::sleep(POLL).await;
+            let over = match &w.oom {
+                Some(oom) => oom.rose(),
+                None => {
+                    // smaps_rollup walks the worker's page tables: on a
+                    // blocking thread, not the runtime's.
+                    let pid = w.pid;
+                    let used = tokio::task::spawn_blocking(move || memory_of(pid)).await;
+                    // Unreadable: the worker is gone, which its pipes say.
+                    matches!(used, Ok(Some(bytes)) if bytes > w.bytes)
+                }
+            };
+            if over {
+                return;
+            }
+        }
+    }
+
+    /// Whether the worker, now dead, was killed by its cgroup's OOM killer
+    /// (its count rose since it joined). Always false when polling.
+    pub(crate) fn killed_by_limit(&self) -> bool {
+        self.limit
+            .as_ref()
+            .and_then(|w| w.oom.as_ref())
+            .is_some_and(OomCount::rose)
+    }
+
+    /// Tells the client its job went over the limit, once the worker that
+    /// ran it is gone.
+    pub(crate) fn answer(&self, job: Job, pid: u32, how: &str, host: &str) {
+        let limit = self.limit.as_ref().map_or("?", |w| w.text.as_str());
+        log::warn!(
+            "job {} from {}: went over --worker-memory-limit of {limit}; its worker pid {pid} \
+             was stopped ({how}) and is replaced",
+            job.id,
+            job.client
+        );
+        metrics().server_answered("memory_limit");
+        job.fail(&exceeded_text(limit, host));
+    }
+}
+
+/// The output a pp client shows for a job stopped by the limit.
+fn exceeded_text(limit: &str, host: &str) -> String {
+    format!("job exceeded --worker-memory-limit of {limit} on {host}\n")
+}
+
+/// A process's memory in bytes: its PSS (shared pages counted in part, so
+/// what a worker shares with its fork-server or siblings is not counted in
+/// full to each), else its RSS on kernels without `smaps_rollup`.
+fn memory_of(pid: u32) -> Option<u64> {
+    if let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+        if let Some(pss) = kib_field(&rollup, "Pss:") {
+            return Some(pss);
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    kib_field(&status, "VmRSS:")
+}
+
+/// The value in bytes of a `Key:   123 kB` line.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line[key.len()..].split_whitespace().next()?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The `oom_kill N` line of `memory.events` (v2) or `memory.oom_control`
+/// (v1).
+fn oom_kills(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next()? == "oom_kill").then(|| words.next()?.parse().ok())?
+    })
+}
+
+/// The server's cgroup v2 path: the `0::/path` line of /proc/self/cgroup.
+fn own_cgroup_v2(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// The server's path in the v1 hierarchy of `controller`: the
+/// `N:a,b:/path` line whose list has it.
+fn own_cgroup_v1<'a>(text: &'a str, controller: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
+        let mut fields = l.splitn(3, ':');
+        let _id = fields.next()?;
+        let controllers = fields.next()?;
+        let path = fields.next()?;
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then_some(path)
+    })
+}
+
+/// One line of /proc/self/mountinfo, the fields used here.
+#[derive(Debug, PartialEq)]
+struct Mount {
+    /// The directory of the file system the mount shows.
+    root: String,
+    /// Where it is mounted.
+    point: PathBuf,
+    fstype: String,
+    /// The per-filesystem options, where a v1 mount lists its controllers.
+    options: String,
+}
+
+/// `id parent major:minor root point options [optional...] - fstype
+/// source super-options`.
+fn parse_mount(line: &str) -> Option<Mount> {
+    let (left, right) = line.split_once(" - ")?;
+    let left: Vec<&str> = left.split(' ').collect();
+    let mut right = right.split(' ');
+    Some(Mount {
+        root: unescape(left.get(3)?),
+        point: PathBuf::from(unescape(left.get(4)?)),
+        fstype: right.next()?.to_string(),
+        options: right.nth(1).unwrap_or("").to_string(),
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\NNN` octal.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match code {
+            Some(d) if bytes[i] == b'\\' => {
+                let n = d.iter().fold(0u32, |n, b| n * 8 + u32::from(b - b'0'));
+                out.push(n as u8);
+                i += 4;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The directory of the cgroup `path` in the first mount of `fstype` (with
+/// `option`, for a v1 controller) that shows it.
+fn find_mount(mountinfo: &str, fstype: &str, option: Option<&str>, path: &str) -> Option<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(parse_mount)
+        .filter(|m| m.fstype == fstype)
+        .filter(|m| option.is_none_or(|o| m.options.split(',').any(|x| x == o)))
+        .find_map(|m| cgroup_dir(&m, path))
+}
+
+/// Where cgroup `path` is under mount `m`, if the mount shows it: a mount
+/// of a subtree (a container's) shows only the paths under its root.
+fn cgroup_dir(m: &Mount, path: &str) -> Option<PathBuf> {
+    let rest = if m.root == "/" {
+        path
+    } else if path == m.root {
+        ""
+    } else {
+        path.strip_prefix(m.root.as_str())?.strip_prefix('/')?
+    };
+    let rest = rest.trim_start_matches('/');
+    Some(if rest.is_empty() {
+        m.point.clone()
+    } else {
+        m.point.join(rest)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_of_a_process_is_read_from_its_stat() {
+        let me = std::process::id();
+        assert_eq!(parent_of(me), Some(nix::unistd::getppid().as_raw() as u32));
+        assert_eq!(parent_of(u32::MAX), None);
+    }
+
+    #[test]
+    fn the_own_cgroup_is_found_in_v1_and_v2_lines() {
+        let hybrid = "9:name=systemd:/\n5:cpu,cpuacct:/\n4:memory:/process_api/e278\n0::/\n";
+        assert_eq!(own_cgroup_v1(hybrid, "memory"), Some("/process_api/e278"));
+        assert_eq!(own_cgroup_v1(hybrid, "cpu"), Some("/"));
+        assert_eq!(own_cgroup_v1(hybrid, "pids"), None);
+        assert_eq!(own_cgroup_v2(hybrid), Some("/"));
+        let v2 = "0::/system.slice/ppserver.service\n";
+        assert_eq!(own_cgroup_v2(v2), Some("/system.slice/ppserver.service"));
+        assert_eq!(own_cgroup_v1(v2, "memory"), None);
+    }
+
+    #[test]
+    fn mountinfo_lines_give_the_cgroup_directories() {
+        let info = "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+                    36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices\n\
+                    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_mount(info, "cgroup", Some("memory"), "/process_api/e278"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/e278"))
+        );
+        assert_eq!(
+            find_mount(info, "cgroup2", None, "/").unwrap().as_os_str(),
+            "/sys/fs/cgroup/unified",
+            "no trailing slash"
+        );
+        assert_eq!(find_mount(info, "cgroup", Some("pids"), "/"), None);
+        // A container's mount of its own subtree, with a space escaped.
+        let sub = "50 40 0:30 /docker/abc /sys/fs/cg\\040two rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        let m = parse_mount(sub.trim_end()).unwrap();
+        assert_eq!(m.root, "/docker/abc");
+        assert_eq!(m.point, PathBuf::from("/sys/fs/cg two"));
+        assert_eq!(m.options, "rw,nsdelegate");
+        assert_eq!(
+            find_mount(sub, "cgroup2", None, "/docker/abc/inner"),
+            Some(PathBuf::from("/sys/fs/cg two/inner"))
+        );
+        assert_eq!(
+            find_mount(sub, "cgroup2", None, "/docker/abc"),
+            Some(PathBuf::from("/sys/fs/cg two"))
+        );
+        assert_eq!(find_mount(sub, "cgroup2", None, "/docker/abcd"), None);
+        assert_eq!(find_mount(sub, "cgroup2", None, "/other"), None);
+    }
+
+    #[test]
+    fn pss_and_rss_lines_are_read_in_bytes() {
+        let rollup = "55eae7a05000-7ffe52ea4000 ---p 00000000 00:00 0  [rollup]\n\
+                      Rss:                1772 kB\nPss:                 306 kB\n\
+                      Pss_Dirty:           116 kB\n";
+        assert_eq!(kib_field(rollup, "Pss:"), Some(306 * 1024));
+        assert_eq!(kib_field(rollup, "Rss:"), Some(1772 * 1024));
+        assert_eq!(
+            kib_field("Name:\tpython\nVmRSS:\t  2048 kB\n", "VmRSS:"),
+            Some(2 << 20)
+        );
+        assert_eq!(kib_field("Pss_Anon: 3 kB\n", "Pss:"), None);
+    }
+
+    #[test]
+    fn oom_kill_counts_are_read_from_v2_and_v1_files() {
+        let events = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\noom_group_kill 1\n";
+        assert_eq!(oom_kills(events), Some(1));
+        let control = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(oom_kills(control), Some(3));
+        assert_eq!(oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
+    }
+
+    #[tokio::test]
+    async fn a_job_over_the_limit_is_answered_with_the_limit_as_given_and_host() {
+        use crate::jobs::cache::PackageCache;
+        use crate::jobs::scheduler::test_job;
+        let c = PackageCache::new(1 << 20);
+        let (job, rx) = test_job(&c, b"Na", "127.0.0.1");
+        let limit = MemoryLimit {
+            bytes: 200 << 20,
+            text: "200M".into(),
+            method: Method::Polling { why: "test".into() },
+        };
+        let watch = watch(Some(&limit), 0, 42).await;
+        assert!(!watch.killed_by_limit(), "polling never says so");
+        watch.answer(job, 42, "killed by signal 9", "node7");
+        assert_eq!(
+            rx.await.unwrap(),
+            crate::protocol::pickle::none_with_text(
+                "job exceeded --worker-memory-limit of 200M on node7\n"
+            )
+        );
+        assert_eq!(
+            limit.describe(),
+            "worker memory limit 200M by polling each worker's PSS every 100 ms (no cgroup: test)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_limit_the_watch_never_fires() {
+        let mut none = watch(None, 0, 42).await;
+        let fired = tokio::time::timeout(Duration::from_secs(1 << 30), none.exceeded());
+        assert!(fired.await.is_err());
+        assert!(!none.killed_by_limit());
+    }
+}
