@@ -37,7 +37,8 @@ THREAD_VARIABLES = ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'
 
 
 def _forkserver(bootstrap, warm, close_all_above):
-    import gc, os, signal, socket, sys, time
+    # runpy too: the bootstrap runs the worker module with it.
+    import gc, os, runpy, signal, socket, sys, time
     thread_variables = THREAD_VARIABLES
     g = globals()
     g.pop('_forkserver', None)
@@ -97,6 +98,49 @@ def _forkserver(bootstrap, warm, close_all_above):
     # What the imports left behind goes now; what they built stays, frozen.
     gc.collect()
     gc.freeze()
+    # Two forks per worker. Where the C API can be called (CPython), the
+    # middle process runs no Python of its own: the forks are libc's, with
+    # Python's fork handling done around them as os.fork does it, once in
+    # this process and once in the worker. It then costs little more than
+    # its page tables. Elsewhere (PyPy), os.fork twice. Returns the middle
+    # process's pid here, 0 in the worker; the middle never returns.
+    middle_pid = [0]
+    try:
+        api, libc = ctypes.pythonapi, ctypes.PyDLL(None, use_errno=True)
+        before, parent, child = (api.PyOS_BeforeFork, api.PyOS_AfterFork_Parent,
+                                 api.PyOS_AfterFork_Child)
+        raw_fork, raw_getpid, raw_exit = libc.fork, libc.getpid, libc._exit
+    except (AttributeError, OSError, NameError):
+        api = None
+
+    def fork_with_python():
+        pid = os.fork()
+        if pid:
+            return pid
+        middle_pid[0] = os.getpid()
+        try:
+            if os.fork():
+                os._exit(0)
+        except BaseException:
+            os._exit(1)
+        return 0
+
+    def fork_with_libc():
+        before()
+        pid = raw_fork()
+        if pid:
+            parent()
+            if pid < 0:
+                raise OSError(ctypes.get_errno(), 'fork failed')
+            return pid
+        me = raw_getpid()
+        if raw_fork():
+            raw_exit(0)
+        child()
+        middle_pid[0] = me
+        return 0
+
+    fork_twice = fork_with_python if api is None else fork_with_libc
     say('R %d' % os.getpid())
 
     while True:
@@ -114,22 +158,16 @@ def _forkserver(bootstrap, warm, close_all_above):
             continue
         try:
             rpid, wpid = os.pipe()
-            middle = os.fork()
+            middle = fork_twice()
         except OSError as e:
             for fd in fds:
                 os.close(fd)
             say('E cannot fork: %s' % e)
             continue
         if middle == 0:
-            me = os.getpid()
-            try:
-                os.close(rpid)
-                worker = os.fork()
-            except BaseException:
-                os._exit(1)
-            if worker:
-                os.write(wpid, b'%d' % worker)
-                os._exit(0)
+            me = middle_pid[0]
+            os.close(rpid)
+            os.write(wpid, b'%d' % os.getpid())
             # The worker. Its parent is handed over to the server when the
             # middle process exits, a moment from now. The fork-server reads
             # the pid until the pipe ends: this end must not keep it open.

@@ -199,11 +199,17 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
             }
             Ended::Replace { cause } => {
                 metrics().worker_restart(cause);
-                // It may take a while to exit by itself (an interpreter's
-                // shutdown); its replacement need not wait for that.
+                // A worker that said it is exiting gets a moment to do so,
+                // for its own exit status. One replaced after its answer
+                // (-r, --max-jobs-per-worker) is stopped at once, as at the
+                // server's stop: its interpreter's shutdown (ppft's worker
+                // formats a traceback for its closed stdin first) would cost
+                // more CPU than the fork of its replacement. Either way the
+                // replacement need not wait for it.
+                let graceful = cause == "worker_exiting";
                 tokio::spawn(async move {
                     let pid = worker.pid;
-                    let how = worker.stop(true).await;
+                    let how = worker.stop(graceful).await;
                     log::debug!("slot {slot}: worker pid {pid} replaced ({how})");
                 });
             }
