@@ -13,7 +13,9 @@
 # 1.7.8 on $PPSERVER_TEST_JOBS pytest-xdist processes (default 4; 0 runs
 # each family in one process), the other two on half as many each; tests
 # that must not run beside each other say so with an xdist_group marker.
-# Then pathos (its own venv: pathos 0.3.5 on ppft 1.7.8) starting the
+# Workers are forked by the fork-server (the default) in these runs; then
+# the ppft 1.7.8 run is made again with --worker-start spawn, beside the
+# rest. Then pathos (its own venv: pathos 0.3.5 on ppft 1.7.8) starting the
 # server with pathos.core.serve and mapping on it (compat-tests/test_pathos.py).
 # The release build is the wheel's (scripts/wheel, into target/wheel): the
 # compat suite runs the binary the wheel ships, and compat-tests/test_wheel.py
@@ -265,6 +267,18 @@ fi
 stage_start "compat suite (ppft 1.7.8 clients and workers against the release binary)"
 pytest_in .venv "$xdist_jobs" "$@" || failed+=("ppft 1.7.8")
 stage_end "compat suite, ppft 1.7.8"
+# The suite once more with every worker spawned (--worker-start spawn; the
+# runs above use the default, the fork-server), ppft 1.7.8, beside the rest:
+# all but the fork-server's own tests and the two that bring their own
+# server command (Slurm's batch script, the wheel's venvs).
+spawn_run() {
+    PPSERVER_WORKER_START=spawn pytest_in .venv "$other_jobs" \
+        --ignore=compat-tests/test_forkserver.py --ignore=compat-tests/test_slurm.py \
+        --ignore=compat-tests/test_wheel.py "$@"
+}
+echo "== in the background: compat suite with --worker-start spawn (ppft 1.7.8;" \
+    "$logs/compat-spawn.log)"
+bg "compat suite, --worker-start spawn" "$logs/compat-spawn.log" spawn_run "$@"
 for name in "ppft 1.6.6.4" "pp 1.7.0"; do
     rc=0
     collect "compat suite, $name" || rc=$?
@@ -283,6 +297,13 @@ if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
     failed+=("pathos")
 fi
 stage_end "pathos"
+rc=0
+collect "compat suite, --worker-start spawn" || rc=$?
+echo "== compat suite with --worker-start spawn ($logs/compat-spawn.log):"
+cat "$logs/compat-spawn.log"
+if [ "$rc" -ne 0 ]; then
+    failed+=("ppft 1.7.8 with --worker-start spawn")
+fi
 # PyPy: its run went beside the others (started below, before ppft 1.7.8's).
 if [ -n "${bg_pid[compat suite, PyPy]:-}" ]; then
     rc=0
