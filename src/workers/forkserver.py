@@ -97,7 +97,10 @@ def _forkserver(bootstrap, warm, close_all_above):
             return None
     # What the imports left behind goes now; what they built stays, frozen.
     gc.collect()
-    gc.freeze()
+    # PyPy has no gc.freeze: its collector does not write to old objects.
+    freeze = getattr(gc, 'freeze', None)
+    if freeze is not None:
+        freeze()
     # Two forks per worker. Where the C API can be called (CPython), the
     # middle process runs no Python of its own: the forks are libc's, with
     # Python's fork handling done around them as os.fork does it, once in
