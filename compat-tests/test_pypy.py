@@ -92,6 +92,9 @@ def test_wheel_in_a_pypy_venv_runs_its_workers_with_that_pypy(tmp_path):
         python3 = venv / "bin" / "python3"
         startup = "(%s -u -m ppft), advertising pp version 1.7.8" % python3
         assert startup in server.log(), server.log()
+        # The fork-server runs on PyPy too (without gc.freeze, which PyPy
+        # has not): the workers are forked, not spawned.
+        assert "workers forked from a fork-server" in server.log(), server.log()
 
         barrier = tmp_path / "barrier"
         barrier.mkdir()
