@@ -216,6 +216,12 @@ impl Running {
                     .into(),
             ));
         }
+        if let Err(e) = process::pidfd_works() {
+            return Err(other(
+                "this kernel cannot watch a forked worker (pidfd_open, Linux 5.3)",
+                &e,
+            ));
+        }
         let (ours, theirs) =
             StdUnixStream::pair().map_err(|e| other("cannot make the fork-server's socket", &e))?;
         let mut cmd = Command::new(&spec.python);

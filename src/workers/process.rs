@@ -119,6 +119,23 @@ pub(crate) struct Forked {
     _registered: Registration,
 }
 
+/// Whether this kernel has `pidfd_open`, by opening one on this process.
+pub(crate) fn pidfd_works() -> io::Result<()> {
+    pidfd_open(std::process::id() as i32).map(drop)
+}
+
+/// A pidfd for `pid`.
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new
+    // descriptor or -1; nothing of ours is touched.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned to us, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 impl Forked {
     /// Takes charge of `pid`, a child of the server, whose registration
     /// with the reaper `registered` is.
@@ -127,14 +144,7 @@ impl Forked {
             .ok()
             .filter(|&p| p > 1)
             .ok_or_else(|| io::Error::other(format!("no such worker pid {pid}")))?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new
-        // descriptor or -1; nothing of ours is touched.
-        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, raw, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor just returned to us, owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = pidfd_open(raw)?;
         // SAFETY: the descriptor is owned by the `AsyncFd` from here on,
         // and stays open and the same until it is dropped.
         let pidfd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
@@ -265,6 +275,41 @@ fn worker_oom_score_adj(server: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child of this process that exits with `code` once its stdin
+    /// closes (so it cannot die, and be reaped by another test's scan,
+    /// before it is registered), and its stdin.
+    // Waited for through its pidfd, not through std's handle.
+    #[allow(clippy::zombie_processes)]
+    fn child_exiting_with(code: i32) -> (u32, std::process::ChildStdin) {
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", &format!("read x; exit {code}")])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child.id(), child.stdin.take().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_child_is_waited_for_by_its_pidfd_and_reaped() {
+        pidfd_works().expect("pidfd_open on this kernel");
+        let (pid, stdin) = child_exiting_with(7);
+        let registered = crate::workers::reaper::register(pid);
+        let mut process = Process::Forked(Forked::adopt(pid, registered).unwrap());
+        assert_eq!(process.id(), pid);
+        drop(stdin);
+        let status = process.wait().await.unwrap();
+        assert_eq!(status.code(), Some(7));
+        // Reaped once: waiting again says the same, and a kill is no-op.
+        assert_eq!(process.wait().await.unwrap().code(), Some(7));
+        process.start_kill().unwrap();
+
+        let (pid, _stdin) = child_exiting_with(0);
+        let registered = crate::workers::reaper::register(pid);
+        let mut process = Process::Forked(Forked::adopt(pid, registered).unwrap());
+        process.start_kill().unwrap();
+        assert_eq!(process.wait().await.unwrap().signal(), Some(9));
+    }
 
     #[test]
     fn workers_rank_above_the_server_for_the_oom_killer() {
