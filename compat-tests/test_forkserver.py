@@ -205,11 +205,12 @@ def _python_wrapper(tmp_path, fails_when):
     wrapper.write_text(
         "#!/bin/sh\n"
         "case \"$3\" in *_forkserver*)\n"
+        "    echo started >> '%s.count'\n"
         "    if %s; then echo 'no fork-server here' >&2; exit 3; fi\n"
         "    touch '%s';;\n"
         "esac\n"
-        "exec '%s' \"$@\"\n" % (fails_when.replace("MARKER", "'%s'" % marker), marker,
-                               sys.executable))
+        "exec '%s' \"$@\"\n" % (marker, fails_when.replace("MARKER", "'%s'" % marker),
+                               marker, sys.executable))
     wrapper.chmod(0o755)
     return str(wrapper)
 
@@ -242,6 +243,8 @@ def test_a_fork_server_that_cannot_be_started_again_leaves_workers_spawned(launc
     log = server.log()
     assert log.count("a worker is spawned instead of forked") == 1, log
     assert "no fork-server here" in log or "fork-server cannot start" in log, log
+    starts = (tmp_path / "forkserver-started.count").read_text().split()
+    assert len(starts) == 2, "one failed start again, then a pause, not one per worker"
 
 
 def test_a_preload_module_that_cannot_be_imported_is_a_startup_error():

@@ -27,7 +27,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncReadExt, Interest};
@@ -43,6 +43,8 @@ use crate::workers::reaper::{self, Adopting, Registration};
 /// killed and started again: a fork takes milliseconds, even of a process
 /// with large modules imported.
 const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after a failed start of the fork-server the next is tried.
+const RESTART_PAUSE: Duration = Duration::from_secs(30);
 /// How long a fork-server that closed its socket at startup may take to
 /// exit, for its exit status to be told.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
@@ -104,6 +106,10 @@ pub(crate) struct ForkServer {
     /// The running fork-server, if any; held for one fork at a time, as
     /// it forks one worker at a time.
     running: Mutex<Option<Running>>,
+    /// When it last failed to start again: until [`RESTART_PAUSE`] later,
+    /// workers are spawned without another try, which would cost each of
+    /// them an interpreter's start-up more.
+    failed_restart: std::sync::Mutex<Option<Instant>>,
     /// Set once the log said that workers are spawned instead.
     fell_back: AtomicBool,
 }
@@ -139,6 +145,7 @@ impl ForkServer {
         Ok(ForkServer {
             spec,
             running: Mutex::new(Some(running)),
+            failed_restart: std::sync::Mutex::new(None),
             fell_back: AtomicBool::new(false),
         })
     }
@@ -149,15 +156,30 @@ impl ForkServer {
         let mut running = self.running.lock().await;
         for attempt in 0..2 {
             if running.is_none() {
+                let failed = *self
+                    .failed_restart
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(at) = failed.filter(|at| at.elapsed() < RESTART_PAUSE) {
+                    return Err(io::Error::other(format!(
+                        "the fork-server could not be started again {:.0?} ago; the next try \
+                         is {RESTART_PAUSE:?} after that",
+                        at.elapsed()
+                    )));
+                }
                 match Running::start(&self.spec).await {
                     Ok(r) => {
                         log::warn!("fork-server started again (pid {})", r.pid);
                         *running = Some(r);
                     }
                     Err(e) => {
+                        *self
+                            .failed_restart
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                         return Err(io::Error::other(format!(
                             "the fork-server cannot start: {e}"
-                        )))
+                        )));
                     }
                 }
             }
