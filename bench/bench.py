@@ -680,6 +680,17 @@ def targets(by):
     return rows
 
 
+def tiny_cells(r):
+    """The "tiny jobs" and "tiny jobs/s" cells of a result row: the count
+    (times the runs), and the median rate (with its range over the runs)."""
+    reps = r["tiny_reps"]
+    if reps == 1:
+        return "%d" % r["tiny_n"], fmt(r["tiny_jobs_per_s"])
+    return ("%d x%d" % (r["tiny_n"], reps),
+            "%s (%s-%s)" % (fmt(r["tiny_jobs_per_s"]), fmt(min(r["tiny_rates"])),
+                            fmt(max(r["tiny_rates"]))))
+
+
 def render(results, machine, pickles, total_s, fresh):
     L = []
     L.append("# ppserver benchmark")
@@ -725,13 +736,9 @@ def render_main(results, pickles):
         if "tiny_jobs_per_s" not in r:
             L.append("| %s | | failed | | | | | | | |" % r["key"])
             continue
-        reps = r["tiny_reps"]
         L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["key"], r["client_version"],
-            "%d x%d" % (r["tiny_n"], reps) if reps > 1 else "%d" % r["tiny_n"],
-            fmt(r["tiny_jobs_per_s"]) + (" (%s-%s)" % (fmt(min(r["tiny_rates"])),
-                                                       fmt(max(r["tiny_rates"])))
-                                         if reps > 1 else ""),
+            *tiny_cells(r),
             fmt(r.get("cpu_ms_per_1000"), "%.1f"),
             fmt(r.get("client_cpu_ms_per_1000"), "%.0f"),
             fmt(r.get("bulk_mb_per_s"), "%.1f") + (" (%.1f-%.1f)" % (min(r["bulk_rates"]),

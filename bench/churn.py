@@ -155,18 +155,35 @@ def start_summary(ready):
     return ", ".join("%s %d" % kv for kv in sorted(counts.items()))
 
 
+def on_server(res, key, argv, logdir, workdir, body):
+    """Start a server for one measurement, run body(server), which fills
+    `res`, and stop the server whatever happens; a BenchError (the start's
+    or the body's) goes into res["errors"], and so do what the server left
+    behind and the time taken (not recorded when it did not start)."""
+    started = time.monotonic()
+    try:
+        server = B.start_server(key, argv, logdir, workdir)
+    except B.BenchError as exc:
+        res["errors"].append(str(exc))
+        return res
+    try:
+        body(server)
+    except B.BenchError as exc:
+        res["errors"].append(str(exc))
+    finally:
+        server.stop()
+        res["leftovers"] = server.leftovers
+    res["seconds"] = time.monotonic() - started
+    return res
+
+
 # ---------------------------------------------------------------- -r rows
 
 def measure_r(cfg, logdir, workdir):
     """Tiny jobs against one -r server, started for it and stopped after."""
     res = {"key": cfg.key, "label": cfg.label, "errors": []}
-    started = time.monotonic()
-    try:
-        server = B.start_server(cfg.key, cfg.server_argv, logdir, workdir)
-    except B.BenchError as exc:
-        res["errors"].append(str(exc))
-        return res
-    try:
+
+    def body(server):
         lines = ReadyLines(server.log_path)
         phase = {"name": "tiny_auto", "calibrate": R_CALIBRATE, "n_fast": R_TINY_FAST,
                  "n_slow": R_TINY_SLOW, "slow_below": R_SLOW_BELOW,
@@ -191,13 +208,7 @@ def measure_r(cfg, logdir, workdir):
             res["started_by"] = start_summary(ready)
             ms = [r[3] for r in ready if r[3] is not None]
             res["ready_ms_p50"] = statistics.median(ms) if ms else None
-    except B.BenchError as exc:
-        res["errors"].append(str(exc))
-    finally:
-        server.stop()
-        res["leftovers"] = server.leftovers
-    res["seconds"] = time.monotonic() - started
-    return res
+    return on_server(res, cfg.key, cfg.server_argv, logdir, workdir, body)
 
 
 # -------------------------------------------------------- replacement time
@@ -207,13 +218,8 @@ def measure_replace(mode, logdir, workdir):
     ready line, KILLS times or until REPLACE_DEADLINE."""
     key = "replace-" + mode
     res = {"key": key, "mode": mode, "errors": [], "ms": [], "seen_ms": [], "ready": []}
-    started = time.monotonic()
-    try:
-        server = B.start_server(key, ours(REPLACE_WORKERS, mode, "-d"), logdir, workdir)
-    except B.BenchError as exc:
-        res["errors"].append(str(exc))
-        return res
-    try:
+
+    def body(server):
         lines = ReadyLines(server.log_path)
         first = wait_ready(lines, lambda got: len({s for s, *_ in got}) >= REPLACE_WORKERS,
                            READY_TIMEOUT, "startup")
@@ -247,13 +253,7 @@ def measure_replace(mode, logdir, workdir):
                     if ms is not None:
                         res["ms"].append(ms)
         res["started_by"] = start_summary(res["ready"])
-    except B.BenchError as exc:
-        res["errors"].append(str(exc))
-    finally:
-        server.stop()
-        res["leftovers"] = server.leftovers
-    res["seconds"] = time.monotonic() - started
-    return res
+    return on_server(res, key, ours(REPLACE_WORKERS, mode, "-d"), logdir, workdir, body)
 
 
 # ------------------------------------------------------------ worker memory
@@ -285,14 +285,8 @@ def measure_memory(mode, logdir, workdir):
     extra = ("--preload", "numpy") if mode == "fork" else ()
     res = {"key": key, "mode": mode, "errors": [], "flags": " ".join(
         ["-w", str(MEMORY_WORKERS), "--worker-start", mode] + list(extra))}
-    started = time.monotonic()
-    try:
-        server = B.start_server(key, ours(MEMORY_WORKERS, mode, "-d", *extra),
-                                logdir, workdir)
-    except B.BenchError as exc:
-        res["errors"].append(str(exc))
-        return res
-    try:
+
+    def body(server):
         lines = ReadyLines(server.log_path)
         ready = wait_ready(lines, lambda got: len({s for s, *_ in got}) >= MEMORY_WORKERS,
                            READY_TIMEOUT, "startup")
@@ -328,13 +322,8 @@ def measure_memory(mode, logdir, workdir):
         if None in res["worker_pss_kib"] + res["other_pss_kib"]:
             raise B.BenchError("a process ended before its PSS was read")
         res["total_kib"] = sum(res["worker_pss_kib"]) + sum(res["other_pss_kib"])
-    except B.BenchError as exc:
-        res["errors"].append(str(exc))
-    finally:
-        server.stop()
-        res["leftovers"] = server.leftovers
-    res["seconds"] = time.monotonic() - started
-    return res
+    return on_server(res, key, ours(MEMORY_WORKERS, mode, "-d", *extra), logdir, workdir,
+                     body)
 
 
 # --------------------------------------------------------------------- run
@@ -412,13 +401,9 @@ def render(out):
             if "tiny_jobs_per_s" not in r:
                 L.append("| %s | | failed | | | | |" % r["key"])
                 continue
-            reps = r["tiny_reps"]
             L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
                 r["key"], r["client_version"],
-                "%d x%d" % (r["tiny_n"], reps) if reps > 1 else "%d" % r["tiny_n"],
-                B.fmt(r["tiny_jobs_per_s"]) + (" (%s-%s)" % (B.fmt(min(r["tiny_rates"])),
-                                                             B.fmt(max(r["tiny_rates"])))
-                                               if reps > 1 else ""),
+                *B.tiny_cells(r),
                 B.fmt(r.get("cpu_ms_per_1000"), "%.0f"),
                 r.get("started_by", "n/a"),
                 B.fmt(r.get("ready_ms_p50"), "%.1f")))

@@ -279,14 +279,21 @@ spawn_run() {
 echo "== in the background: compat suite with --worker-start spawn (ppft 1.7.8;" \
     "$logs/compat-spawn.log)"
 bg "compat suite, --worker-start spawn" "$logs/compat-spawn.log" spawn_run "$@"
-for name in "ppft 1.6.6.4" "pp 1.7.0"; do
-    rc=0
-    collect "compat suite, $name" || rc=$?
-    echo "== compat suite ($name clients and workers; ${family_log[$name]}):"
-    cat "${family_log[$name]}"
+# report NAME HEADER LOG FAILED_AS: waits for background stage NAME, shows
+# its LOG under HEADER, and counts it as FAILED_AS if it failed.
+report() {
+    local rc=0
+    collect "$1" || rc=$?
+    echo "== $2:"
+    cat "$3"
     if [ "$rc" -ne 0 ]; then
-        failed+=("$name")
+        failed+=("$4")
     fi
+}
+for name in "ppft 1.6.6.4" "pp 1.7.0"; do
+    report "compat suite, $name" \
+        "compat suite ($name clients and workers; ${family_log[$name]})" \
+        "${family_log[$name]}" "$name"
 done
 # pathos requires ppft 1.7.8 (and its own dill, pox, multiprocess): its own
 # venv, which also runs the workers of the server pathos starts.
@@ -297,22 +304,13 @@ if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
     failed+=("pathos")
 fi
 stage_end "pathos"
-rc=0
-collect "compat suite, --worker-start spawn" || rc=$?
-echo "== compat suite with --worker-start spawn ($logs/compat-spawn.log):"
-cat "$logs/compat-spawn.log"
-if [ "$rc" -ne 0 ]; then
-    failed+=("ppft 1.7.8 with --worker-start spawn")
-fi
+report "compat suite, --worker-start spawn" \
+    "compat suite with --worker-start spawn ($logs/compat-spawn.log)" \
+    "$logs/compat-spawn.log" "ppft 1.7.8 with --worker-start spawn"
 # PyPy: its run went beside the others (started below, before ppft 1.7.8's).
 if [ -n "${bg_pid[compat suite, PyPy]:-}" ]; then
-    rc=0
-    collect "compat suite, PyPy" || rc=$?
-    echo "== compat suite (ppft 1.7.8 on PyPy; $logs/compat-pypy.log):"
-    cat "$logs/compat-pypy.log"
-    if [ "$rc" -ne 0 ]; then
-        failed+=("ppft 1.7.8 on PyPy")
-    fi
+    report "compat suite, PyPy" "compat suite (ppft 1.7.8 on PyPy; $logs/compat-pypy.log)" \
+        "$logs/compat-pypy.log" "ppft 1.7.8 on PyPy"
 fi
 print_times
 if [ ${#failed[@]} -gt 0 ]; then

@@ -168,6 +168,9 @@ def _forkserver(bootstrap, warm, close_all_above):
             say('E cannot fork: %s' % e)
             continue
         if middle == 0:
+            # Named as a worker before it is handed to the server, so that
+            # it never shows there as a second fork-server.
+            prctl(15, comm)
             me = middle_pid[0]
             os.close(rpid)
             os.write(wpid, b'%d' % os.getpid())
@@ -181,7 +184,6 @@ def _forkserver(bootstrap, warm, close_all_above):
             if os.getppid() != server:
                 # The server died meanwhile.
                 os._exit(1)
-            prctl(15, comm)
             os.setpgid(0, 0)
             for fd, target in zip(fds, (0, 1, 2)):
                 os.dup2(fd, target)

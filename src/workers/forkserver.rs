@@ -472,25 +472,33 @@ async fn send_fds(ctl: &UnixStream, fds: &[i32; 3]) -> io::Result<()> {
     }
 }
 
-/// One line from the fork-server, without its newline. Only one request
-/// is ever outstanding, so nothing past the newline is read.
+/// One line from the fork-server, without its newline. It says one line
+/// per request (and one at startup), so a line arrives in one read as a
+/// rule, and anything after its newline is out of step.
 async fn read_line(ctl: &mut UnixStream) -> io::Result<String> {
     let mut line = Vec::new();
-    let mut byte = [0u8; 1];
+    let mut buf = [0u8; 512];
     loop {
-        if ctl.read(&mut byte).await? == 0 {
+        let n = ctl.read(&mut buf).await?;
+        if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the fork-server closed its socket",
             ));
         }
-        if byte[0] == b'\n' {
+        line.extend_from_slice(&buf[..n]);
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            if end + 1 != line.len() {
+                return Err(io::Error::other(
+                    "the fork-server said more than it was asked",
+                ));
+            }
+            line.truncate(end);
             return Ok(String::from_utf8_lossy(&line).into_owned());
         }
         if line.len() >= MAX_LINE {
             return Err(io::Error::other("the fork-server's answer is too long"));
         }
-        line.push(byte[0]);
     }
 }
 
