@@ -47,15 +47,60 @@ impl Drop for RunFile {
 /// Writes `content` to `path` so that a reader sees either no file or the
 /// whole content: a launcher polling for the file must never read it half
 /// written. The temporary file sits in the same directory, so the rename
-/// stays on one file system.
+/// stays on one file system. The directory may be shared (`/tmp`, a
+/// world-writable run directory), so the temporary name is unpredictable
+/// and the file is made new (`O_EXCL`) without following a symlink: a
+/// name planted by another user makes the open fail, and a new name is
+/// tried, rather than the server writing through it. `rename` replaces a
+/// symlink at `path` itself rather than following it.
 fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut last = None;
+    for _ in 0..TEMP_TRIES {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp{:016x}", unpredictable()?));
+        let tmp = PathBuf::from(tmp);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&tmp);
+        let mut file = match file {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        return file
+            .write_all(content)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            });
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free temporary name")))
+}
+
+/// How many temporary names are tried: each is taken only if someone
+/// planted it, which a random name makes a matter of guessing 64 bits.
+const TEMP_TRIES: usize = 8;
+
+/// 64 bits from the kernel's random source, for a temporary name.
+fn unpredictable() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `len` bytes into the buffer we pass.
+    let n = unsafe { nix::libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(io::Error::other(format!(
+            "no random bytes for a temporary name: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 /// `host:port` for a listener: the host's name when it listens on every
@@ -108,6 +153,51 @@ mod tests {
         drop(guards);
         assert!(!pid.exists() && !ready.exists());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_temp_name_is_never_written_through() {
+        // Regression: the temp name was PATH.tmp<pid>, written with
+        // fs::write, so a symlink planted there by another user made the
+        // server write its pid into the file the link pointed to, and the
+        // pid file became that user's symlink.
+        use std::os::unix::fs::symlink;
+        let dir = temp_dir("symlink");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let pid = dir.join("pid");
+        let mut planted = pid.as_os_str().to_owned();
+        planted.push(format!(".tmp{}", std::process::id()));
+        symlink(&victim, &planted).unwrap();
+        // A symlink at the pid file's own name is replaced, not followed.
+        let ready = dir.join("ready");
+        symlink(&victim, &ready).unwrap();
+
+        let guards = (
+            RunFile::pid(&pid).unwrap(),
+            RunFile::ready(&ready, "127.0.0.1:61000".parse().unwrap()).unwrap(),
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        for written in [&pid, &ready] {
+            let meta = std::fs::symlink_metadata(written).unwrap();
+            assert!(
+                meta.file_type().is_file(),
+                "{} is a plain file",
+                written.display()
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(&pid).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        drop(guards);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn temp_names_differ_every_time() {
+        assert_ne!(unpredictable().unwrap(), unpredictable().unwrap());
     }
 
     #[test]
