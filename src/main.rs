@@ -15,7 +15,6 @@ use std::time::Duration;
 use ppserver::config::{self, Command};
 use ppserver::logging::format::LogFormat;
 use ppserver::logging::{panics, sink};
-use ppserver::ops::runfiles::RunFile;
 use ppserver::ops::shutdown::StopRequests;
 use ppserver::workers::reaper;
 
@@ -64,23 +63,15 @@ pub(crate) fn main() -> ExitCode {
     let code = runtime.block_on(async {
         // Before the (slow) startup, so an early SIGTERM still stops cleanly.
         let stops = StopRequests::from_signals();
-        let server = match ppserver::server::start(&cfg).await {
+        let mut server = match ppserver::server::start(&cfg).await {
             Ok(s) => s,
             Err(e) => {
                 log::error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
-        let _pid_file = match &cfg.pid_file {
-            Some(path) => match RunFile::pid(path) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    log::error!("cannot write the pid file {} (-P): {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
-            },
-            None => None,
-        };
+        // Held until what jobs left running is gone too.
+        let _pid_file = server.take_pid_file();
         let reaping = tokio::spawn(reaper::reap_orphans_forever());
         server.run(stops).await;
         reaping.abort();

@@ -20,6 +20,7 @@ use crate::front::discovery::{self, Destinations, Discovery, Unresolved};
 use crate::front::session::{self, SessionContext};
 use crate::jobs::scheduler::Scheduler;
 use crate::logging::ratelimit::LogLimit;
+use crate::logging::sink;
 use crate::ops::metrics::{self, LevelSource, Levels};
 use crate::ops::openfiles::{self, Budget, OpenFiles, Unfit};
 use crate::ops::runfiles::RunFile;
@@ -36,6 +37,9 @@ use crate::workers::worker::{self, WorkerSpec};
 /// Listen backlog; ppft's 5 drops connections when many clients start at
 /// once.
 const BACKLOG: u32 = 1024;
+/// How long the start waits for the log lines so far to be written before
+/// the port listens: a stderr nobody reads gives up after this.
+const STARTUP_FLUSH: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -71,6 +75,11 @@ pub enum StartError {
     OpenFiles(Box<NoRoom>),
     /// A `--preload` module cannot be imported by the fork-server.
     Preload(String),
+    /// The `-P` pid file cannot be written.
+    PidFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The numbers of [`StartError::OpenFiles`].
@@ -156,6 +165,11 @@ impl std::fmt::Display for StartError {
                 write!(f, "cannot resolve interface {interface:?} (-i)")
             }
             StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            StartError::PidFile { path, source } => write!(
+                f,
+                "cannot write the pid file {} (-P): {source}",
+                path.display()
+            ),
             StartError::DiscoveryNeedsIpv4 { addr } => write!(
                 f,
                 "autodiscovery (-a) works over IPv4 broadcast, but the server listens on \
@@ -190,6 +204,9 @@ impl std::error::Error for StartError {
 
 /// A started server: listening, with its worker pool running.
 pub struct Server {
+    /// `-P`: written before the port listens, removed when the server
+    /// stops ([`Server::take_pid_file`]).
+    pid_file: Option<RunFile>,
     /// Accepts clients.
     listener: TcpListener,
     /// Shared by every session.
@@ -265,8 +282,10 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     )
     .await?;
 
-    let listener = bind(&cfg.interface, cfg.port).await?;
-    let local = listener.local_addr().map_err(|source| StartError::Bind {
+    // Bound, not yet listening: the port is ours, but a client that tries
+    // it is refused until the startup line is out (below).
+    let socket = bind(&cfg.interface, cfg.port).await?;
+    let local = socket.local_addr().map_err(|source| StartError::Bind {
         addr: SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), cfg.port),
         source,
     })?;
@@ -371,8 +390,26 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         },
     );
 
+    let pid_file = match &cfg.pid_file {
+        Some(path) => Some(RunFile::pid(path).map_err(|source| StartError::PidFile {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    // Launchers and tests wait for the port, then read the startup line
+    // and the pid file: both must be there by the time it accepts. The log
+    // is written by a thread of its own, so its queue is flushed first
+    // (bounded: a stderr nobody reads must not keep the port closed).
+    let _ = tokio::task::spawn_blocking(|| sink::flush_outputs(STARTUP_FLUSH)).await;
+    let listener = socket.listen(BACKLOG).map_err(|source| StartError::Bind {
+        addr: local,
+        source,
+    })?;
+
     let ctx = Arc::new(SessionContext::new(&cfg, version, scheduler, stats));
     Ok(Server {
+        pid_file,
         listener,
         ctx,
         workers,
@@ -501,9 +538,10 @@ fn warn_default_secret_now() {
     );
 }
 
-/// Binds the listening socket: SO_REUSEADDR like ppft (a restarted server
-/// gets its port back at once) and a generous backlog.
-async fn bind(interface: &str, port: u16) -> Result<TcpListener, StartError> {
+/// Binds the socket the server will listen on: SO_REUSEADDR like ppft (a
+/// restarted server gets its port back at once). [`start`] makes it listen,
+/// with a generous backlog, once the startup line is out.
+async fn bind(interface: &str, port: u16) -> Result<TcpSocket, StartError> {
     let addr: SocketAddr = match tokio::net::lookup_host((interface, port)).await {
         Ok(mut addrs) => addrs.next(),
         Err(_) => None,
@@ -520,10 +558,16 @@ async fn bind(interface: &str, port: u16) -> Result<TcpListener, StartError> {
     .map_err(fail)?;
     socket.set_reuseaddr(true).map_err(fail)?;
     socket.bind(addr).map_err(fail)?;
-    socket.listen(BACKLOG).map_err(fail)
+    Ok(socket)
 }
 
 impl Server {
+    /// The `-P` pid file's guard, for the caller to hold until the server
+    /// has stopped and cleaned up after its jobs.
+    pub fn take_pid_file(&mut self) -> Option<RunFile> {
+        self.pid_file.take()
+    }
+
     /// The address the server listens on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
