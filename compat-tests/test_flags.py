@@ -197,6 +197,18 @@ def test_P_writes_the_server_pid(launch, tmp_path):
     assert int(pid_file.read_text().strip()) == server.proc.pid
 
 
+def test_the_pid_file_and_startup_line_are_written_before_the_port_accepts(launch, tmp_path):
+    """A launcher that waits for the port, then reads the pid file and the
+    startup line, finds both: the server listens only once they are written
+    (the log by a thread of its own, flushed first). Checked at once, with
+    no wait: that order is the promise under test."""
+    pid_file = tmp_path / "ppserver.pid"
+    server = launch("-P", pid_file)  # returns once the port accepts
+    assert pid_file.read_text() == "%d\n" % server.proc.pid
+    assert "ppserver listening on 127.0.0.1:%d with " % server.port in server.log(), (
+        server.log_tail())
+
+
 # --- -f and -d: logging -------------------------------------------------------
 
 DEFAULT_FORMAT_MARKS = (" - DEBUG - ", " - INFO - ", " - WARNING - ", " - ERROR - ")
