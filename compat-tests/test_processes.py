@@ -2,9 +2,10 @@
 dead when it exits even while a child of its job holds its pipes; stopping
 or replacing a worker takes its process group along; nothing a job started
 (in the worker's group, or detached with setsid and a double fork) outlives
-the server; workers are first in line for the OOM killer; workers are
-recycled after --max-jobs-per-worker jobs; and a running job whose client
-left has its worker replaced (unless --keep-abandoned).
+the server; workers are first in line for the OOM killer; a worker that
+runs on costs no wait4; workers are recycled after --max-jobs-per-worker
+jobs; and a running job whose client left has its worker replaced (unless
+--keep-abandoned).
 
 Each test starts its own server (conftest's ``launch``) and speaks the raw
 protocol (ppwire) with jobs shipped as source, so the same jobs run on ppft
@@ -17,7 +18,9 @@ life (a child sleeps 600 s, the answer must come within 60 s).
 
 import collections
 import os
+import shutil
 import signal
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -265,6 +268,68 @@ def test_orphans_are_reaped_while_the_server_runs(launch):
         % (sorted(zombie_children(server.proc.pid)), server.log_tail()))
     assert not any(exists(pid) for pid in orphans), orphans
     assert worker_pid(server)
+
+
+# Jobs run while the server is traced for wait4: enough that one wait4 per
+# job (as when every job's wait on its worker began with one) stands far
+# above the few a stray exit could cost.
+TRACED_JOBS = 200
+
+
+def traced(pid):
+    """Whether every thread of `pid` is traced."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            status = Path("/proc/%d/task/%s/status" % (pid, task)).read_text()
+        except OSError:
+            return False
+        if "\nTracerPid:\t0\n" in status:
+            return False
+    return True
+
+
+@better(reason="ppft's server starts no worker by fork")
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_no_wait4_while_no_process_exits(launch, tmp_path, start):
+    """A stream of jobs that start no process costs the server no wait4:
+    it learns of a worker's exit from its pidfd, and reaps it then only.
+    Counted by strace attached to the server (all its threads) over 200
+    jobs on one connection, after the workers are up."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (scripts/test.sh installs Debian's as root)")
+    server = launch("--worker-start", start, nworkers=2)
+    launch.workers.extend(wait_for_pool(server))
+    sock = ppwire.open_session(server.host, server.port, server.secret, "EXEC")
+    sock.settimeout(PROMPT)
+    add = ppwire.function_package("add", [sp.ADD_SOURCE])
+    ppwire.send_job(sock, add, (1, 2))
+    assert ppwire.recv_result(sock)[0] == 3
+    out = tmp_path / "strace.out"
+    tracer = subprocess.Popen(
+        [strace, "-f", "-qq", "-e", "trace=wait4", "-o", str(out), "-p", str(server.proc.pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if not wait_until(lambda: traced(server.proc.pid) or tracer.poll() is not None,
+                          timeout=PROMPT) or tracer.poll() is not None:
+            pytest.skip("strace cannot attach here: %s"
+                        % tracer.communicate(timeout=PROMPT)[1].decode(errors="replace"))
+        for i in range(TRACED_JOBS):
+            ppwire.send_job(sock, add, (i, 1), cached=True)
+            assert ppwire.recv_result(sock)[0] == i + 1
+    finally:
+        sock.close()
+        tracer.send_signal(signal.SIGINT)
+        tracer.communicate(timeout=PROMPT)
+    calls = [line for line in out.read_text().splitlines() if "wait4(" in line]
+    assert len(calls) < TRACED_JOBS // 10, (
+        "%d wait4 calls over %d jobs; the first: %s\n%s"
+        % (len(calls), TRACED_JOBS, calls[:5], server.log_tail()))
+    assert server.proc.poll() is None
 
 
 def oom_score_adj(pid):

@@ -15,8 +15,12 @@
 //! A forked worker is the server's child too: the fork-server forks twice
 //! and the middle process exits, so the worker is handed to the server,
 //! which is a child subreaper ([`crate::workers::reaper`]). The server
-//! learns of its exit at once from a pidfd, and reaps it by its pid, as
-//! tokio does with the spawned ones.
+//! learns of its exit at once from a pidfd, and reaps it by its pid then,
+//! as tokio does with the spawned ones (tokio opens a pidfd for each child
+//! it spawns, and falls back to SIGCHLD where the kernel has none). Either
+//! way a wait on a worker that runs on makes no system call: a job's wait
+//! on its worker, begun afresh for every job, costs only the pidfd's
+//! registration, made once.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -157,9 +161,15 @@ impl Forked {
     }
 
     /// Waits for it to exit, and reaps it. Cancel-safe.
+    ///
+    /// `waitpid` comes only once the pidfd says it exited: each job's
+    /// wait on its worker is a fresh call, and a `waitpid` first would be
+    /// a system call per job for a worker that runs on. The readiness is
+    /// kept (an exit is for good), so a wait cut short after it resumes at
+    /// the `waitpid`.
     async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
-            if let Some(status) = try_reap(self.pid, &mut self.status)? {
+            if let Some(status) = self.status {
                 return Ok(status);
             }
             let mut ready = self.pidfd.readable().await?;

@@ -11,17 +11,23 @@
 //! registry are waited for here, each by its own pid: never `waitpid(-1)`.
 //!
 //! Workers forked by the fork-server are handed to the server by the exit
-//! of the process between them ([`crate::workers::process`]): while such a
-//! fork is on its way ([`Adopting`]), scans reap nothing, and the worker
-//! is registered ([`register`]) before that ends, so its exit status is
-//! always its owner's.
+//! of the process between them ([`crate::workers::process`]), so one can
+//! be the server's child, and dead, before it is registered ([`register`]).
+//! Such a fork is announced ([`Adopting`]) before it is asked for, with
+//! the time since boot, and registered before the announcement ends; a
+//! scan leaves alone a dead unregistered child that started at or after
+//! the oldest fork still under way (its start time, `/proc/PID/stat`, can
+//! be read while it is a zombie), and reaps the rest; what it left is
+//! looked at again a scan later, without waiting for another SIGCHLD. A
+//! worker's exit status is so always its owner's, and the orphans of jobs
+//! are reaped even when, as with `-r`, some worker is nearly always on its
+//! way.
 //!
 //! The subreaper setting is not inherited across `fork` (prctl(2)), so
 //! workers and their children are plain processes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,12 +36,35 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-/// Pids of the children tokio manages (spawned through [`spawn`] and not
-/// yet dropped): never waited for here.
-static OWN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+/// The children the scans must leave alone.
+struct Registry {
+    /// Pids of the children that have an owner (spawned through [`spawn`]
+    /// or [`register`]ed, and not yet dropped): never waited for here.
+    own: BTreeSet<u32>,
+    /// For each fork by the fork-server under way ([`Adopting`]), the
+    /// earliest start time its worker can have, in clock ticks since boot.
+    adopting: Vec<u64>,
+}
 
-/// Forks by the fork-server under way ([`Adopting`]).
-static ADOPTING: AtomicUsize = AtomicUsize::new(0);
+impl Registry {
+    /// The earliest start time an unregistered worker can have, if any
+    /// is on its way.
+    fn adopting_since(&self) -> Option<u64> {
+        self.adopting.iter().copied().min()
+    }
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    own: BTreeSet::new(),
+    adopting: Vec::new(),
+});
+
+/// Taken for writing by the tests that scan (they reap every unregistered
+/// dead child of the process) and for reading by the tests that start
+/// children they do not register: cargo runs tests as threads of one
+/// process.
+#[cfg(test)]
+pub(crate) static SCANNING_TESTS: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// Least time between two scans for dead orphans: each reads all of
 /// `/proc`, and with `-r` a worker exits after every job.
@@ -46,9 +75,9 @@ const SWEEP_LIMIT: Duration = Duration::from_secs(5);
 /// Pause between rounds of [`sweep`], for the killed to die.
 const SWEEP_PAUSE: Duration = Duration::from_millis(20);
 
-fn own() -> MutexGuard<'static, BTreeSet<u32>> {
-    // Inserts and removes cannot leave the set half-changed.
-    OWN.lock().unwrap_or_else(|e| e.into_inner())
+fn registry() -> MutexGuard<'static, Registry> {
+    // Inserts and removes cannot leave it half-changed.
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Makes the server the reaper of its orphaned descendants
@@ -66,45 +95,78 @@ pub(crate) struct Registration(u32);
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        own().remove(&self.0);
+        registry().own.remove(&self.0);
     }
 }
 
 /// Spawns `cmd` and registers the child, with scans locked out meanwhile.
 pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, Registration)> {
-    let mut own = own();
+    let mut registry = registry();
     let child = cmd.spawn()?;
     let pid = child
         .id()
         .ok_or_else(|| io::Error::other("spawned child has no pid"))?;
-    own.insert(pid);
+    registry.own.insert(pid);
     Ok((child, Registration(pid)))
 }
 
 /// Registers `pid`, a child the server was handed rather than spawned,
 /// so that no scan takes its exit status from its owner.
 pub(crate) fn register(pid: u32) -> Registration {
-    own().insert(pid);
+    registry().own.insert(pid);
     Registration(pid)
 }
 
-/// Held while a worker is being forked and handed to the server: until
-/// it is [`register`]ed, scans reap nothing, so a worker that dies at once
-/// is still reaped by its owner, who learns how it ended.
+/// Held from before a worker is asked of the fork-server until it is
+/// [`register`]ed: meanwhile, scans leave alone every dead unregistered
+/// child that started since, so a worker that dies at once is still
+/// reaped by its owner, who learns how it ended.
 #[derive(Debug)]
-pub(crate) struct Adopting(());
+pub(crate) struct Adopting(u64);
 
 impl Adopting {
+    /// Begins before the fork is asked for, so the worker starts later.
     pub(crate) fn begin() -> Adopting {
-        ADOPTING.fetch_add(1, Ordering::SeqCst);
-        Adopting(())
+        // A tick early, against rounding: a child that started in the
+        // tick before is left alone too, and reaped by a later scan.
+        // Without a clock, every dead unregistered child is left alone.
+        let since = boot_ticks().map_or(0, |now| now.saturating_sub(1));
+        // Under the lock: a scan sees the fork under way or not, for the
+        // whole time it reaps.
+        registry().adopting.push(since);
+        Adopting(since)
     }
 }
 
 impl Drop for Adopting {
     fn drop(&mut self) {
-        ADOPTING.fetch_sub(1, Ordering::SeqCst);
+        let mut registry = registry();
+        if let Some(i) = registry.adopting.iter().position(|&t| t == self.0) {
+            registry.adopting.swap_remove(i);
+        }
     }
+}
+
+/// The time since boot in clock ticks, the unit of a process's start time
+/// in `/proc/PID/stat` (which counts from boot, suspended time included:
+/// `CLOCK_BOOTTIME`).
+fn boot_ticks() -> Option<u64> {
+    // SAFETY: sysconf takes a name and returns a number.
+    let hz = u64::try_from(unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&hz| hz > 0)?;
+    let mut now = nix::libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer.
+    if unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_BOOTTIME, &mut now) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u64::try_from(now.tv_nsec).ok()?;
+    // As the kernel rounds a start time: down.
+    Some(secs.checked_mul(hz)? + nanos * hz / 1_000_000_000)
 }
 
 /// One process of the system, as `/proc/<pid>/stat` shows it.
@@ -114,6 +176,8 @@ struct Proc {
     ppid: i32,
     /// Dead and waiting to be reaped.
     zombie: bool,
+    /// When it started, in clock ticks since boot; `None` if not shown.
+    start: Option<u64>,
 }
 
 /// Every process of the system that can be seen; those that vanish while
@@ -128,27 +192,33 @@ fn processes() -> io::Result<Vec<Proc>> {
         else {
             continue;
         };
-        if let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) {
-            if let Some(p) = parse_stat(pid, &stat) {
-                found.push(p);
-            }
+        if let Some(p) = process(pid) {
+            found.push(p);
         }
     }
     Ok(found)
 }
 
+/// `pid`'s line in `/proc`, if it exists.
+fn process(pid: i32) -> Option<Proc> {
+    parse_stat(pid, &std::fs::read(format!("/proc/{pid}/stat")).ok()?)
+}
+
 /// `pid (comm) S ppid ...`: comm may hold spaces and parentheses, so the
-/// fields are counted from its last `)`.
+/// fields are counted from its last `)`. The start time is field 22.
 fn parse_stat(pid: i32, stat: &[u8]) -> Option<Proc> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(stat.get(close + 1..)?).ok()?;
     let mut fields = rest.split_ascii_whitespace();
     let state = fields.next()?;
     let ppid = fields.next()?.parse().ok()?;
+    // Fields 5 to 21 come between the parent and the start time.
+    let start = fields.nth(17).and_then(|f| f.parse().ok());
     Some(Proc {
         pid,
         ppid,
         zombie: state == "Z" || state == "X",
+        start,
     })
 }
 
@@ -207,26 +277,48 @@ pub fn reap_orphans() -> usize {
     scan().unwrap_or(0)
 }
 
-/// [`reap_orphans`], or `None` if it had to leave the dead where they are
-/// because a worker was being handed over ([`Adopting`]): the caller
-/// scans again later, as no other SIGCHLD may come.
+/// [`reap_orphans`], or `None` if it had to leave some of the dead where
+/// they are because they could be a worker on its way ([`Adopting`]):
+/// the caller scans again later, as no other SIGCHLD may come.
 fn scan() -> Option<usize> {
     let dead = dead_children();
     if dead.is_empty() {
         return Some(0);
     }
-    let own = own();
-    // Checked under the lock that `register` takes: a worker handed over
-    // while /proc was read is either registered by now or still covered.
-    if ADOPTING.load(Ordering::SeqCst) > 0 {
-        return None;
+    let me = std::process::id() as i32;
+    // Under the lock that `register` and `Adopting` take: a worker handed
+    // over while /proc was read is registered by now, or its fork is
+    // still under way (and stays so until this scan is done).
+    let registry = registry();
+    let since = registry.adopting_since();
+    let mut reaped = 0;
+    let mut left = false;
+    for pid in dead {
+        if registry.own.contains(&(pid as u32)) {
+            continue;
+        }
+        if let Some(since) = since {
+            // Read again now, under the lock: the pid read from /proc
+            // earlier may have been reaped (by tokio, of a child it had
+            // dropped) and taken by the worker on its way since. Past this
+            // read, that would take the pids going round in the moment
+            // before the `waitpid` below.
+            match process(pid) {
+                Some(p) if p.ppid == me && p.zombie => {
+                    if p.start.is_none_or(|start| start >= since) {
+                        left = true;
+                        continue;
+                    }
+                }
+                // Reaped meanwhile: nothing to do.
+                _ => continue,
+            }
+        }
+        if reap(pid) {
+            reaped += 1;
+        }
     }
-    Some(
-        dead.into_iter()
-            .filter(|pid| !own.contains(&(*pid as u32)))
-            .filter(|pid| reap(*pid))
-            .count(),
-    )
+    (!left).then_some(reaped)
 }
 
 /// The server's children that are dead and not yet reaped, tokio's
@@ -286,7 +378,8 @@ pub async fn sweep() -> usize {
     let mut killed = BTreeSet::new();
     loop {
         let left = {
-            let own = own();
+            let registry = registry();
+            let own = &registry.own;
             let Ok(table) = processes() else {
                 log::error!("cannot read /proc: processes left by jobs may outlive the server");
                 return killed.len();
@@ -335,6 +428,7 @@ mod tests {
             pid,
             ppid,
             zombie: false,
+            start: None,
         }
     }
 
@@ -346,9 +440,12 @@ mod tests {
             Some(Proc {
                 pid: 4242,
                 ppid: 17,
-                zombie: true
+                zombie: true,
+                start: None,
             })
         );
+        let whole = b"7 (x y) Z 1 7 7 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 221070 0 0";
+        assert_eq!(parse_stat(7, whole).unwrap().start, Some(221070));
         assert_eq!(parse_stat(1, b"1 (init) S 0 1 1"), Some(p(1, 0)));
         assert_eq!(parse_stat(1, b"garbage"), None);
         assert_eq!(parse_stat(1, b"1 (x)"), None);
@@ -376,46 +473,70 @@ mod tests {
 
     fn wait_zombie(pid: u32) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !processes()
-            .unwrap()
-            .iter()
-            .any(|p| p.pid == pid as i32 && p.zombie)
-        {
+        while !process(pid as i32).is_some_and(|p| p.zombie) {
             assert!(Instant::now() < deadline, "pid {pid} never exited");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
-    // The only test here that starts processes: another one running at the
-    // same time could have its children reaped.
-    #[tokio::test]
-    async fn orphans_are_reaped_and_tokios_children_are_left_to_tokio() {
-        let (mut ours, registered) = spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
-        let mut foreign = std::process::Command::new("/bin/sh")
-            .args(["-c", "exit 3"])
+    fn exists(pid: u32) -> bool {
+        process(pid as i32).is_some()
+    }
+
+    /// The pid of an unregistered child of this process, dead and not
+    /// reaped.
+    // Reaped by the scans under test, not through std's handle.
+    #[allow(clippy::zombie_processes)]
+    fn dead_foreign_child(code: i32) -> u32 {
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", &format!("exit {code}")])
             .spawn()
             .unwrap();
+        wait_zombie(child.id());
+        child.id()
+    }
+
+    // Every test that scans holds SCANNING_TESTS for writing: another
+    // test's scan would reap its children, and its scans those of others.
+    #[tokio::test]
+    async fn orphans_are_reaped_and_tokios_children_are_left_to_tokio() {
+        let scanning = SCANNING_TESTS.write().unwrap_or_else(|e| e.into_inner());
+        let (mut ours, registered) = spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
+        let foreign = dead_foreign_child(3);
         wait_zombie(ours.id().unwrap());
-        wait_zombie(foreign.id());
-        {
-            // A worker being handed over: nothing is reaped, and the
-            // caller is told to scan again.
-            let _adopting = Adopting::begin();
-            assert_eq!(scan(), None);
-            assert!(processes()
-                .unwrap()
-                .iter()
-                .any(|p| p.pid == foreign.id() as i32));
-        }
         assert_eq!(reap_orphans(), 1, "only the unregistered child");
-        assert!(!processes()
-            .unwrap()
-            .iter()
-            .any(|p| p.pid == foreign.id() as i32));
-        assert!(foreign.wait().is_err(), "its status was taken here");
+        assert!(!exists(foreign));
+        assert!(
+            waitpid(Pid::from_raw(foreign as i32), Some(WaitPidFlag::WNOHANG)).is_err(),
+            "its status was taken here"
+        );
+        drop(scanning);
         assert_eq!(ours.wait().await.unwrap().code(), Some(7));
         drop(registered);
-        assert!(!own().contains(&foreign.id()));
+        assert!(!registry().own.contains(&foreign));
+    }
+
+    #[test]
+    fn while_a_worker_is_on_its_way_only_what_could_be_it_is_left() {
+        let _scanning = SCANNING_TESTS.write().unwrap_or_else(|e| e.into_inner());
+        let before = dead_foreign_child(3);
+        let started = process(before as i32).unwrap().start.unwrap();
+        // It must have started ticks before the fork below asks for the
+        // worker, or it could be that worker.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while boot_ticks().unwrap() < started + 3 {
+            assert!(Instant::now() < deadline, "the clock does not move");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let adopting = Adopting::begin();
+        // Started after the fork was asked for: it could be the worker.
+        let after = dead_foreign_child(4);
+        assert_eq!(scan(), None, "one left: a scan must come again");
+        assert!(!exists(before), "what died before is reaped");
+        assert!(process(after as i32).is_some_and(|p| p.zombie));
+        drop(adopting);
+        assert_eq!(scan(), Some(1), "once the fork is over, it is reaped too");
+        assert!(!exists(after));
     }
 
     #[test]
@@ -424,7 +545,7 @@ mod tests {
         // of /proc, so spawning a worker waited for it. With the lock held
         // elsewhere, the scan still completes.
         // (The reaping of what it finds takes the lock, briefly.)
-        let held = own();
+        let held = registry();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(dead_children());

@@ -746,6 +746,10 @@ while True:
     /// Whether `python3` runs here; the tests that need it say so and
     /// skip when it does not (a machine without Python runs no worker).
     fn python_runs() -> bool {
+        // Unregistered: a scan by another test must not reap it.
+        let _unregistered = reaper::SCANNING_TESTS
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         let ran = std::process::Command::new("python3")
             .args(["-c", ""])
             .status()
