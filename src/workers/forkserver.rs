@@ -8,8 +8,14 @@
 //! way ([`crate::workers::process::prepare`]), with a Unix socket to the
 //! server as its stdin. The server sends it the new worker's three pipes
 //! (`SCM_RIGHTS`); it forks twice so that the worker is handed to the
-//! server, and answers with the worker's pid. From there the worker is
-//! the server's like a spawned one: its pidfd, its pipes, its handshake.
+//! server, and answers with the worker's pid (`P <pid>`). From there the
+//! worker is the server's like a spawned one: its pidfd, its pipes, its
+//! handshake. It answers `E <why>` when it cannot fork this once (out of
+//! processes or memory): that worker is spawned. It answers `B <why>`
+//! when only a new fork-server helps (the descriptors did not all
+//! arrive, or it is out of them): it is taken for dead. It keeps none of
+//! a request's descriptors, whatever the answer: a leak would fill its
+//! table, and from then on every worker would be spawned.
 //!
 //! If the fork-server dies, the next worker start finds out and starts
 //! it again; meanwhile the workers it forked go on, and jobs wait in the
@@ -377,6 +383,9 @@ impl Running {
             }
             ("E", why) => Err(Failure::Once(io::Error::other(format!(
                 "the fork-server could not fork: {why}"
+            )))),
+            ("B", why) => Err(Failure::Dead(io::Error::other(format!(
+                "it cannot serve any more: {why}"
             )))),
             _ => Err(Failure::Dead(io::Error::other(format!(
                 "it answered {line:?}"
