@@ -12,7 +12,9 @@ started again and no job is lost; one that cannot run leaves the workers
 spawned, and the log says why; a ``--preload`` module that cannot be
 imported is a startup error. A fork that fails (the fork-server in a pids
 cgroup of its own, as root) leaves it no descriptor; one out of
-descriptors is started again.
+descriptors is started again. One that SIGKILL cannot end (frozen with the
+cgroup v1 freezer, as root) holds up no worker start past the fork
+timeout, nor the server's stop, and is reaped once it can die.
 
 The rest of the suite runs with the fork-server too, since it is the
 default; scripts/test.sh runs the suite once more with
@@ -25,6 +27,7 @@ import contextlib
 import errno
 import os
 import resource
+import signal
 import sys
 import threading
 
@@ -33,7 +36,8 @@ import pytest
 import pphelpers
 import serverprocs as sp
 from pphelpers import server_env
-from procs import (fd_count, fd_targets, forkserver_pids, is_gone, sigkill,
+import ppwire
+from procs import (exists, fd_count, fd_targets, forkserver_pids, is_gone, sigkill,
                    wait_for_pool, wait_until)
 
 pytestmark = [
@@ -117,6 +121,19 @@ def _add(server):
     return result
 
 
+def _add_within(server, seconds):
+    """One job over a raw connection that waits up to `seconds` for its
+    answer (the usual bound is 30 s)."""
+    sock = ppwire.open_session(server.host, server.port, server.secret, "EXEC")
+    try:
+        sock.settimeout(seconds)
+        ppwire.send_job(sock, ppwire.function_package("add", [sp.ADD_SOURCE]), (40, 2))
+        result, out = ppwire.recv_result(sock)
+    finally:
+        sock.close()
+    assert result == 42, (out, server.log_tail())
+
+
 def _write(path, text):
     with open(path, "w") as f:
         f.write(text)
@@ -154,6 +171,16 @@ def _v1_cgroup(controller, pid):
             return True
 
         assert wait_until(removed, timeout=30), "cannot remove %s" % path
+
+
+def _freeze(cgroup):
+    _write(os.path.join(cgroup, "freezer.state"), "FROZEN")
+
+    def frozen():
+        with open(os.path.join(cgroup, "freezer.state")) as f:
+            return f.read().strip() == "FROZEN"
+
+    wait_until(frozen, "the freezer cgroup frozen")
 
 
 @pytest.mark.family_specific
@@ -280,6 +307,42 @@ def test_a_fork_server_out_of_descriptors_is_started_again(launch):
     assert wait_until(lambda: is_gone(first)), "the old fork-server is stopped"
     assert wait_until(lambda: [p for p in forkserver_pids(server) if p != first]), \
         "a new fork-server"
+
+
+def test_a_fork_server_that_cannot_be_killed_holds_up_no_worker_start(launch):
+    """The fork-server frozen (the cgroup v1 freezer: as a process stuck in
+    the kernel, SIGKILL does not end it): with -r each job needs a new
+    worker, and every job is answered, the first start spawning its worker
+    once the fork timed out (10 s), the next forked by a new fork-server.
+    Thawed, the old one dies and is reaped; the server stops cleanly."""
+    server = launch("-r", nworkers=1)
+    (frozen,) = wait_until(lambda: forkserver_pids(server), "a fork-server")
+    wait_for_pool(server)
+    with _v1_cgroup("freezer", frozen) as cgroup:
+        _freeze(cgroup)
+        for _ in range(3):
+            _add_within(server, 90)
+        assert [p for p in forkserver_pids(server) if p != frozen], server.log_tail()
+    assert wait_until(lambda: not exists(frozen)), "the thawed fork-server reaped"
+    log = server.log()
+    assert "hung (no answer within" in log, server.log_tail()
+    assert "fork-server started again" in log, server.log_tail()
+    server.proc.send_signal(signal.SIGTERM)
+    assert sp.wait_exit(server.proc) == 0, server.log_tail()
+
+
+def test_the_server_stops_though_its_fork_server_cannot_be_killed(launch):
+    """The fork-server frozen as above when the server is told to stop:
+    the server exits all the same, and the fork-server dies once thawed."""
+    server = launch(nworkers=1)
+    (frozen,) = wait_until(lambda: forkserver_pids(server), "a fork-server")
+    wait_for_pool(server)
+    with _v1_cgroup("freezer", frozen) as cgroup:
+        _freeze(cgroup)
+        server.proc.send_signal(signal.SIGTERM)
+        code = sp.wait_exit(server.proc)
+    assert code == 0, server.log_tail()
+    assert wait_until(lambda: is_gone(frozen)), "the thawed fork-server ended"
 
 
 def _python_wrapper(tmp_path, fails_when):
