@@ -148,6 +148,10 @@ struct Running {
     /// Tells [`watch_exit`] to kill it.
     kill: Option<oneshot::Sender<()>>,
     ctl: UnixStream,
+    /// A request is out and its answer not read: a worker start was
+    /// cancelled midway (at the server's stop), and the next answer read
+    /// would be that request's.
+    asked: bool,
     /// Its pid, for the log.
     pid: u32,
 }
@@ -350,6 +354,7 @@ impl Running {
             exited,
             kill: Some(kill),
             ctl,
+            asked: false,
             pid,
         };
         let hello = tokio::select! {
@@ -405,10 +410,16 @@ impl Running {
 
     /// Asks for one worker.
     async fn fork(&mut self) -> Result<ForkedWorker, Failure> {
+        if self.asked {
+            return Err(Failure::Dead(io::Error::other(
+                "an earlier request was left unanswered",
+            )));
+        }
         let pipes = Pipes::new().map_err(Failure::Once)?;
         // From the request until the worker is registered, no scan for
         // orphans takes its exit status.
         let adopting = Adopting::begin();
+        self.asked = true;
         let asked = async {
             send_fds(&self.ctl, &pipes.theirs()).await?;
             read_line(&mut self.ctl).await
@@ -428,6 +439,7 @@ impl Running {
                 ))))
             }
         };
+        self.asked = false;
         match line.split_once(' ').unwrap_or((line.as_str(), "")) {
             ("P", pid) => {
                 let pid: u32 = pid.trim().parse().map_err(|_| {
@@ -599,5 +611,44 @@ async fn log_stderr(pid: u32, mut stderr: tokio::process::ChildStderr) {
             "fork-server pid {pid} stderr: {}",
             String::from_utf8_lossy(&buf[..n]).trim_end()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Running` whose fork-server is the other end of a socket pair,
+    /// played by the test, and the sender that would say it exited.
+    fn fake() -> (Running, StdUnixStream, watch::Sender<Option<String>>) {
+        let (ours, theirs) = StdUnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (alive, exited) = watch::channel(None);
+        let running = Running {
+            exited,
+            kill: None,
+            ctl: UnixStream::from_std(ours).unwrap(),
+            asked: false,
+            pid: 0,
+        };
+        (running, theirs, alive)
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_an_abandoned_request_is_not_taken_for_the_next_one() {
+        // A fork holds an `Adopting`, which would stop the reaper's test
+        // from reaping what it counts.
+        let _alone = reaper::SCAN_TESTS.lock().await;
+        let (mut running, mut peer, _alive) = fake();
+        // A worker start cancelled while it waits for the answer.
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), running.fork()).await;
+        assert!(cancelled.is_err());
+        // The answer to it comes late (a pid no process can have).
+        std::io::Write::write_all(&mut peer, b"P 1073741823\n").unwrap();
+        match running.fork().await {
+            Err(Failure::Dead(e)) => assert!(e.to_string().contains("unanswered"), "{e}"),
+            Err(Failure::Once(e) | Failure::Hung(e)) => panic!("not taken for out of step: {e}"),
+            Ok(_) => panic!("the late answer was taken for this request's"),
+        }
     }
 }

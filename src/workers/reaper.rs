@@ -37,6 +37,11 @@ static OWN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 /// Forks by the fork-server under way ([`Adopting`]).
 static ADOPTING: AtomicUsize = AtomicUsize::new(0);
 
+/// Held by the tests that count what a scan reaps and by those that hold
+/// an [`Adopting`] (which makes scans reap nothing), one at a time.
+#[cfg(test)]
+pub(crate) static SCAN_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Least time between two scans for dead orphans: each reads all of
 /// `/proc`, and with `-r` a worker exits after every job.
 const REAP_SPACING: Duration = Duration::from_secs(1);
@@ -390,6 +395,7 @@ mod tests {
     // same time could have its children reaped.
     #[tokio::test]
     async fn orphans_are_reaped_and_tokios_children_are_left_to_tokio() {
+        let _alone = SCAN_TESTS.lock().await;
         let (mut ours, registered) = spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
         let mut foreign = std::process::Command::new("/bin/sh")
             .args(["-c", "exit 3"])
