@@ -10,7 +10,11 @@ variables may differ. Two forked workers never start with the same random
 state, numpy's global generator included. A fork-server that dies is
 started again and no job is lost; one that cannot run leaves the workers
 spawned, and the log says why; a ``--preload`` module that cannot be
-imported is a startup error.
+imported is a startup error. A fork that fails (the fork-server in a pids
+cgroup of its own, as root) leaves it no descriptor; one out of
+descriptors is started again. One that SIGKILL cannot end (frozen with the
+cgroup v1 freezer, as root) holds up no worker start past the fork
+timeout, nor the server's stop, and is reaped once it can die.
 
 The rest of the suite runs with the fork-server too, since it is the
 default; scripts/test.sh runs the suite once more with
@@ -19,7 +23,11 @@ over the raw protocol (ppwire), so the same jobs run on ppft and pp 1.7.0
 workers. No wall-clock thresholds: every wait is a generous upper bound.
 """
 
+import contextlib
+import errno
 import os
+import resource
+import signal
 import sys
 import threading
 
@@ -28,7 +36,9 @@ import pytest
 import pphelpers
 import serverprocs as sp
 from pphelpers import server_env
-from procs import forkserver_pids, is_gone, sigkill, wait_for_pool, wait_until
+import ppwire
+from procs import (exists, fd_count, fd_targets, forkserver_pids, is_gone, sigkill,
+                   wait_for_pool, wait_until)
 
 pytestmark = [
     pytest.mark.server_behaviour,
@@ -109,6 +119,68 @@ def _add(server):
     result, out = sp.raw_job(server, "add", sp.ADD_SOURCE, (40, 2))
     assert result == 42, (out, server.log_tail())
     return result
+
+
+def _add_within(server, seconds):
+    """One job over a raw connection that waits up to `seconds` for its
+    answer (the usual bound is 30 s)."""
+    sock = ppwire.open_session(server.host, server.port, server.secret, "EXEC")
+    try:
+        sock.settimeout(seconds)
+        ppwire.send_job(sock, ppwire.function_package("add", [sp.ADD_SOURCE]), (40, 2))
+        result, out = ppwire.recv_result(sock)
+    finally:
+        sock.close()
+    assert result == 42, (out, server.log_tail())
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def _v1_cgroup(controller, pid):
+    """`pid` moved into a new cgroup of the cgroup v1 `controller`
+    hierarchy, whose directory is yielded; on the way out a freezer is
+    thawed, `pid` moved back (if it still runs) and the cgroup removed.
+    Skips without root or without that hierarchy."""
+    root = os.path.join("/sys/fs/cgroup", controller)
+    if os.geteuid() != 0 or not os.path.exists(os.path.join(root, "cgroup.procs")):
+        pytest.skip("needs root and the cgroup v1 %s hierarchy at %s" % (controller, root))
+    path = os.path.join(root, "ppserver-test-%d-%d" % (os.getpid(), pid))
+    os.mkdir(path)
+    try:
+        _write(os.path.join(path, "cgroup.procs"), str(pid))
+        yield path
+    finally:
+        if controller == "freezer":
+            _write(os.path.join(path, "freezer.state"), "THAWED")
+        try:
+            _write(os.path.join(root, "cgroup.procs"), str(pid))
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                raise
+
+        def removed():
+            try:
+                os.rmdir(path)
+            except OSError as e:
+                # EBUSY while a process that left it is still on its way out.
+                return e.errno == errno.ENOENT
+            return True
+
+        assert wait_until(removed, timeout=30), "cannot remove %s" % path
+
+
+def _freeze(cgroup):
+    _write(os.path.join(cgroup, "freezer.state"), "FROZEN")
+
+    def frozen():
+        with open(os.path.join(cgroup, "freezer.state")) as f:
+            return f.read().strip() == "FROZEN"
+
+    wait_until(frozen, "the freezer cgroup frozen")
 
 
 @pytest.mark.family_specific
@@ -195,6 +267,82 @@ def test_a_fork_server_that_dies_is_started_again_and_no_job_is_lost(launch):
     assert second != first
     assert "fork-server started again" in server.log(), server.log_tail()
     assert "spawned instead" not in server.log()
+
+
+def test_failed_forks_cost_the_fork_server_no_descriptors(launch):
+    """The fork-server in a pids cgroup that lets it fork nothing
+    (pids.max = 1): with -r every job needs a new worker, which is spawned
+    as the fork fails, and the fork-server's descriptors are as many as
+    before (each failed fork used to leave its pid pipe open, until its
+    table was full)."""
+    server = launch("-r", nworkers=1)
+    (pid,) = wait_until(lambda: forkserver_pids(server), "a fork-server")
+    wait_for_pool(server)
+    before = fd_count(pid)
+    with _v1_cgroup("pids", pid) as cgroup:
+        _write(os.path.join(cgroup, "pids.max"), "1")
+        for _ in range(5):
+            _add(server)
+        wait_for_pool(server)
+        after = fd_count(pid)
+        assert forkserver_pids(server) == [pid], "the same fork-server"
+    assert "a worker is spawned instead of forked" in server.log(), server.log_tail()
+    assert after <= before, (before, after, fd_targets(pid))
+
+
+def test_a_fork_server_out_of_descriptors_is_started_again(launch):
+    """The fork-server's open-file limit lowered to 3 (prlimit), so that it
+    cannot take a request's descriptors: it says so, the server starts it
+    again, and the next workers are forked by the new one, none spawned."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to lower another process's limit")
+    server = launch("-r", nworkers=1)
+    (first,) = wait_until(lambda: forkserver_pids(server), "a fork-server")
+    wait_for_pool(server)
+    resource.prlimit(first, resource.RLIMIT_NOFILE, (3, 3))
+    for _ in range(3):
+        _add(server)
+    assert wait_until(lambda: "fork-server started again" in server.log()), server.log_tail()
+    assert "spawned instead" not in server.log(), server.log_tail()
+    assert wait_until(lambda: is_gone(first)), "the old fork-server is stopped"
+    assert wait_until(lambda: [p for p in forkserver_pids(server) if p != first]), \
+        "a new fork-server"
+
+
+def test_a_fork_server_that_cannot_be_killed_holds_up_no_worker_start(launch):
+    """The fork-server frozen (the cgroup v1 freezer: as a process stuck in
+    the kernel, SIGKILL does not end it): with -r each job needs a new
+    worker, and every job is answered, the first start spawning its worker
+    once the fork timed out (10 s), the next forked by a new fork-server.
+    Thawed, the old one dies and is reaped; the server stops cleanly."""
+    server = launch("-r", nworkers=1)
+    (frozen,) = wait_until(lambda: forkserver_pids(server), "a fork-server")
+    wait_for_pool(server)
+    with _v1_cgroup("freezer", frozen) as cgroup:
+        _freeze(cgroup)
+        for _ in range(3):
+            _add_within(server, 90)
+        assert [p for p in forkserver_pids(server) if p != frozen], server.log_tail()
+    assert wait_until(lambda: not exists(frozen)), "the thawed fork-server reaped"
+    log = server.log()
+    assert "hung (no answer within" in log, server.log_tail()
+    assert "fork-server started again" in log, server.log_tail()
+    server.proc.send_signal(signal.SIGTERM)
+    assert sp.wait_exit(server.proc) == 0, server.log_tail()
+
+
+def test_the_server_stops_though_its_fork_server_cannot_be_killed(launch):
+    """The fork-server frozen as above when the server is told to stop:
+    the server exits all the same, and the fork-server dies once thawed."""
+    server = launch(nworkers=1)
+    (frozen,) = wait_until(lambda: forkserver_pids(server), "a fork-server")
+    wait_for_pool(server)
+    with _v1_cgroup("freezer", frozen) as cgroup:
+        _freeze(cgroup)
+        server.proc.send_signal(signal.SIGTERM)
+        code = sp.wait_exit(server.proc)
+    assert code == 0, server.log_tail()
+    assert wait_until(lambda: is_gone(frozen)), "the thawed fork-server ended"
 
 
 def _python_wrapper(tmp_path, fails_when):

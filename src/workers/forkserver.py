@@ -30,15 +30,21 @@
 # worker takes the interpreter's name back.
 #
 # Other answers: "I <module>\t<error>" when a PRELOAD module cannot be
-# imported (a startup error), "E <reason>" when it cannot serve (the
-# server then spawns workers) or cannot fork this once.
+# imported (a startup error); "E <reason>" when it cannot serve at all
+# (at startup: the server then spawns workers) or cannot fork this once
+# (out of processes or memory: that worker is spawned); "B <reason>" when
+# it is broken and only a new fork-server helps: the request's
+# descriptors did not all arrive, or it is out of descriptors (EMFILE,
+# ENFILE). Whatever the answer, it keeps no descriptor of the request's:
+# what arrived, and the pipe its worker's pid comes through, are closed
+# on every path; an error that is not answered ends this process.
 THREAD_VARIABLES = ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS',
                     'NUMEXPR_NUM_THREADS', 'VECLIB_MAXIMUM_THREADS', 'BLIS_NUM_THREADS')
 
 
 def _forkserver(bootstrap, warm, close_all_above):
     # runpy too: the bootstrap runs the worker module with it.
-    import gc, os, runpy, signal, socket, sys, time
+    import errno, gc, os, runpy, signal, socket, sys, time
     thread_variables = THREAD_VARIABLES
     g = globals()
     g.pop('_forkserver', None)
@@ -146,27 +152,40 @@ def _forkserver(bootstrap, warm, close_all_above):
     fork_twice = fork_with_python if api is None else fork_with_libc
     say('R %d' % os.getpid())
 
+    def close(fds):
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     while True:
         try:
-            request, fds, _, _ = socket.recv_fds(ctl, 1, 3)
+            request, fds, flags, _ = socket.recv_fds(ctl, 1, 3)
         except ConnectionError:
             return None
         if not request:
             # The server closed its end: it is stopping.
+            close(fds)
             return None
-        if len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            say('E the request had %d descriptors, not 3' % len(fds))
+        if len(fds) != 3 or flags & socket.MSG_CTRUNC:
+            # Fewer when this process is out of descriptors (the kernel
+            # drops what it cannot install): only a new process helps.
+            close(fds)
+            cut = ' (cut short)' if flags & socket.MSG_CTRUNC else ''
+            say('B the request came with %d descriptors%s, not 3' % (len(fds), cut))
             continue
+        pid_pipe = ()
         try:
-            rpid, wpid = os.pipe()
+            pid_pipe = os.pipe()
             middle = fork_twice()
         except OSError as e:
-            for fd in fds:
-                os.close(fd)
-            say('E cannot fork: %s' % e)
+            close(fds)
+            close(pid_pipe)
+            full = e.errno in (errno.EMFILE, errno.ENFILE)
+            say('%s cannot fork: %s' % ('B' if full else 'E', e))
             continue
+        rpid, wpid = pid_pipe
         if middle == 0:
             # Named as a worker before it is handed to the server, so that
             # it never shows there as a second fork-server.
@@ -200,8 +219,7 @@ def _forkserver(bootstrap, warm, close_all_above):
                     except Exception:
                         pass
             return module
-        for fd in fds:
-            os.close(fd)
+        close(fds)
         os.close(wpid)
         got = b''
         while True:

@@ -8,12 +8,24 @@
 //! way ([`crate::workers::process::prepare`]), with a Unix socket to the
 //! server as its stdin. The server sends it the new worker's three pipes
 //! (`SCM_RIGHTS`); it forks twice so that the worker is handed to the
-//! server, and answers with the worker's pid. From there the worker is
-//! the server's like a spawned one: its pidfd, its pipes, its handshake.
+//! server, and answers with the worker's pid (`P <pid>`). From there the
+//! worker is the server's like a spawned one: its pidfd, its pipes, its
+//! handshake. It answers `E <why>` when it cannot fork this once (out of
+//! processes or memory): that worker is spawned. It answers `B <why>`
+//! when only a new fork-server helps (the descriptors did not all
+//! arrive, or it is out of them): it is taken for dead. It keeps none of
+//! a request's descriptors, whatever the answer: a leak would fill its
+//! table, and from then on every worker would be spawned.
 //!
 //! If the fork-server dies, the next worker start finds out and starts
 //! it again; meanwhile the workers it forked go on, and jobs wait in the
-//! queue as they do for any worker start. If it cannot run at all (an
+//! queue as they do for any worker start. If it hangs (no answer within
+//! [`FORK_TIMEOUT`]), it is killed, that worker is spawned, and the next
+//! start starts a new one; a fork-server that SIGKILL does not end (stuck
+//! in the kernel, or frozen) is waited for no longer than [`KILL_WAIT`],
+//! then left to the task that reaps it whenever it ends, at the server's
+//! stop too. No wait of a worker start on the fork-server is unbounded
+//! ([`ForkServer::fork`]). If it cannot run at all (an
 //! interpreter without `socket.recv_fds` or `ctypes`, a server that is
 //! not a child subreaper), workers are spawned, and the log says why,
 //! once. A `--preload` module that cannot be imported is a startup error
@@ -48,6 +60,9 @@ const RESTART_PAUSE: Duration = Duration::from_secs(30);
 /// How long a fork-server that closed its socket at startup may take to
 /// exit, for its exit status to be told.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
+/// How long a killed fork-server may take to end before it is left to
+/// its watcher.
+const KILL_WAIT: Duration = Duration::from_secs(2);
 /// Longest line read from the fork-server: an error message at most.
 const MAX_LINE: usize = 64 * 1024;
 /// How to start the fork-server: as a worker is spawned.
@@ -103,18 +118,28 @@ pub(crate) struct ForkedWorker {
 #[derive(Debug)]
 pub(crate) struct ForkServer {
     spec: ForkSpec,
-    /// The running fork-server, if any; held for one fork at a time, as
-    /// it forks one worker at a time.
-    running: Mutex<Option<Running>>,
-    /// When it last failed to start again: until [`RESTART_PAUSE`] later,
-    /// workers are spawned without another try, which would cost each of
-    /// them an interpreter's start-up more.
-    failed_restart: std::sync::Mutex<Option<Instant>>,
+    /// Held for one fork at a time, as it forks one worker at a time.
+    state: Mutex<State>,
     /// Set once the log said that workers are spawned instead.
     fell_back: AtomicBool,
 }
 
-/// One run of the fork-server.
+/// The fork-server as the worker starts find it.
+#[derive(Debug, Default)]
+struct State {
+    /// The running fork-server, if any.
+    running: Option<Running>,
+    /// When it last failed to start again, or hung again before a new one
+    /// forked anything: until [`RESTART_PAUSE`] later, workers are
+    /// spawned without another try, which would cost each of them an
+    /// interpreter's start-up or a [`FORK_TIMEOUT`] more.
+    paused: Option<Instant>,
+    /// The last fork-server hung, and none has forked since.
+    hung: bool,
+}
+
+/// One run of the fork-server. Dropped without [`Running::stop`], it is
+/// killed all the same.
 #[derive(Debug)]
 struct Running {
     /// Says how it ended, as soon as it has ([`watch_exit`]): it is reaped at
@@ -123,6 +148,10 @@ struct Running {
     /// Tells [`watch_exit`] to kill it.
     kill: Option<oneshot::Sender<()>>,
     ctl: UnixStream,
+    /// A request is out and its answer not read: a worker start was
+    /// cancelled midway (at the server's stop), and the next answer read
+    /// would be that request's.
+    asked: bool,
     /// Its pid, for the log.
     pid: u32,
 }
@@ -144,65 +173,99 @@ impl ForkServer {
         );
         Ok(ForkServer {
             spec,
-            running: Mutex::new(Some(running)),
-            failed_restart: std::sync::Mutex::new(None),
+            state: Mutex::new(State {
+                running: Some(running),
+                ..State::default()
+            }),
             fell_back: AtomicBool::new(false),
         })
     }
 
     /// A new worker process. Starts the fork-server again if it is gone,
     /// once; an error means this worker must be spawned.
+    ///
+    /// Every wait here is bounded, so that a worker start never waits
+    /// much longer than the fork timeout and a spawn: for the fork-server
+    /// while another start holds it, [`FORK_TIMEOUT`]; for its answer,
+    /// [`FORK_TIMEOUT`]; for a killed one to end, [`KILL_WAIT`] (one stuck
+    /// in the kernel is left to its watcher); for a new one to start,
+    /// [`STARTUP_TIMEOUT`] (what a spawned worker's start-up may take
+    /// too). A hung fork-server is not started again by the start that
+    /// found it hung, which spawns its worker, but by the next.
     pub(crate) async fn fork(&self) -> io::Result<ForkedWorker> {
-        let mut running = self.running.lock().await;
-        for attempt in 0..2 {
-            if running.is_none() {
-                let failed = *self
-                    .failed_restart
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if let Some(at) = failed.filter(|at| at.elapsed() < RESTART_PAUSE) {
-                    return Err(io::Error::other(format!(
-                        "the fork-server could not be started again {:.0?} ago; the next try \
-                         is {RESTART_PAUSE:?} after that",
-                        at.elapsed()
-                    )));
-                }
-                match Running::start(&self.spec).await {
-                    Ok(r) => {
-                        log::warn!("fork-server started again (pid {})", r.pid);
-                        *running = Some(r);
-                    }
-                    Err(e) => {
-                        *self
-                            .failed_restart
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        // Held longer than a fork takes only while another start waits for
+        // a hung fork-server, or starts a new one.
+        let Ok(mut state) = tokio::time::timeout(FORK_TIMEOUT, self.state.lock()).await else {
+            return Err(io::Error::other(format!(
+                "the fork-server was busy with another worker's start for {FORK_TIMEOUT:?}"
+            )));
+        };
+        let mut restarted = false;
+        loop {
+            let running = match state.running.as_mut() {
+                Some(running) => running,
+                None => {
+                    if let Some(at) = state.paused.filter(|at| at.elapsed() < RESTART_PAUSE) {
                         return Err(io::Error::other(format!(
-                            "the fork-server cannot start: {e}"
+                            "the fork-server failed {:.0?} ago; the next try is {RESTART_PAUSE:?} \
+                             after that",
+                            at.elapsed()
                         )));
                     }
+                    match Running::start(&self.spec).await {
+                        Ok(r) => {
+                            log::warn!("fork-server started again (pid {})", r.pid);
+                            restarted = true;
+                            state.running.insert(r)
+                        }
+                        Err(e) => {
+                            state.paused = Some(Instant::now());
+                            return Err(io::Error::other(format!(
+                                "the fork-server cannot start: {e}"
+                            )));
+                        }
+                    }
                 }
-            }
-            let Some(r) = running.as_mut() else {
-                continue;
             };
-            match r.fork().await {
-                Ok(w) => return Ok(w),
-                Err(Failure::Once(e)) => return Err(e),
-                Err(Failure::Dead(e)) => {
-                    if attempt == 0 {
-                        log::warn!(
-                            "the fork-server (pid {}) is gone or hung ({e}); starting it again",
-                            r.pid
-                        );
-                    }
-                    if let Some(mut r) = running.take() {
-                        r.stop().await;
-                    }
+            let pid = running.pid;
+            let (timed_out, e) = match running.fork().await {
+                Ok(w) => {
+                    state.hung = false;
+                    return Ok(w);
                 }
+                Err(Failure::Once(e)) => return Err(e),
+                Err(Failure::Hung(e)) => (true, e),
+                Err(Failure::Dead(e)) => (false, e),
+            };
+            let give_up = if timed_out {
+                if std::mem::replace(&mut state.hung, true) {
+                    state.paused = Some(Instant::now());
+                    log::warn!(
+                        "the fork-server (pid {pid}) hung ({e}), as the one before it did: \
+                         workers are spawned for {RESTART_PAUSE:?}"
+                    );
+                } else {
+                    log::warn!(
+                        "the fork-server (pid {pid}) hung ({e}); this worker is spawned, and \
+                         the next start starts it again"
+                    );
+                }
+                Some(e)
+            } else if restarted {
+                Some(io::Error::other(format!(
+                    "the fork-server failed right after it started again: {e}"
+                )))
+            } else {
+                log::warn!("the fork-server (pid {pid}) is gone ({e}); starting it again");
+                None
+            };
+            if let Some(r) = state.running.take() {
+                r.stop().await;
+            }
+            if let Some(e) = give_up {
+                return Err(e);
             }
         }
-        Err(io::Error::other("the fork-server failed twice in a row"))
     }
 
     /// Logs, the first time only, that a worker is spawned because `why`.
@@ -212,18 +275,29 @@ impl ForkServer {
         }
     }
 
-    /// Stops the fork-server, at the server's stop.
+    /// Stops the fork-server, at the server's stop. Bounded: the worker
+    /// starts that hold it are cancelled by the stop, and one that cannot
+    /// be killed is left behind (the sweep of the server's descendants
+    /// tries once more).
     pub(crate) async fn stop(&self) {
-        if let Some(mut r) = self.running.lock().await.take() {
-            r.stop().await;
+        match tokio::time::timeout(FORK_TIMEOUT, self.state.lock()).await {
+            Ok(mut state) => {
+                if let Some(r) = state.running.take() {
+                    r.stop().await;
+                }
+            }
+            Err(_) => log::warn!("the fork-server was not free to be stopped"),
         }
     }
 }
 
 /// How a fork failed.
 enum Failure {
-    /// The fork-server is dead, hung or out of step: start it again.
+    /// The fork-server is dead or out of step: start it again.
     Dead(io::Error),
+    /// It did not answer within [`FORK_TIMEOUT`]: start it again, but not
+    /// for this worker, which has waited long enough.
+    Hung(io::Error),
     /// This fork failed, the fork-server is fine (e.g. out of processes).
     Once(io::Error),
 }
@@ -280,6 +354,7 @@ impl Running {
             exited,
             kill: Some(kill),
             ctl,
+            asked: false,
             pid,
         };
         let hello = tokio::select! {
@@ -335,10 +410,16 @@ impl Running {
 
     /// Asks for one worker.
     async fn fork(&mut self) -> Result<ForkedWorker, Failure> {
+        if self.asked {
+            return Err(Failure::Dead(io::Error::other(
+                "an earlier request was left unanswered",
+            )));
+        }
         let pipes = Pipes::new().map_err(Failure::Once)?;
         // From the request until the worker is registered, no scan for
         // orphans takes its exit status.
         let adopting = Adopting::begin();
+        self.asked = true;
         let asked = async {
             send_fds(&self.ctl, &pipes.theirs()).await?;
             read_line(&mut self.ctl).await
@@ -353,11 +434,12 @@ impl Running {
             Ok(Ok(line)) => line,
             Ok(Err(e)) => return Err(Failure::Dead(e)),
             Err(_) => {
-                return Err(Failure::Dead(io::Error::other(format!(
+                return Err(Failure::Hung(io::Error::other(format!(
                     "no answer within {FORK_TIMEOUT:?}"
                 ))))
             }
         };
+        self.asked = false;
         match line.split_once(' ').unwrap_or((line.as_str(), "")) {
             ("P", pid) => {
                 let pid: u32 = pid.trim().parse().map_err(|_| {
@@ -378,6 +460,9 @@ impl Running {
             ("E", why) => Err(Failure::Once(io::Error::other(format!(
                 "the fork-server could not fork: {why}"
             )))),
+            ("B", why) => Err(Failure::Dead(io::Error::other(format!(
+                "it cannot serve any more: {why}"
+            )))),
             _ => Err(Failure::Dead(io::Error::other(format!(
                 "it answered {line:?}"
             )))),
@@ -385,12 +470,24 @@ impl Running {
     }
 
     /// Kills it (its forks live on: they are the server's now) and waits
-    /// until it is reaped.
-    async fn stop(&mut self) {
+    /// until it is reaped, for [`KILL_WAIT`] at most: one stuck in the
+    /// kernel (a hung NFS mount) or frozen does not die of SIGKILL until
+    /// it comes back, and worker starts wait for this. Its watcher reaps it
+    /// whenever it ends.
+    async fn stop(mut self) {
         if let Some(kill) = self.kill.take() {
             let _ = kill.send(());
         }
-        ended(&mut self.exited).await;
+        if tokio::time::timeout(KILL_WAIT, ended(&mut self.exited))
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "the fork-server (pid {}) did not end within {KILL_WAIT:?} of SIGKILL (stuck \
+                 in the kernel?); it is reaped whenever it ends",
+                self.pid
+            );
+        }
     }
 }
 
@@ -514,5 +611,49 @@ async fn log_stderr(pid: u32, mut stderr: tokio::process::ChildStderr) {
             "fork-server pid {pid} stderr: {}",
             String::from_utf8_lossy(&buf[..n]).trim_end()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Running` whose fork-server is the other end of a socket pair,
+    /// played by the test, and the sender that would say it exited.
+    fn fake() -> (Running, StdUnixStream, watch::Sender<Option<String>>) {
+        let (ours, theirs) = StdUnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (alive, exited) = watch::channel(None);
+        let running = Running {
+            exited,
+            kill: None,
+            ctl: UnixStream::from_std(ours).unwrap(),
+            asked: false,
+            pid: 0,
+        };
+        (running, theirs, alive)
+    }
+
+    // The guard is a std lock held across awaits on purpose: the test's
+    // runtime has one thread, and the lock only keeps other tests out.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test]
+    async fn an_answer_to_an_abandoned_request_is_not_taken_for_the_next_one() {
+        // A fork holds an `Adopting`, which would stop the reaper's tests
+        // from reaping what they count.
+        let _alone = reaper::SCANNING_TESTS
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let (mut running, mut peer, _alive) = fake();
+        // A worker start cancelled while it waits for the answer.
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), running.fork()).await;
+        assert!(cancelled.is_err());
+        // The answer to it comes late (a pid no process can have).
+        std::io::Write::write_all(&mut peer, b"P 1073741823\n").unwrap();
+        match running.fork().await {
+            Err(Failure::Dead(e)) => assert!(e.to_string().contains("unanswered"), "{e}"),
+            Err(Failure::Once(e) | Failure::Hung(e)) => panic!("not taken for out of step: {e}"),
+            Ok(_) => panic!("the late answer was taken for this request's"),
+        }
     }
 }

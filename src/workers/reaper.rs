@@ -61,8 +61,9 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 
 /// Taken for writing by the tests that scan (they reap every unregistered
 /// dead child of the process) and for reading by the tests that start
-/// children they do not register: cargo runs tests as threads of one
-/// process.
+/// children they do not register or hold an [`Adopting`] (which makes
+/// scans leave every child started after it): cargo runs tests as threads
+/// of one process.
 #[cfg(test)]
 pub(crate) static SCANNING_TESTS: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
