@@ -173,7 +173,7 @@ def v1_memory_dir():
 def expected_method(method):
     """What the startup line must say of the method; None: any."""
     if method == "polling":
-        return "by polling each worker's PSS every 100 ms (no cgroup: %s=0)" % ENV
+        return "by polling the PSS of each worker's process group every 100 ms (no cgroup: %s=0)" % ENV
     if os.geteuid() == 0 and v1_memory_dir() is not None:
         return "by cgroup v1 memory controller (%s/ppserver-" % v1_memory_dir()
     return None

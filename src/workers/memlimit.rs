@@ -16,17 +16,19 @@
 //! 2. a cgroup v1 memory controller cgroup per slot, the same on hosts
 //!    that still mount v1 (the kernel kills one process in it, we stop the
 //!    rest);
-//! 3. else polling each busy worker's PSS every [`POLL`]: only the worker
-//!    process itself is counted, and a peak shorter than the period can
-//!    pass, but it needs nothing from the host.
+//! 3. else polling every [`POLL`] the PSS of each busy worker's process
+//!    group (the worker and what its jobs started without leaving the
+//!    group, found by [`reaper::group_members`]): a peak shorter than the
+//!    period can pass, and so can a process that left the group (`setsid`),
+//!    but it needs nothing from the host.
 //!
 //! `PPSERVER_WORKER_MEMORY_CGROUP=0` skips the cgroups: a way out where
 //! the cgroup setup misbehaves, and how tests reach the polling on hosts
 //! where cgroups work.
 //!
 //! A worker's [`Watch`] completes [`Watch::exceeded`] while a job runs once
-//! the limit was hit (its cgroup's `oom_kill` count rose, or its PSS is
-//! over), and says after a worker died whether the cgroup's OOM killer did
+//! the limit was hit (its cgroup's `oom_kill` count rose, or its group's
+//! PSS is over), and says after a worker died whether the cgroup's OOM killer did
 //! it ([`Watch::killed_by_limit`]), so that death is answered as the limit
 //! and not as a crash.
 
@@ -37,6 +39,7 @@ use std::time::Duration;
 use crate::config::WorkerMemoryLimit;
 use crate::jobs::scheduler::Job;
 use crate::ops::metrics::metrics;
+use crate::workers::reaper;
 
 /// How often a running job's worker is checked: often enough that a
 /// runaway allocation is caught within a fraction of a second, rarely
@@ -125,7 +128,7 @@ impl MemoryLimit {
                 parent.join("worker-N").display()
             ),
             Method::Polling { why } => format!(
-                "polling each worker's PSS every {} ms (no cgroup: {why})",
+                "polling the PSS of each worker's process group every {} ms (no cgroup: {why})",
                 POLL.as_millis()
             ),
         };
@@ -480,10 +483,11 @@ fn join(dir: &Path, events: &str, pid: u32) -> Result<OomCount, String> {
 
 impl Watch {
     /// Completes once the worker's job (the one running when it is first
-    /// polled) went over the limit: its cgroup's OOM killer struck (maybe at a child of the job rather than the
-    /// worker, which must then be stopped all the same), or, polling, its
-    /// PSS is over. Checked every [`POLL`]; never without a limit. Safe to
-    /// cancel in a `select!`.
+    /// polled) went over the limit: its cgroup's OOM killer struck (maybe
+    /// at a child of the job rather than the worker, which must then be
+    /// stopped all the same), or, polling, its process group's PSS is over.
+    /// Checked every [`POLL`]; never without a limit. Safe to cancel in a
+    /// `select!`.
     pub(crate) async fn exceeded(&mut self) {
         let Some(w) = &mut self.limit else {
             return std::future::pending().await;
@@ -498,10 +502,10 @@ impl Watch {
             let over = match &w.oom {
                 Some(oom) => oom.rose(),
                 None => {
-                    // smaps_rollup walks the worker's page tables: on a
-                    // blocking thread, not the runtime's.
+                    // smaps_rollup walks the page tables: on a blocking
+                    // thread, not the runtime's.
                     let pid = w.pid;
-                    let used = tokio::task::spawn_blocking(move || memory_of(pid)).await;
+                    let used = tokio::task::spawn_blocking(move || group_memory(pid)).await;
                     // Unreadable: the worker is gone, which its pipes say.
                     matches!(used, Ok(Some(bytes)) if bytes > w.bytes)
                 }
@@ -539,6 +543,19 @@ impl Watch {
 /// The output a pp client shows for a job stopped by the limit.
 fn exceeded_text(limit: &str, host: &str) -> String {
     format!("job exceeded --worker-memory-limit of {limit} on {host}\n")
+}
+
+/// The memory of worker `pid`'s process group: the worker's own, and that
+/// of every process its jobs started that is still in its group, wherever
+/// it was reparented; `None` once the worker is gone.
+fn group_memory(pid: u32) -> Option<u64> {
+    let own = memory_of(pid)?;
+    Some(
+        reaper::group_members(pid)
+            .into_iter()
+            .filter_map(memory_of)
+            .fold(own, u64::saturating_add),
+    )
 }
 
 /// A process's memory in bytes: its PSS (shared pages counted in part, so
@@ -770,7 +787,7 @@ mod tests {
         );
         assert_eq!(
             limit.describe(),
-            "worker memory limit 200M by polling each worker's PSS every 100 ms (no cgroup: test)"
+            "worker memory limit 200M by polling the PSS of each worker's process group every 100 ms (no cgroup: test)"
         );
     }
 
