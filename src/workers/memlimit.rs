@@ -32,7 +32,7 @@
 //! it ([`Watch::killed_by_limit`]), so that death is answered as the limit
 //! and not as a crash.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -96,23 +96,52 @@ struct V2Groups {
     /// Whether the server turned the memory controller on for `own`'s
     /// children (and so turns it off again).
     enabled_memory: bool,
+    /// The processes moved from `own` into `server`: the server, then its
+    /// children of the time (the fork-server). All go back before `server`
+    /// is removed, since removing a cgroup kills what is still in it.
+    moved: Vec<u32>,
+}
+
+impl V2Groups {
+    /// Undoes the setup, or what of it was done: the slots' cgroups go,
+    /// the memory controller is turned off again if the server turned it
+    /// on, every process moved goes back to `own` (a process gone since
+    /// is skipped), and the leaf goes.
+    fn remove(&self) {
+        for dir in &self.slots {
+            remove_group(dir);
+        }
+        if self.enabled_memory {
+            let _ = std::fs::write(self.own.join("cgroup.subtree_control"), "-memory");
+        }
+        for &pid in self.moved.iter().rev() {
+            let _ = move_into(&self.own, pid);
+        }
+        remove_group(&self.server);
+    }
 }
 
 impl MemoryLimit {
     /// Sets the limit up for `slots` worker slots by the first method that
-    /// works here; what failed is kept for [`MemoryLimit::describe`].
+    /// works here; what failed is kept for [`MemoryLimit::describe`]. Waits
+    /// on the kernel: called on a blocking thread.
     pub(crate) fn new(limit: &WorkerMemoryLimit, slots: usize) -> MemoryLimit {
-        let method = if std::env::var_os(CGROUP_ENV).is_some_and(|v| v == "0") {
-            Method::Polling {
-                why: format!("{CGROUP_ENV}=0"),
-            }
-        } else {
-            cgroups(limit.bytes, slots)
-        };
+        if std::env::var_os(CGROUP_ENV).is_some_and(|v| v == "0") {
+            return MemoryLimit::polling(limit, format!("{CGROUP_ENV}=0"));
+        }
         MemoryLimit {
             bytes: limit.bytes,
             text: limit.text.clone(),
-            method,
+            method: cgroups(limit.bytes, slots),
+        }
+    }
+
+    /// The limit held by polling, `why` no cgroup.
+    pub(crate) fn polling(limit: &WorkerMemoryLimit, why: String) -> MemoryLimit {
+        MemoryLimit {
+            bytes: limit.bytes,
+            text: limit.text.clone(),
+            method: Method::Polling { why },
         }
     }
 
@@ -151,23 +180,8 @@ impl MemoryLimit {
     /// logged; nothing else depends on them.
     pub(crate) fn cleanup(&self) {
         match &self.method {
-            Method::V2(g) => {
-                for dir in &g.slots {
-                    remove_group(dir);
-                }
-                if g.enabled_memory {
-                    let _ = std::fs::write(g.own.join("cgroup.subtree_control"), "-memory");
-                }
-                // Back where it started, so its leaf can go too.
-                let _ = std::fs::write(g.own.join("cgroup.procs"), std::process::id().to_string());
-                remove_group(&g.server);
-            }
-            Method::V1 { parent, slots } => {
-                for dir in slots {
-                    remove_group(dir);
-                }
-                remove_group(parent);
-            }
+            Method::V2(g) => g.remove(),
+            Method::V1 { parent, slots } => remove_v1(parent, slots),
             Method::Polling { .. } => {}
         }
     }
@@ -211,9 +225,6 @@ fn cgroups(bytes: u64, slots: usize) -> Method {
     }
 }
 
-/// The v2 setup: the server into a leaf of its cgroup, the memory
-/// controller on for the cgroup's children, one cgroup per slot. Anything
-/// that fails undoes what was done and says why.
 /// The server's children among the processes of cgroup `dir`.
 fn children_in(dir: &std::path::Path) -> Vec<u32> {
     let me = std::process::id();
@@ -235,10 +246,20 @@ fn parent_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The v2 setup: the server into a leaf of its cgroup, the memory
+/// controller on for the cgroup's children, one cgroup per slot. Anything
+/// that fails undoes what was done, every process it moved put back, and
+/// says why.
 fn v2_setup(own: &str, mounts: &str, bytes: u64, slots: usize) -> Result<V2Groups, String> {
     let path = own_cgroup_v2(own).ok_or("the server is in no cgroup v2")?;
     let dir = find_mount(mounts, "cgroup2", None, path)
         .ok_or_else(|| format!("no cgroup2 mount holds {path}"))?;
+    v2_setup_in(&dir, bytes, slots)
+}
+
+/// [`v2_setup`] in the server's cgroup `dir`.
+fn v2_setup_in(dir: &Path, bytes: u64, slots: usize) -> Result<V2Groups, String> {
+    let dir = dir.to_path_buf();
     let controllers = read(&dir.join("cgroup.controllers"))?;
     if !controllers.split_whitespace().any(|c| c == "memory") {
         return Err(format!("no memory controller in {}", dir.display()));
@@ -249,17 +270,19 @@ fn v2_setup(own: &str, mounts: &str, bytes: u64, slots: usize) -> Result<V2Group
         server: dir.join(format!("{}-server", prefix())),
         slots: Vec::new(),
         enabled_memory: !subtree.split_whitespace().any(|c| c == "memory"),
+        moved: Vec::new(),
     };
     let done = (|| {
         make_dir(&groups.server)?;
-        write(
-            &groups.server.join("cgroup.procs"),
-            &std::process::id().to_string(),
-        )?;
+        let me = std::process::id();
+        move_into(&groups.server, me)?;
+        groups.moved.push(me);
         // The children started before this (the fork-server) go with the
         // server: none may be left where the controller is turned on.
         for child in children_in(&dir) {
-            let _ = std::fs::write(groups.server.join("cgroup.procs"), child.to_string());
+            if move_into(&groups.server, child).is_ok() {
+                groups.moved.push(child);
+            }
         }
         write(&dir.join("cgroup.subtree_control"), "+memory").map_err(|e| {
             format!("{e} (other processes share the server's cgroup, or it is not delegated)")
@@ -281,12 +304,7 @@ fn v2_setup(own: &str, mounts: &str, bytes: u64, slots: usize) -> Result<V2Group
     match done {
         Ok(()) => Ok(groups),
         Err(why) => {
-            MemoryLimit {
-                bytes,
-                text: String::new(),
-                method: Method::V2(groups),
-            }
-            .cleanup();
+            groups.remove();
             Err(why)
         }
     }
@@ -321,18 +339,29 @@ fn v1_setup(
     match done {
         Ok(()) => Ok((parent, made)),
         Err(why) => {
-            MemoryLimit {
-                bytes,
-                text: String::new(),
-                method: Method::V1 {
-                    parent,
-                    slots: made,
-                },
-            }
-            .cleanup();
+            remove_v1(&parent, &made);
             Err(why)
         }
     }
+}
+
+/// Removes the v1 cgroups: the slots', then their parent.
+fn remove_v1(parent: &Path, slots: &[PathBuf]) {
+    for dir in slots {
+        remove_group(dir);
+    }
+    remove_group(parent);
+}
+
+/// Moves process `pid` into cgroup `dir`. Appended, as `echo PID >>`
+/// would: a cgroup file takes each write as it comes either way.
+fn move_into(dir: &Path, pid: u32) -> Result<(), String> {
+    let path = dir.join("cgroup.procs");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{pid}\n").as_bytes()))
+        .map_err(|e| format!("cannot move pid {pid} into {}: {e}", dir.display()))
 }
 
 fn read(path: &Path) -> Result<String, String> {
@@ -473,7 +502,7 @@ pub(crate) async fn watch(limit: Option<&MemoryLimit>, slot: usize, pid: u32) ->
 
 /// Puts `pid` in the cgroup `dir` and reads its OOM kill count.
 fn join(dir: &Path, events: &str, pid: u32) -> Result<OomCount, String> {
-    write(&dir.join("cgroup.procs"), &pid.to_string())?;
+    move_into(dir, pid)?;
     let file = dir.join(events);
     // A kernel too old to count OOM kills: the kill is still noticed as a
     // death, only not told apart from a crash.
@@ -695,6 +724,52 @@ mod tests {
         let me = std::process::id();
         assert_eq!(parent_of(me), Some(nix::unistd::getppid().as_raw() as u32));
         assert_eq!(parent_of(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_failed_v2_setup_moves_every_process_it_moved_back() {
+        // A plain directory laid out as a cgroup v2 with the memory
+        // controller, where turning it on for the children fails (here:
+        // cgroup.subtree_control cannot be written, even by root), as when
+        // other processes share the server's cgroup. A process in it that
+        // is a child of this one stands for the fork-server.
+        let root = std::env::temp_dir().join(format!("{}-v2-test", prefix()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("cgroup.controllers"), "cpu io memory pids\n").unwrap();
+        std::os::unix::fs::symlink("/proc/version", root.join("cgroup.subtree_control")).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let _registered = crate::workers::reaper::register(child.id());
+        std::fs::write(root.join("cgroup.procs"), format!("{}\n", child.id())).unwrap();
+        // The server's leaf as the kernel makes it, with its cgroup.procs.
+        let leaf = root.join(format!("{}-server", prefix()));
+        std::fs::create_dir(&leaf).unwrap();
+        std::fs::write(leaf.join("cgroup.procs"), "").unwrap();
+
+        let failed = v2_setup_in(&root, 100 << 20, 2);
+        let pids = |dir: &Path| -> Vec<u32> {
+            std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.parse().ok())
+                .collect()
+        };
+        let (moved_in, back) = (pids(&leaf), pids(&root));
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(failed.is_err());
+        assert!(
+            moved_in.contains(&child.id()),
+            "the setup moved it: {moved_in:?}"
+        );
+        // Its line as written above, and the one that moves it back.
+        let child_lines = back.iter().filter(|&&p| p == child.id()).count();
+        assert_eq!(child_lines, 2, "the child was not moved back: {back:?}");
+        assert!(back.contains(&std::process::id()), "{back:?}");
     }
 
     #[test]
