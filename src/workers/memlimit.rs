@@ -26,6 +26,12 @@
 //! the cgroup setup misbehaves, and how tests reach the polling on hosts
 //! where cgroups work.
 //!
+//! The cgroups go at the server's stop ([`MemoryLimit::cleanup`]), or when
+//! the [`MemoryLimit`] is dropped without it, as a panic that unwinds out
+//! of the runtime does. Those of a server killed by SIGKILL are removed by
+//! the next server's setup in the same cgroup, once their pid is no
+//! running ppserver.
+//!
 //! A worker's [`Watch`] completes [`Watch::exceeded`] while a job runs once
 //! the limit was hit (its cgroup's `oom_kill` count rose, or its group's
 //! PSS is over), and says after a worker died whether the cgroup's OOM killer did
@@ -34,6 +40,7 @@
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config::WorkerMemoryLimit;
@@ -64,6 +71,15 @@ pub(crate) struct MemoryLimit {
     /// As the user wrote it (`200M`), repeated in the answer.
     text: String,
     method: Method,
+    /// Set once the cgroups were removed: at the server's stop, else when
+    /// this is dropped, as it is when a panic unwinds out of the runtime.
+    cleaned: AtomicBool,
+}
+
+impl Drop for MemoryLimit {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
 }
 
 #[derive(Debug)]
@@ -133,6 +149,7 @@ impl MemoryLimit {
             bytes: limit.bytes,
             text: limit.text.clone(),
             method: cgroups(limit.bytes, slots),
+            cleaned: AtomicBool::new(false),
         }
     }
 
@@ -142,6 +159,7 @@ impl MemoryLimit {
             bytes: limit.bytes,
             text: limit.text.clone(),
             method: Method::Polling { why },
+            cleaned: AtomicBool::new(false),
         }
     }
 
@@ -177,8 +195,12 @@ impl MemoryLimit {
     /// Removes the cgroups [`MemoryLimit::new`] made, once the workers are
     /// stopped: what is still in them (a job's detached child) is killed
     /// first, since a cgroup with processes cannot be removed. Failures are
-    /// logged; nothing else depends on them.
+    /// logged; nothing else depends on them. Only the first call does
+    /// anything. Waits for killed processes to go: on a blocking thread.
     pub(crate) fn cleanup(&self) {
+        if self.cleaned.swap(true, Ordering::SeqCst) {
+            return;
+        }
         match &self.method {
             Method::V2(g) => g.remove(),
             Method::V1 { parent, slots } => remove_v1(parent, slots),
@@ -265,6 +287,7 @@ fn v2_setup_in(dir: &Path, bytes: u64, slots: usize) -> Result<V2Groups, String>
         return Err(format!("no memory controller in {}", dir.display()));
     }
     let subtree = read(&dir.join("cgroup.subtree_control"))?;
+    remove_stale(&dir);
     let mut groups = V2Groups {
         own: dir.clone(),
         server: dir.join(format!("{}-server", prefix())),
@@ -321,6 +344,7 @@ fn v1_setup(
     let path = own_cgroup_v1(own, "memory").ok_or("no memory controller mounted")?;
     let dir = find_mount(mounts, "cgroup", Some("memory"), path)
         .ok_or_else(|| format!("no cgroup mount of the memory controller holds {path}"))?;
+    remove_stale(&dir);
     let parent = dir.join(prefix());
     let mut made = Vec::new();
     let done = (|| {
@@ -379,6 +403,88 @@ fn make_dir(path: &Path) -> Result<(), String> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         r => r.map_err(|e| format!("cannot create {}: {e}", path.display())),
     }
+}
+
+/// Removes the cgroups in `dir` that a server no longer running left
+/// behind (killed by SIGKILL, or gone some other way without its cleanup):
+/// `ppserver-PID` (v1), `ppserver-PID-server` and `ppserver-PID-worker-N`
+/// (v2), whose PID is no process or a process that is not a ppserver.
+/// What is still in them is killed, as at a server's own cleanup. A live
+/// server's cgroups, this one's included, are never touched.
+fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(left_by) else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) || ppserver_runs(pid) {
+            continue;
+        }
+        let group = entry.path();
+        remove_tree(&group);
+        if !group.exists() {
+            log::info!(
+                "removed the cgroup {} that ppserver pid {pid}, no longer running, left behind",
+                group.display()
+            );
+        }
+    }
+}
+
+/// The server pid in the name of a cgroup a server makes, else `None`.
+fn left_by(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("ppserver-")?;
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (pid, tail) = rest.split_at(digits);
+    let slot = tail.strip_prefix("-worker-");
+    let ours = tail.is_empty()
+        || tail == "-server"
+        || slot.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    ours.then(|| pid.parse().ok()).flatten()
+}
+
+/// Whether `pid` is a running ppserver, this one included: a process whose
+/// name starts with `ppserver` (`ppserver`, `ppserver-rs`; the name of a
+/// renamed binary is not, so one running this same executable counts
+/// too). A process that cannot be looked at counts as one: only the
+/// cgroups of a pid that is surely no ppserver are removed.
+fn ppserver_runs(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => comm.starts_with("ppserver") || same_executable(pid),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => false,
+        Err(_) => true,
+    }
+}
+
+/// Whether process `pid` runs the executable this server runs.
+fn same_executable(pid: u32) -> bool {
+    match (
+        std::fs::read_link(format!("/proc/{pid}/exe")),
+        std::fs::read_link("/proc/self/exe"),
+    ) {
+        (Ok(theirs), Ok(mine)) => theirs == mine,
+        _ => false,
+    }
+}
+
+/// Removes cgroup `dir` and the cgroups under it, the deepest first.
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    remove_group(dir);
 }
 
 /// Removes a cgroup, killing what is still in it; a process just killed
@@ -773,6 +879,67 @@ mod tests {
     }
 
     #[test]
+    fn the_cgroups_a_server_makes_are_told_by_name() {
+        assert_eq!(left_by("ppserver-123"), Some(123));
+        assert_eq!(left_by("ppserver-123-server"), Some(123));
+        assert_eq!(left_by("ppserver-123-worker-0"), Some(123));
+        assert_eq!(left_by("ppserver-123-worker-17"), Some(123));
+        for other in [
+            "ppserver-",
+            "ppserver-x",
+            "ppserver-123-worker-",
+            "ppserver-123-worker-1x",
+            "ppserver-123-other",
+            "ppserver-123x",
+            "ppserver-99999999999999999999",
+            "worker-0",
+            "memory.max",
+            "xppserver-123",
+        ] {
+            assert_eq!(left_by(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_a_pid_that_is_no_running_ppserver_lets_its_cgroups_go() {
+        assert!(ppserver_runs(std::process::id()), "this server's own");
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let _registered = crate::workers::reaper::register(other.id());
+        assert!(!ppserver_runs(other.id()), "a process of another program");
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(!ppserver_runs(other.id()), "no such process");
+        assert!(!ppserver_runs(u32::MAX));
+    }
+
+    #[test]
+    fn the_cgroups_go_when_the_limit_is_dropped_by_a_panic() {
+        // Plain directories stand for the v1 cgroups: a panic that unwinds
+        // out of the runtime drops the limit without the cleanup at stop.
+        let parent = std::env::temp_dir().join(format!("{}-drop-test", prefix()));
+        let slot = parent.join("worker-0");
+        std::fs::create_dir_all(&slot).unwrap();
+        let limit = MemoryLimit {
+            bytes: 1 << 20,
+            text: "1M".into(),
+            method: Method::V1 {
+                parent: parent.clone(),
+                slots: vec![slot.clone()],
+            },
+            cleaned: AtomicBool::new(false),
+        };
+        let unwound = std::panic::catch_unwind(move || {
+            let _held = limit;
+            panic!("a bug");
+        });
+        assert!(unwound.is_err());
+        assert!(!parent.exists(), "the cgroups were left behind");
+    }
+
+    #[test]
     fn the_own_cgroup_is_found_in_v1_and_v2_lines() {
         let hybrid = "9:name=systemd:/\n5:cpu,cpuacct:/\n4:memory:/process_api/e278\n0::/\n";
         assert_eq!(own_cgroup_v1(hybrid, "memory"), Some("/process_api/e278"));
@@ -850,6 +1017,7 @@ mod tests {
             bytes: 200 << 20,
             text: "200M".into(),
             method: Method::Polling { why: "test".into() },
+            cleaned: AtomicBool::new(false),
         };
         let watch = watch(Some(&limit), 0, 42).await;
         assert!(!watch.killed_by_limit(), "polling never says so");
