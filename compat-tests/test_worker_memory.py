@@ -301,8 +301,9 @@ def test_a_job_that_lifts_its_cgroup_limit_is_stopped_and_the_slot_keeps_the_lim
     cgroup's limit files and stays is stopped and answered with the reason;
     the slot's next worker is held to 100M again (a job touching 1 GB is
     answered with the limit). A job that lifts the limit and returns at
-    once keeps its answer, and its worker is replaced all the same, so the
-    next job is held to the limit too. Counted as memory_cgroup."""
+    once keeps its answer (unless a check fell within it), and its worker
+    is replaced all the same, so the next job is held to the limit too.
+    Counted as memory_cgroup."""
     metrics_port = pphelpers.free_port()
     server = cgroup_server(launch, "100M", metrics_port)
     host = socket.gethostname()
@@ -323,7 +324,10 @@ def test_a_job_that_lifts_its_cgroup_limit_is_stopped_and_the_slot_keeps_the_lim
         assert "job exceeded --worker-memory-limit of 100M on %s" % host in out, out
 
         quick = js.submit(lift_limit, (str(tmp_path / "lifted2"), 0))
-        assert quick() == "lifted"
+        # Mostly answered before a check falls within it: then the check
+        # after its answer replaces the worker.
+        caught = quick() is None
+        assert caught or quick() == "lifted"
         big = js.submit(hog, (str(tmp_path / "hog2"), 30))
         assert finished_within(big, PROMPT), "no answer\n%s" % server.log_tail()
         out = answer_text(big, capsys)
@@ -335,7 +339,7 @@ def test_a_job_that_lifts_its_cgroup_limit_is_stopped_and_the_slot_keeps_the_lim
     assert "was changed" in server.log(), server.log_tail()
     samples = pphelpers.metric_samples(pphelpers.metrics_get(metrics_port, "/metrics")[1])
     assert samples[("ppserver_worker_restarts_total", '{cause="memory_cgroup"}')] == 2, samples
-    assert samples[("ppserver_jobs_server_answered_total", '{reason="memory_cgroup"}')] == 1
+    assert samples[("ppserver_jobs_server_answered_total", '{reason="memory_cgroup"}')] == 1 + caught
     assert samples[("ppserver_worker_restarts_total", '{cause="memory_limit"}')] == 2, samples
 
 

@@ -32,15 +32,29 @@
 //! the next server's setup in the same cgroup, once their pid is no
 //! running ppserver.
 //!
-//! A worker's [`Watch`] completes [`Watch::exceeded`] while a job runs once
+//! A worker's [`Watch`] completes [`Watch::breached`] while a job runs once
 //! the limit was hit (its cgroup's `oom_kill` count rose, or its group's
-//! PSS is over), and says after a worker died whether the cgroup's OOM killer did
-//! it ([`Watch::killed_by_limit`]), so that death is answered as the limit
-//! and not as a crash.
+//! PSS is over), and says after a worker died whether the cgroup's OOM
+//! killer did it ([`Watch::killed_by_limit`]), so that death is answered
+//! as the limit and not as a crash.
+//!
+//! Jobs run with the server's uid, which owns the slots' cgroup files: a
+//! job can lift its cgroup's limit, or move its worker out of the cgroup.
+//! So the limit is written again whenever a worker joins its slot's
+//! cgroup ([`watch`]), and every check while a job runs, and one after
+//! each job ([`Watch::escaped`]), reads where the worker is
+//! (`/proc/PID/cgroup`) and what the limit files say: a worker out of
+//! bounds ([`Breach::Left`], [`Breach::Changed`]) is stopped and replaced
+//! as one over the limit is. That guards against runaway jobs, not against
+//! jobs that set out to get around the limit: one that acts between two
+//! checks has its way for that moment, and a process a job moves out of
+//! the cgroup is not watched. Separate uids per user are what make it a
+//! boundary.
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::WorkerMemoryLimit;
@@ -96,6 +110,40 @@ enum Method {
     },
     /// No cgroup; `why` says why not, for the startup line.
     Polling { why: String },
+}
+
+/// Which cgroup version a slot's cgroup is of: their files differ.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Version {
+    V1,
+    V2,
+}
+
+impl Version {
+    /// The file whose `oom_kill` line counts the cgroup's OOM kills.
+    fn events(self) -> &'static str {
+        match self {
+            Version::V1 => "memory.oom_control",
+            Version::V2 => "memory.events",
+        }
+    }
+
+    /// The files [`set_limits`] writes, read back at every check.
+    fn limit_files(self) -> &'static [&'static str] {
+        match self {
+            Version::V1 => &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+            Version::V2 => &["memory.max", "memory.swap.max", "memory.oom.group"],
+        }
+    }
+
+    /// The line of `/proc/PID/cgroup` (`text`) that says where the process
+    /// is in this version's memory hierarchy.
+    fn line(self, text: &str) -> Option<&str> {
+        text.lines().find(|l| match self {
+            Version::V1 => own_cgroup_v1(l, "memory").is_some(),
+            Version::V2 => own_cgroup_v2(l).is_some(),
+        })
+    }
 }
 
 /// What the v2 setup made, to be undone at exit.
@@ -182,12 +230,11 @@ impl MemoryLimit {
         format!("worker memory limit {} by {how}", self.text)
     }
 
-    /// The cgroup of `slot` and the file whose `oom_kill` line counts its
-    /// OOM kills; `None` when polling.
-    fn slot_group(&self, slot: usize) -> Option<(PathBuf, &'static str)> {
+    /// The cgroup of `slot` and its kind; `None` when polling.
+    fn slot_group(&self, slot: usize) -> Option<(PathBuf, Version)> {
         match &self.method {
-            Method::V2(g) => Some((g.slots.get(slot)?.clone(), "memory.events")),
-            Method::V1 { slots, .. } => Some((slots.get(slot)?.clone(), "memory.oom_control")),
+            Method::V2(g) => Some((g.slots.get(slot)?.clone(), Version::V2)),
+            Method::V1 { slots, .. } => Some((slots.get(slot)?.clone(), Version::V1)),
             Method::Polling { .. } => None,
         }
     }
@@ -314,13 +361,7 @@ fn v2_setup_in(dir: &Path, bytes: u64, slots: usize) -> Result<V2Groups, String>
             let group = dir.join(format!("{}-worker-{slot}", prefix()));
             make_dir(&group)?;
             groups.slots.push(group.clone());
-            write(&group.join("memory.max"), &bytes.to_string())?;
-            // Best effort: without swap accounting a worker could swap
-            // instead of being stopped, which only makes it slower.
-            let _ = std::fs::write(group.join("memory.swap.max"), "0");
-            // The whole cgroup goes, not one process of it: the worker
-            // is stopped anyway.
-            let _ = std::fs::write(group.join("memory.oom.group"), "1");
+            set_limits(&group, Version::V2, bytes)?;
         }
         Ok::<(), String>(())
     })();
@@ -353,10 +394,7 @@ fn v1_setup(
             let group = parent.join(format!("worker-{slot}"));
             make_dir(&group)?;
             made.push(group.clone());
-            write(&group.join("memory.limit_in_bytes"), &bytes.to_string())?;
-            // Best effort, as for v2's memory.swap.max; only there with
-            // swap accounting, and never below the limit above.
-            let _ = std::fs::write(group.join("memory.memsw.limit_in_bytes"), bytes.to_string());
+            set_limits(&group, Version::V1, bytes)?;
         }
         Ok::<(), String>(())
     })();
@@ -367,6 +405,35 @@ fn v1_setup(
             Err(why)
         }
     }
+}
+
+/// Sets the limit of cgroup `dir` to `bytes`: the memory limit must take;
+/// the swap limit (there only with swap accounting: without it a worker
+/// could swap instead of being stopped, which only makes it slower) and
+/// v2's kill of the whole cgroup (the worker is stopped anyway) are best
+/// effort. Done at the setup and again before every worker joins, since a
+/// job can write these files.
+fn set_limits(dir: &Path, version: Version, bytes: u64) -> Result<(), String> {
+    let value = bytes.to_string();
+    match version {
+        Version::V2 => {
+            write(&dir.join("memory.max"), &value)?;
+            let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+            let _ = std::fs::write(dir.join("memory.oom.group"), "1");
+        }
+        Version::V1 => {
+            let limit = dir.join("memory.limit_in_bytes");
+            let memsw = dir.join("memory.memsw.limit_in_bytes");
+            // The kernel keeps memsw at or above the memory limit: one
+            // lowered below `bytes` has to rise first.
+            if write(&limit, &value).is_err() {
+                let _ = std::fs::write(&memsw, &value);
+                write(&limit, &value)?;
+            }
+            let _ = std::fs::write(&memsw, &value);
+        }
+    }
+    Ok(())
 }
 
 /// Removes the v1 cgroups: the slots', then their parent.
@@ -540,144 +607,277 @@ struct Watched {
     pid: u32,
     bytes: u64,
     text: String,
-    /// The slot cgroup's OOM kill count, with a cgroup; `None`: polling.
-    oom: Option<OomCount>,
-}
-
-#[derive(Debug)]
-struct OomCount {
-    /// `memory.events` (v2) or `memory.oom_control` (v1).
-    file: PathBuf,
-    /// The count when the running job started (or the worker joined):
-    /// kills before it were not this job's doing.
+    /// The slot's cgroup as the worker joined it; `None`: polling.
+    joined: Option<Arc<Joined>>,
+    /// The cgroup's OOM kill count when the running job started (or the
+    /// worker joined): kills before it were not this job's doing.
     at_start: u64,
 }
 
-impl OomCount {
-    /// Whether the cgroup's OOM killer struck since the worker joined.
-    /// A cgroup file is read straight away: no page tables to walk.
-    fn rose(&self) -> bool {
-        self.now().is_some_and(|n| n > self.at_start)
-    }
+/// A worker in its slot's cgroup, as it was when it joined: what every
+/// check compares with.
+#[derive(Debug)]
+struct Joined {
+    version: Version,
+    /// `memory.events` (v2) or `memory.oom_control` (v1).
+    events: PathBuf,
+    /// The worker's line of `/proc/PID/cgroup` for the memory hierarchy.
+    line: String,
+    /// The cgroup's limit files and what each read once set.
+    limits: Vec<(PathBuf, String)>,
+}
 
-    fn now(&self) -> Option<u64> {
-        std::fs::read_to_string(&self.file)
+impl Joined {
+    /// The cgroup's OOM kills so far. A cgroup file is read straight away:
+    /// no page tables to walk, no lock held for long.
+    fn oom_kills(&self) -> Option<u64> {
+        std::fs::read_to_string(&self.events)
             .ok()
             .and_then(|t| oom_kills(&t))
     }
+
+    /// One check while a job runs: the OOM killer struck since `at_start`,
+    /// or the worker got out of the limit.
+    fn check(&self, pid: u32, at_start: u64) -> Option<Breach> {
+        if self.oom_kills().is_some_and(|n| n > at_start) {
+            return Some(Breach::Over);
+        }
+        self.escaped(pid)
+    }
+
+    /// Whether worker `pid` left its cgroup, or a limit file of the cgroup
+    /// no longer reads what was set: jobs run with the uid that owns these
+    /// files. What cannot be read is not held against the worker (a worker
+    /// that is gone is its pipes' to tell).
+    fn escaped(&self, pid: u32) -> Option<Breach> {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+            // A process that exited may show another cgroup already.
+            if self.version.line(&text) != Some(self.line.as_str()) && running(pid) {
+                return Some(Breach::Left);
+            }
+        }
+        self.limits.iter().find_map(|(file, set)| {
+            let now = std::fs::read_to_string(file).ok()?;
+            let name = file.file_name()?.to_string_lossy().into_owned();
+            (now != *set).then_some(Breach::Changed(name))
+        })
+    }
+}
+
+/// How a worker got out of its limit while it ran a job, or between jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Breach {
+    /// Its memory went over the limit.
+    Over,
+    /// The worker is no longer in its slot's cgroup.
+    Left,
+    /// This limit file of the slot's cgroup reads other than was set.
+    Changed(String),
+}
+
+impl Breach {
+    /// The worker restart's cause and the answer's reason in the metrics.
+    pub(crate) fn cause(&self) -> &'static str {
+        match self {
+            Breach::Over => "memory_limit",
+            Breach::Left | Breach::Changed(_) => "memory_cgroup",
+        }
+    }
+
+    /// What happened, for the log.
+    fn what(&self, limit: &str) -> String {
+        match self {
+            Breach::Over => format!("went over --worker-memory-limit of {limit}"),
+            Breach::Left => format!(
+                "its worker left its memory cgroup, escaping --worker-memory-limit of {limit}"
+            ),
+            Breach::Changed(file) => format!(
+                "the limit of its worker's memory cgroup was changed ({file}), escaping \
+                 --worker-memory-limit of {limit}"
+            ),
+        }
+    }
+
+    /// The output a pp client shows for a job stopped by the limit.
+    fn text(&self, limit: &str, host: &str) -> String {
+        match self {
+            Breach::Over => format!("job exceeded --worker-memory-limit of {limit} on {host}\n"),
+            Breach::Left => format!(
+                "job stopped: the worker left its memory cgroup, escaping \
+                 --worker-memory-limit of {limit} on {host}\n"
+            ),
+            Breach::Changed(file) => format!(
+                "job stopped: the limit of the worker's memory cgroup was changed ({file}), \
+                 escaping --worker-memory-limit of {limit} on {host}\n"
+            ),
+        }
+    }
+}
+
+/// Whether process `pid` exists and has not exited.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|close| stat[close + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// A [`Watch`] on a worker (`pid`) that just started in `slot`: with a
-/// cgroup it is put in the slot's cgroup (a worker that cannot be is
-/// polled instead), and the cgroup's OOM kill count noted.
+/// cgroup, the slot's limit is set afresh (a job of the slot's last worker
+/// may have changed it), the worker put in the cgroup (a worker that cannot
+/// be is polled instead), and what a check compares with noted.
 pub(crate) async fn watch(limit: Option<&MemoryLimit>, slot: usize, pid: u32) -> Watch {
     let Some(limit) = limit else {
         return Watch { limit: None };
     };
-    let oom = match limit.slot_group(slot) {
-        Some((dir, events)) => {
+    let bytes = limit.bytes;
+    let (joined, at_start) = match limit.slot_group(slot) {
+        Some((dir, version)) => {
             // Moving a process between cgroups can wait on a kernel lock:
             // off the runtime's only thread.
-            let joined = tokio::task::spawn_blocking(move || join(&dir, events, pid)).await;
+            let joined = tokio::task::spawn_blocking(move || join(&dir, version, bytes, pid)).await;
             match joined {
-                Ok(Ok(oom)) => Some(oom),
+                Ok(Ok((joined, at_start))) => (Some(Arc::new(joined)), at_start),
                 Ok(Err(e)) => {
                     log::warn!(
                         "slot {slot}: cannot put worker pid {pid} in its memory cgroup ({e}); \
                          its PSS is polled instead"
                     );
-                    None
+                    (None, 0)
                 }
                 Err(e) => {
                     log::warn!("slot {slot}: worker pid {pid}: {e}; its PSS is polled instead");
-                    None
+                    (None, 0)
                 }
             }
         }
-        None => None,
+        None => (None, 0),
     };
     Watch {
         limit: Some(Watched {
             pid,
-            bytes: limit.bytes,
+            bytes,
             text: limit.text.clone(),
-            oom,
+            joined,
+            at_start,
         }),
     }
 }
 
-/// Puts `pid` in the cgroup `dir` and reads its OOM kill count.
-fn join(dir: &Path, events: &str, pid: u32) -> Result<OomCount, String> {
+/// Sets the limit of cgroup `dir`, puts `pid` in it, and notes where the
+/// worker is, what the limit files read and the OOM kill count.
+fn join(dir: &Path, version: Version, bytes: u64, pid: u32) -> Result<(Joined, u64), String> {
+    set_limits(dir, version, bytes)?;
     move_into(dir, pid)?;
-    let file = dir.join(events);
+    let cgroup = read(Path::new(&format!("/proc/{pid}/cgroup")))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let line = version
+        .line(&cgroup)
+        .filter(|l| name.is_some_and(|n| l.ends_with(&format!("/{n}"))))
+        .ok_or_else(|| format!("pid {pid} is not in {} after all", dir.display()))?
+        .to_string();
+    let limits = version
+        .limit_files()
+        .iter()
+        .map(|f| dir.join(f))
+        .filter_map(|file| Some((file.clone(), std::fs::read_to_string(&file).ok()?)))
+        .collect();
+    let events = dir.join(version.events());
     // A kernel too old to count OOM kills: the kill is still noticed as a
     // death, only not told apart from a crash.
-    let at_start = oom_kills(&read(&file)?).unwrap_or(0);
-    Ok(OomCount { file, at_start })
+    let at_start = oom_kills(&read(&events)?).unwrap_or(0);
+    Ok((
+        Joined {
+            version,
+            events,
+            line,
+            limits,
+        },
+        at_start,
+    ))
 }
 
 impl Watch {
     /// Completes once the worker's job (the one running when it is first
-    /// polled) went over the limit: its cgroup's OOM killer struck (maybe
-    /// at a child of the job rather than the worker, which must then be
-    /// stopped all the same), or, polling, its process group's PSS is over.
-    /// Checked every [`POLL`]; never without a limit. Safe to cancel in a
+    /// polled) broke the limit: its cgroup's OOM killer struck (maybe at a
+    /// child of the job rather than the worker, which must then be stopped
+    /// all the same), or, polling, its process group's PSS is over; or,
+    /// with a cgroup, the worker left it or its limit was changed. Checked
+    /// every [`POLL`]; never without a limit. Safe to cancel in a
     /// `select!`.
-    pub(crate) async fn exceeded(&mut self) {
+    pub(crate) async fn breached(&mut self) -> Breach {
         let Some(w) = &mut self.limit else {
             return std::future::pending().await;
         };
-        if let Some(oom) = &mut w.oom {
+        if let Some(joined) = &w.joined {
             // A job whose child was killed may have answered before this
             // noticed; the next job is not to blame for that kill.
-            oom.at_start = oom.now().unwrap_or(oom.at_start);
+            w.at_start = joined.oom_kills().unwrap_or(w.at_start);
         }
         loop {
             tokio::time::sleep(POLL).await;
-            let over = match &w.oom {
-                Some(oom) => oom.rose(),
-                None => {
-                    // smaps_rollup walks the page tables: on a blocking
-                    // thread, not the runtime's.
-                    let pid = w.pid;
-                    let used = tokio::task::spawn_blocking(move || group_memory(pid)).await;
-                    // Unreadable: the worker is gone, which its pipes say.
-                    matches!(used, Ok(Some(bytes)) if bytes > w.bytes)
-                }
-            };
-            if over {
-                return;
+            let (pid, bytes, at_start) = (w.pid, w.bytes, w.at_start);
+            let joined = w.joined.clone();
+            // Reading /proc/PID/cgroup can wait on the kernel's cgroup
+            // lock, and smaps_rollup walks page tables: on a blocking
+            // thread, not the runtime's.
+            let found = tokio::task::spawn_blocking(move || match joined {
+                Some(joined) => joined.check(pid, at_start),
+                // Unreadable: the worker is gone, which its pipes say.
+                None => group_memory(pid)
+                    .filter(|&used| used > bytes)
+                    .map(|_| Breach::Over),
+            })
+            .await;
+            if let Ok(Some(breach)) = found {
+                return breach;
             }
         }
+    }
+
+    /// Whether the worker, between two jobs, left its cgroup or had its
+    /// limit changed: a job that did so and answered before a check saw it
+    /// must not leave the next job on a worker out of bounds. Always `None`
+    /// when polling.
+    pub(crate) async fn escaped(&self) -> Option<Breach> {
+        let w = self.limit.as_ref()?;
+        let (joined, pid) = (w.joined.clone()?, w.pid);
+        tokio::task::spawn_blocking(move || joined.escaped(pid))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Whether the worker, now dead, was killed by its cgroup's OOM killer
     /// (its count rose since it joined). Always false when polling.
     pub(crate) fn killed_by_limit(&self) -> bool {
-        self.limit
-            .as_ref()
-            .and_then(|w| w.oom.as_ref())
-            .is_some_and(OomCount::rose)
+        self.limit.as_ref().is_some_and(|w| {
+            w.joined
+                .as_ref()
+                .and_then(|j| j.oom_kills())
+                .is_some_and(|n| n > w.at_start)
+        })
     }
 
-    /// Tells the client its job went over the limit, once the worker that
-    /// ran it is gone.
-    pub(crate) fn answer(&self, job: Job, pid: u32, how: &str, host: &str) {
+    /// What `breach` means, with the limit, for a log line.
+    pub(crate) fn what(&self, breach: &Breach) -> String {
+        breach.what(self.limit.as_ref().map_or("?", |w| w.text.as_str()))
+    }
+
+    /// Tells the client why its job was stopped, once the worker that ran
+    /// it is gone.
+    pub(crate) fn answer(&self, job: Job, breach: &Breach, pid: u32, how: &str, host: &str) {
         let limit = self.limit.as_ref().map_or("?", |w| w.text.as_str());
         log::warn!(
-            "job {} from {}: went over --worker-memory-limit of {limit}; its worker pid {pid} \
-             was stopped ({how}) and is replaced",
+            "job {} from {}: {}; its worker pid {pid} was stopped ({how}) and is replaced",
             job.id,
-            job.client
+            job.client,
+            breach.what(limit)
         );
-        metrics().server_answered("memory_limit");
-        job.fail(&exceeded_text(limit, host));
+        metrics().server_answered(breach.cause());
+        job.fail(&breach.text(limit, host));
     }
-}
-
-/// The output a pp client shows for a job stopped by the limit.
-fn exceeded_text(limit: &str, host: &str) -> String {
-    format!("job exceeded --worker-memory-limit of {limit} on {host}\n")
 }
 
 /// The memory of worker `pid`'s process group: the worker's own, and that
@@ -1021,7 +1221,8 @@ mod tests {
         };
         let watch = watch(Some(&limit), 0, 42).await;
         assert!(!watch.killed_by_limit(), "polling never says so");
-        watch.answer(job, 42, "killed by signal 9", "node7");
+        assert_eq!(watch.escaped().await, None, "nor that");
+        watch.answer(job, &Breach::Over, 42, "killed by signal 9", "node7");
         assert_eq!(
             rx.await.unwrap(),
             crate::protocol::pickle::none_with_text(
@@ -1037,7 +1238,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_a_limit_the_watch_never_fires() {
         let mut none = watch(None, 0, 42).await;
-        let fired = tokio::time::timeout(Duration::from_secs(1 << 30), none.exceeded());
+        let fired = tokio::time::timeout(Duration::from_secs(1 << 30), none.breached());
         assert!(fired.await.is_err());
         assert!(!none.killed_by_limit());
     }
