@@ -362,8 +362,9 @@ def test_a_job_that_moves_its_worker_out_of_its_cgroup_is_stopped(launch, tmp_pa
         after = wait_for_pool(server)
         launch.workers.extend(after)
         (new,) = after
-        assert slot in str(memory_cgroup_dir(new)), memory_cgroup_dir(new)
+        # A worker joins its cgroup before it takes its first job.
         assert js.submit(square, (8,))() == 64
+        assert slot in str(memory_cgroup_dir(new)), memory_cgroup_dir(new)
     finally:
         pphelpers.close_client(js)
     assert server_alive(server)
