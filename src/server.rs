@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{BudgetOrigins, Config, WorkerStart};
+use crate::config::{BudgetOrigins, Config, WorkerMemoryLimit, WorkerStart};
 use crate::front::discovery::{self, Destinations, Discovery, Unresolved};
 use crate::front::session::{self, SessionContext};
 use crate::jobs::scheduler::Scheduler;
@@ -342,10 +342,10 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     });
     // Last of what can fail the start is done: cgroups made from here on
     // are removed at stop.
-    let memory_limit = cfg
-        .worker_memory_limit
-        .as_ref()
-        .map(|limit| Arc::new(MemoryLimit::new(limit, cfg.workers)));
+    let memory_limit = match cfg.worker_memory_limit.clone() {
+        Some(limit) => Some(Arc::new(memory_limit_setup(limit, cfg.workers).await)),
+        None => None,
+    };
     let mut workers = JoinSet::new();
     for slot in 0..cfg.workers {
         let pctx = PoolContext {
@@ -672,6 +672,18 @@ impl Server {
             // Removing a cgroup waits for its last processes to go.
             let _ = tokio::task::spawn_blocking(move || m.cleanup()).await;
         }
+    }
+}
+
+/// [`MemoryLimit::new`] on a blocking thread: making cgroups, moving
+/// processes between them and removing what a failed setup made wait on
+/// the kernel (and on processes it kills), never on the runtime's only
+/// thread.
+async fn memory_limit_setup(limit: WorkerMemoryLimit, workers: usize) -> MemoryLimit {
+    let polled = limit.clone();
+    match tokio::task::spawn_blocking(move || MemoryLimit::new(&limit, workers)).await {
+        Ok(m) => m,
+        Err(e) => MemoryLimit::polling(&polled, format!("the cgroup setup failed: {e}")),
     }
 }
 

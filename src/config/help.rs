@@ -134,8 +134,11 @@ Options:
                      suffixes) with its process group, answer its job with
                      None and a message, and start a fresh worker; by a
                      memory cgroup per worker where the server can make
-                     them, else by polling each worker's PSS every 100 ms
-                     (default 0: no limit)
+                     them (a worker that leaves it or has its limit changed
+                     is stopped too), else by polling the PSS of each
+                     worker's process group every 100 ms; a guard against
+                     runaway jobs, not against jobs that set out to get
+                     around it (default 0: no limit)
 
 Environment: PPSERVER_SECRET is the secret when none is given otherwise;
 after it PP_SECRET, only with pp 1.7.0 workers (whose clients read it).

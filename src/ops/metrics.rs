@@ -222,6 +222,7 @@ impl Metrics {
             "unknown_package",
             "job_timeout",
             "memory_limit",
+            "memory_cgroup",
             "lost",
         ] {
             drop(
@@ -240,6 +241,7 @@ impl Metrics {
             "restart_flag",
             "job_timeout",
             "memory_limit",
+            "memory_cgroup",
             "supervisor_panic",
         ] {
             drop(self.worker_restarts.get_or_create(&label("cause", cause)));
@@ -267,7 +269,8 @@ impl Metrics {
         );
         r.register(
             "jobs_server_answered",
-            "Jobs the server answered itself with (None, reason), by reason",
+            "Jobs the server answered itself with (None, reason), by reason \
+             (memory_cgroup: its worker left its memory cgroup, or the cgroup's limit was changed)",
             self.jobs_server_answered.clone(),
         );
         r.register(
@@ -310,7 +313,8 @@ impl Metrics {
         );
         r.register(
             "worker_restarts",
-            "Workers replaced, by cause",
+            "Workers replaced, by cause (memory_cgroup: the worker left its memory cgroup, or \
+             the cgroup's limit was changed, during or after a job)",
             self.worker_restarts.clone(),
         );
         r.register(

@@ -16,27 +16,51 @@
 //! 2. a cgroup v1 memory controller cgroup per slot, the same on hosts
 //!    that still mount v1 (the kernel kills one process in it, we stop the
 //!    rest);
-//! 3. else polling each busy worker's PSS every [`POLL`]: only the worker
-//!    process itself is counted, and a peak shorter than the period can
-//!    pass, but it needs nothing from the host.
+//! 3. else polling every [`POLL`] the PSS of each busy worker's process
+//!    group (the worker and what its jobs started without leaving the
+//!    group, found by [`reaper::group_members`]): a peak shorter than the
+//!    period can pass, and so can a process that left the group (`setsid`),
+//!    but it needs nothing from the host.
 //!
 //! `PPSERVER_WORKER_MEMORY_CGROUP=0` skips the cgroups: a way out where
 //! the cgroup setup misbehaves, and how tests reach the polling on hosts
 //! where cgroups work.
 //!
-//! A worker's [`Watch`] completes [`Watch::exceeded`] while a job runs once
-//! the limit was hit (its cgroup's `oom_kill` count rose, or its PSS is
-//! over), and says after a worker died whether the cgroup's OOM killer did
-//! it ([`Watch::killed_by_limit`]), so that death is answered as the limit
-//! and not as a crash.
+//! The cgroups go at the server's stop ([`MemoryLimit::cleanup`]), or when
+//! the [`MemoryLimit`] is dropped without it, as a panic that unwinds out
+//! of the runtime does. Those of a server killed by SIGKILL are removed by
+//! the next server's setup in the same cgroup, once their pid is no
+//! running ppserver.
+//!
+//! A worker's [`Watch`] completes [`Watch::breached`] while a job runs once
+//! the limit was hit (its cgroup's `oom_kill` count rose, or its group's
+//! PSS is over), and says after a worker died whether the cgroup's OOM
+//! killer did it ([`Watch::killed_by_limit`]), so that death is answered
+//! as the limit and not as a crash.
+//!
+//! Jobs run with the server's uid, which owns the slots' cgroup files: a
+//! job can lift its cgroup's limit, or move its worker out of the cgroup.
+//! So the limit is written again whenever a worker joins its slot's
+//! cgroup ([`watch`]), and every check while a job runs, and one after
+//! each job ([`Watch::escaped`]), reads where the worker is
+//! (`/proc/PID/cgroup`) and what the limit files say: a worker out of
+//! bounds ([`Breach::Left`], [`Breach::Changed`]) is stopped and replaced
+//! as one over the limit is. That guards against runaway jobs, not against
+//! jobs that set out to get around the limit: one that acts between two
+//! checks has its way for that moment, and a process a job moves out of
+//! the cgroup is not watched. Separate uids per user are what make it a
+//! boundary.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::WorkerMemoryLimit;
 use crate::jobs::scheduler::Job;
 use crate::ops::metrics::metrics;
+use crate::workers::reaper;
 
 /// How often a running job's worker is checked: often enough that a
 /// runaway allocation is caught within a fraction of a second, rarely
@@ -61,6 +85,15 @@ pub(crate) struct MemoryLimit {
     /// As the user wrote it (`200M`), repeated in the answer.
     text: String,
     method: Method,
+    /// Set once the cgroups were removed: at the server's stop, else when
+    /// this is dropped, as it is when a panic unwinds out of the runtime.
+    cleaned: AtomicBool,
+}
+
+impl Drop for MemoryLimit {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
 }
 
 #[derive(Debug)]
@@ -79,6 +112,40 @@ enum Method {
     Polling { why: String },
 }
 
+/// Which cgroup version a slot's cgroup is of: their files differ.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Version {
+    V1,
+    V2,
+}
+
+impl Version {
+    /// The file whose `oom_kill` line counts the cgroup's OOM kills.
+    fn events(self) -> &'static str {
+        match self {
+            Version::V1 => "memory.oom_control",
+            Version::V2 => "memory.events",
+        }
+    }
+
+    /// The files [`set_limits`] writes, read back at every check.
+    fn limit_files(self) -> &'static [&'static str] {
+        match self {
+            Version::V1 => &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+            Version::V2 => &["memory.max", "memory.swap.max", "memory.oom.group"],
+        }
+    }
+
+    /// The line of `/proc/PID/cgroup` (`text`) that says where the process
+    /// is in this version's memory hierarchy.
+    fn line(self, text: &str) -> Option<&str> {
+        text.lines().find(|l| match self {
+            Version::V1 => own_cgroup_v1(l, "memory").is_some(),
+            Version::V2 => own_cgroup_v2(l).is_some(),
+        })
+    }
+}
+
 /// What the v2 setup made, to be undone at exit.
 #[derive(Debug)]
 struct V2Groups {
@@ -93,23 +160,54 @@ struct V2Groups {
     /// Whether the server turned the memory controller on for `own`'s
     /// children (and so turns it off again).
     enabled_memory: bool,
+    /// The processes moved from `own` into `server`: the server, then its
+    /// children of the time (the fork-server). All go back before `server`
+    /// is removed, since removing a cgroup kills what is still in it.
+    moved: Vec<u32>,
+}
+
+impl V2Groups {
+    /// Undoes the setup, or what of it was done: the slots' cgroups go,
+    /// the memory controller is turned off again if the server turned it
+    /// on, every process moved goes back to `own` (a process gone since
+    /// is skipped), and the leaf goes.
+    fn remove(&self) {
+        for dir in &self.slots {
+            remove_group(dir);
+        }
+        if self.enabled_memory {
+            let _ = std::fs::write(self.own.join("cgroup.subtree_control"), "-memory");
+        }
+        for &pid in self.moved.iter().rev() {
+            let _ = move_into(&self.own, pid);
+        }
+        remove_group(&self.server);
+    }
 }
 
 impl MemoryLimit {
     /// Sets the limit up for `slots` worker slots by the first method that
-    /// works here; what failed is kept for [`MemoryLimit::describe`].
+    /// works here; what failed is kept for [`MemoryLimit::describe`]. Waits
+    /// on the kernel: called on a blocking thread.
     pub(crate) fn new(limit: &WorkerMemoryLimit, slots: usize) -> MemoryLimit {
-        let method = if std::env::var_os(CGROUP_ENV).is_some_and(|v| v == "0") {
-            Method::Polling {
-                why: format!("{CGROUP_ENV}=0"),
-            }
-        } else {
-            cgroups(limit.bytes, slots)
-        };
+        if std::env::var_os(CGROUP_ENV).is_some_and(|v| v == "0") {
+            return MemoryLimit::polling(limit, format!("{CGROUP_ENV}=0"));
+        }
         MemoryLimit {
             bytes: limit.bytes,
             text: limit.text.clone(),
-            method,
+            method: cgroups(limit.bytes, slots),
+            cleaned: AtomicBool::new(false),
+        }
+    }
+
+    /// The limit held by polling, `why` no cgroup.
+    pub(crate) fn polling(limit: &WorkerMemoryLimit, why: String) -> MemoryLimit {
+        MemoryLimit {
+            bytes: limit.bytes,
+            text: limit.text.clone(),
+            method: Method::Polling { why },
+            cleaned: AtomicBool::new(false),
         }
     }
 
@@ -125,19 +223,18 @@ impl MemoryLimit {
                 parent.join("worker-N").display()
             ),
             Method::Polling { why } => format!(
-                "polling each worker's PSS every {} ms (no cgroup: {why})",
+                "polling the PSS of each worker's process group every {} ms (no cgroup: {why})",
                 POLL.as_millis()
             ),
         };
         format!("worker memory limit {} by {how}", self.text)
     }
 
-    /// The cgroup of `slot` and the file whose `oom_kill` line counts its
-    /// OOM kills; `None` when polling.
-    fn slot_group(&self, slot: usize) -> Option<(PathBuf, &'static str)> {
+    /// The cgroup of `slot` and its kind; `None` when polling.
+    fn slot_group(&self, slot: usize) -> Option<(PathBuf, Version)> {
         match &self.method {
-            Method::V2(g) => Some((g.slots.get(slot)?.clone(), "memory.events")),
-            Method::V1 { slots, .. } => Some((slots.get(slot)?.clone(), "memory.oom_control")),
+            Method::V2(g) => Some((g.slots.get(slot)?.clone(), Version::V2)),
+            Method::V1 { slots, .. } => Some((slots.get(slot)?.clone(), Version::V1)),
             Method::Polling { .. } => None,
         }
     }
@@ -145,26 +242,15 @@ impl MemoryLimit {
     /// Removes the cgroups [`MemoryLimit::new`] made, once the workers are
     /// stopped: what is still in them (a job's detached child) is killed
     /// first, since a cgroup with processes cannot be removed. Failures are
-    /// logged; nothing else depends on them.
+    /// logged; nothing else depends on them. Only the first call does
+    /// anything. Waits for killed processes to go: on a blocking thread.
     pub(crate) fn cleanup(&self) {
+        if self.cleaned.swap(true, Ordering::SeqCst) {
+            return;
+        }
         match &self.method {
-            Method::V2(g) => {
-                for dir in &g.slots {
-                    remove_group(dir);
-                }
-                if g.enabled_memory {
-                    let _ = std::fs::write(g.own.join("cgroup.subtree_control"), "-memory");
-                }
-                // Back where it started, so its leaf can go too.
-                let _ = std::fs::write(g.own.join("cgroup.procs"), std::process::id().to_string());
-                remove_group(&g.server);
-            }
-            Method::V1 { parent, slots } => {
-                for dir in slots {
-                    remove_group(dir);
-                }
-                remove_group(parent);
-            }
+            Method::V2(g) => g.remove(),
+            Method::V1 { parent, slots } => remove_v1(parent, slots),
             Method::Polling { .. } => {}
         }
     }
@@ -208,9 +294,6 @@ fn cgroups(bytes: u64, slots: usize) -> Method {
     }
 }
 
-/// The v2 setup: the server into a leaf of its cgroup, the memory
-/// controller on for the cgroup's children, one cgroup per slot. Anything
-/// that fails undoes what was done and says why.
 /// The server's children among the processes of cgroup `dir`.
 fn children_in(dir: &std::path::Path) -> Vec<u32> {
     let me = std::process::id();
@@ -232,31 +315,44 @@ fn parent_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The v2 setup: the server into a leaf of its cgroup, the memory
+/// controller on for the cgroup's children, one cgroup per slot. Anything
+/// that fails undoes what was done, every process it moved put back, and
+/// says why.
 fn v2_setup(own: &str, mounts: &str, bytes: u64, slots: usize) -> Result<V2Groups, String> {
     let path = own_cgroup_v2(own).ok_or("the server is in no cgroup v2")?;
     let dir = find_mount(mounts, "cgroup2", None, path)
         .ok_or_else(|| format!("no cgroup2 mount holds {path}"))?;
+    v2_setup_in(&dir, bytes, slots)
+}
+
+/// [`v2_setup`] in the server's cgroup `dir`.
+fn v2_setup_in(dir: &Path, bytes: u64, slots: usize) -> Result<V2Groups, String> {
+    let dir = dir.to_path_buf();
     let controllers = read(&dir.join("cgroup.controllers"))?;
     if !controllers.split_whitespace().any(|c| c == "memory") {
         return Err(format!("no memory controller in {}", dir.display()));
     }
     let subtree = read(&dir.join("cgroup.subtree_control"))?;
+    remove_stale(&dir);
     let mut groups = V2Groups {
         own: dir.clone(),
         server: dir.join(format!("{}-server", prefix())),
         slots: Vec::new(),
         enabled_memory: !subtree.split_whitespace().any(|c| c == "memory"),
+        moved: Vec::new(),
     };
     let done = (|| {
         make_dir(&groups.server)?;
-        write(
-            &groups.server.join("cgroup.procs"),
-            &std::process::id().to_string(),
-        )?;
+        let me = std::process::id();
+        move_into(&groups.server, me)?;
+        groups.moved.push(me);
         // The children started before this (the fork-server) go with the
         // server: none may be left where the controller is turned on.
         for child in children_in(&dir) {
-            let _ = std::fs::write(groups.server.join("cgroup.procs"), child.to_string());
+            if move_into(&groups.server, child).is_ok() {
+                groups.moved.push(child);
+            }
         }
         write(&dir.join("cgroup.subtree_control"), "+memory").map_err(|e| {
             format!("{e} (other processes share the server's cgroup, or it is not delegated)")
@@ -265,25 +361,14 @@ fn v2_setup(own: &str, mounts: &str, bytes: u64, slots: usize) -> Result<V2Group
             let group = dir.join(format!("{}-worker-{slot}", prefix()));
             make_dir(&group)?;
             groups.slots.push(group.clone());
-            write(&group.join("memory.max"), &bytes.to_string())?;
-            // Best effort: without swap accounting a worker could swap
-            // instead of being stopped, which only makes it slower.
-            let _ = std::fs::write(group.join("memory.swap.max"), "0");
-            // The whole cgroup goes, not one process of it: the worker
-            // is stopped anyway.
-            let _ = std::fs::write(group.join("memory.oom.group"), "1");
+            set_limits(&group, Version::V2, bytes)?;
         }
         Ok::<(), String>(())
     })();
     match done {
         Ok(()) => Ok(groups),
         Err(why) => {
-            MemoryLimit {
-                bytes,
-                text: String::new(),
-                method: Method::V2(groups),
-            }
-            .cleanup();
+            groups.remove();
             Err(why)
         }
     }
@@ -300,6 +385,7 @@ fn v1_setup(
     let path = own_cgroup_v1(own, "memory").ok_or("no memory controller mounted")?;
     let dir = find_mount(mounts, "cgroup", Some("memory"), path)
         .ok_or_else(|| format!("no cgroup mount of the memory controller holds {path}"))?;
+    remove_stale(&dir);
     let parent = dir.join(prefix());
     let mut made = Vec::new();
     let done = (|| {
@@ -308,28 +394,65 @@ fn v1_setup(
             let group = parent.join(format!("worker-{slot}"));
             make_dir(&group)?;
             made.push(group.clone());
-            write(&group.join("memory.limit_in_bytes"), &bytes.to_string())?;
-            // Best effort, as for v2's memory.swap.max; only there with
-            // swap accounting, and never below the limit above.
-            let _ = std::fs::write(group.join("memory.memsw.limit_in_bytes"), bytes.to_string());
+            set_limits(&group, Version::V1, bytes)?;
         }
         Ok::<(), String>(())
     })();
     match done {
         Ok(()) => Ok((parent, made)),
         Err(why) => {
-            MemoryLimit {
-                bytes,
-                text: String::new(),
-                method: Method::V1 {
-                    parent,
-                    slots: made,
-                },
-            }
-            .cleanup();
+            remove_v1(&parent, &made);
             Err(why)
         }
     }
+}
+
+/// Sets the limit of cgroup `dir` to `bytes`: the memory limit must take;
+/// the swap limit (there only with swap accounting: without it a worker
+/// could swap instead of being stopped, which only makes it slower) and
+/// v2's kill of the whole cgroup (the worker is stopped anyway) are best
+/// effort. Done at the setup and again before every worker joins, since a
+/// job can write these files.
+fn set_limits(dir: &Path, version: Version, bytes: u64) -> Result<(), String> {
+    let value = bytes.to_string();
+    match version {
+        Version::V2 => {
+            write(&dir.join("memory.max"), &value)?;
+            let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+            let _ = std::fs::write(dir.join("memory.oom.group"), "1");
+        }
+        Version::V1 => {
+            let limit = dir.join("memory.limit_in_bytes");
+            let memsw = dir.join("memory.memsw.limit_in_bytes");
+            // The kernel keeps memsw at or above the memory limit: one
+            // lowered below `bytes` has to rise first.
+            if write(&limit, &value).is_err() {
+                let _ = std::fs::write(&memsw, &value);
+                write(&limit, &value)?;
+            }
+            let _ = std::fs::write(&memsw, &value);
+        }
+    }
+    Ok(())
+}
+
+/// Removes the v1 cgroups: the slots', then their parent.
+fn remove_v1(parent: &Path, slots: &[PathBuf]) {
+    for dir in slots {
+        remove_group(dir);
+    }
+    remove_group(parent);
+}
+
+/// Moves process `pid` into cgroup `dir`. Appended, as `echo PID >>`
+/// would: a cgroup file takes each write as it comes either way.
+fn move_into(dir: &Path, pid: u32) -> Result<(), String> {
+    let path = dir.join("cgroup.procs");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{pid}\n").as_bytes()))
+        .map_err(|e| format!("cannot move pid {pid} into {}: {e}", dir.display()))
 }
 
 fn read(path: &Path) -> Result<String, String> {
@@ -347,6 +470,88 @@ fn make_dir(path: &Path) -> Result<(), String> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         r => r.map_err(|e| format!("cannot create {}: {e}", path.display())),
     }
+}
+
+/// Removes the cgroups in `dir` that a server no longer running left
+/// behind (killed by SIGKILL, or gone some other way without its cleanup):
+/// `ppserver-PID` (v1), `ppserver-PID-server` and `ppserver-PID-worker-N`
+/// (v2), whose PID is no process or a process that is not a ppserver.
+/// What is still in them is killed, as at a server's own cleanup. A live
+/// server's cgroups, this one's included, are never touched.
+fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(left_by) else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) || ppserver_runs(pid) {
+            continue;
+        }
+        let group = entry.path();
+        remove_tree(&group);
+        if !group.exists() {
+            log::info!(
+                "removed the cgroup {} that ppserver pid {pid}, no longer running, left behind",
+                group.display()
+            );
+        }
+    }
+}
+
+/// The server pid in the name of a cgroup a server makes, else `None`.
+fn left_by(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("ppserver-")?;
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (pid, tail) = rest.split_at(digits);
+    let slot = tail.strip_prefix("-worker-");
+    let ours = tail.is_empty()
+        || tail == "-server"
+        || slot.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    ours.then(|| pid.parse().ok()).flatten()
+}
+
+/// Whether `pid` is a running ppserver, this one included: a process whose
+/// name starts with `ppserver` (`ppserver`, `ppserver-rs`; the name of a
+/// renamed binary is not, so one running this same executable counts
+/// too). A process that cannot be looked at counts as one: only the
+/// cgroups of a pid that is surely no ppserver are removed.
+fn ppserver_runs(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => comm.starts_with("ppserver") || same_executable(pid),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => false,
+        Err(_) => true,
+    }
+}
+
+/// Whether process `pid` runs the executable this server runs.
+fn same_executable(pid: u32) -> bool {
+    match (
+        std::fs::read_link(format!("/proc/{pid}/exe")),
+        std::fs::read_link("/proc/self/exe"),
+    ) {
+        (Ok(theirs), Ok(mine)) => theirs == mine,
+        _ => false,
+    }
+}
+
+/// Removes cgroup `dir` and the cgroups under it, the deepest first.
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    remove_group(dir);
 }
 
 /// Removes a cgroup, killing what is still in it; a process just killed
@@ -402,143 +607,290 @@ struct Watched {
     pid: u32,
     bytes: u64,
     text: String,
-    /// The slot cgroup's OOM kill count, with a cgroup; `None`: polling.
-    oom: Option<OomCount>,
-}
-
-#[derive(Debug)]
-struct OomCount {
-    /// `memory.events` (v2) or `memory.oom_control` (v1).
-    file: PathBuf,
-    /// The count when the running job started (or the worker joined):
-    /// kills before it were not this job's doing.
+    /// The slot's cgroup as the worker joined it; `None`: polling.
+    joined: Option<Arc<Joined>>,
+    /// The cgroup's OOM kill count when the running job started (or the
+    /// worker joined): kills before it were not this job's doing.
     at_start: u64,
 }
 
-impl OomCount {
-    /// Whether the cgroup's OOM killer struck since the worker joined.
-    /// A cgroup file is read straight away: no page tables to walk.
-    fn rose(&self) -> bool {
-        self.now().is_some_and(|n| n > self.at_start)
-    }
+/// A worker in its slot's cgroup, as it was when it joined: what every
+/// check compares with.
+#[derive(Debug)]
+struct Joined {
+    version: Version,
+    /// `memory.events` (v2) or `memory.oom_control` (v1).
+    events: PathBuf,
+    /// The worker's line of `/proc/PID/cgroup` for the memory hierarchy.
+    line: String,
+    /// The cgroup's limit files and what each read once set.
+    limits: Vec<(PathBuf, String)>,
+}
 
-    fn now(&self) -> Option<u64> {
-        std::fs::read_to_string(&self.file)
+impl Joined {
+    /// The cgroup's OOM kills so far. A cgroup file is read straight away:
+    /// no page tables to walk, no lock held for long.
+    fn oom_kills(&self) -> Option<u64> {
+        std::fs::read_to_string(&self.events)
             .ok()
             .and_then(|t| oom_kills(&t))
     }
+
+    /// One check while a job runs: the OOM killer struck since `at_start`,
+    /// or the worker got out of the limit.
+    fn check(&self, pid: u32, at_start: u64) -> Option<Breach> {
+        if self.oom_kills().is_some_and(|n| n > at_start) {
+            return Some(Breach::Over);
+        }
+        self.escaped(pid)
+    }
+
+    /// Whether worker `pid` left its cgroup, or a limit file of the cgroup
+    /// no longer reads what was set: jobs run with the uid that owns these
+    /// files. What cannot be read is not held against the worker (a worker
+    /// that is gone is its pipes' to tell).
+    fn escaped(&self, pid: u32) -> Option<Breach> {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+            // A process that exited may show another cgroup already.
+            if self.version.line(&text) != Some(self.line.as_str()) && running(pid) {
+                return Some(Breach::Left);
+            }
+        }
+        self.limits.iter().find_map(|(file, set)| {
+            let now = std::fs::read_to_string(file).ok()?;
+            let name = file.file_name()?.to_string_lossy().into_owned();
+            (now != *set).then_some(Breach::Changed(name))
+        })
+    }
+}
+
+/// How a worker got out of its limit while it ran a job, or between jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Breach {
+    /// Its memory went over the limit.
+    Over,
+    /// The worker is no longer in its slot's cgroup.
+    Left,
+    /// This limit file of the slot's cgroup reads other than was set.
+    Changed(String),
+}
+
+impl Breach {
+    /// The worker restart's cause and the answer's reason in the metrics.
+    pub(crate) fn cause(&self) -> &'static str {
+        match self {
+            Breach::Over => "memory_limit",
+            Breach::Left | Breach::Changed(_) => "memory_cgroup",
+        }
+    }
+
+    /// What happened, for the log.
+    fn what(&self, limit: &str) -> String {
+        match self {
+            Breach::Over => format!("went over --worker-memory-limit of {limit}"),
+            Breach::Left => format!(
+                "its worker left its memory cgroup, escaping --worker-memory-limit of {limit}"
+            ),
+            Breach::Changed(file) => format!(
+                "the limit of its worker's memory cgroup was changed ({file}), escaping \
+                 --worker-memory-limit of {limit}"
+            ),
+        }
+    }
+
+    /// The output a pp client shows for a job stopped by the limit.
+    fn text(&self, limit: &str, host: &str) -> String {
+        match self {
+            Breach::Over => format!("job exceeded --worker-memory-limit of {limit} on {host}\n"),
+            Breach::Left => format!(
+                "job stopped: the worker left its memory cgroup, escaping \
+                 --worker-memory-limit of {limit} on {host}\n"
+            ),
+            Breach::Changed(file) => format!(
+                "job stopped: the limit of the worker's memory cgroup was changed ({file}), \
+                 escaping --worker-memory-limit of {limit} on {host}\n"
+            ),
+        }
+    }
+}
+
+/// Whether process `pid` exists and has not exited.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|close| stat[close + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// A [`Watch`] on a worker (`pid`) that just started in `slot`: with a
-/// cgroup it is put in the slot's cgroup (a worker that cannot be is
-/// polled instead), and the cgroup's OOM kill count noted.
+/// cgroup, the slot's limit is set afresh (a job of the slot's last worker
+/// may have changed it), the worker put in the cgroup (a worker that cannot
+/// be is polled instead), and what a check compares with noted.
 pub(crate) async fn watch(limit: Option<&MemoryLimit>, slot: usize, pid: u32) -> Watch {
     let Some(limit) = limit else {
         return Watch { limit: None };
     };
-    let oom = match limit.slot_group(slot) {
-        Some((dir, events)) => {
+    let bytes = limit.bytes;
+    let (joined, at_start) = match limit.slot_group(slot) {
+        Some((dir, version)) => {
             // Moving a process between cgroups can wait on a kernel lock:
             // off the runtime's only thread.
-            let joined = tokio::task::spawn_blocking(move || join(&dir, events, pid)).await;
+            let joined = tokio::task::spawn_blocking(move || join(&dir, version, bytes, pid)).await;
             match joined {
-                Ok(Ok(oom)) => Some(oom),
+                Ok(Ok((joined, at_start))) => (Some(Arc::new(joined)), at_start),
                 Ok(Err(e)) => {
                     log::warn!(
                         "slot {slot}: cannot put worker pid {pid} in its memory cgroup ({e}); \
                          its PSS is polled instead"
                     );
-                    None
+                    (None, 0)
                 }
                 Err(e) => {
                     log::warn!("slot {slot}: worker pid {pid}: {e}; its PSS is polled instead");
-                    None
+                    (None, 0)
                 }
             }
         }
-        None => None,
+        None => (None, 0),
     };
     Watch {
         limit: Some(Watched {
             pid,
-            bytes: limit.bytes,
+            bytes,
             text: limit.text.clone(),
-            oom,
+            joined,
+            at_start,
         }),
     }
 }
 
-/// Puts `pid` in the cgroup `dir` and reads its OOM kill count.
-fn join(dir: &Path, events: &str, pid: u32) -> Result<OomCount, String> {
-    write(&dir.join("cgroup.procs"), &pid.to_string())?;
-    let file = dir.join(events);
+/// Sets the limit of cgroup `dir`, puts `pid` in it, and notes where the
+/// worker is, what the limit files read and the OOM kill count.
+fn join(dir: &Path, version: Version, bytes: u64, pid: u32) -> Result<(Joined, u64), String> {
+    set_limits(dir, version, bytes)?;
+    move_into(dir, pid)?;
+    let cgroup = read(Path::new(&format!("/proc/{pid}/cgroup")))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let line = version
+        .line(&cgroup)
+        .filter(|l| name.is_some_and(|n| l.ends_with(&format!("/{n}"))))
+        .ok_or_else(|| format!("pid {pid} is not in {} after all", dir.display()))?
+        .to_string();
+    let limits = version
+        .limit_files()
+        .iter()
+        .map(|f| dir.join(f))
+        .filter_map(|file| Some((file.clone(), std::fs::read_to_string(&file).ok()?)))
+        .collect();
+    let events = dir.join(version.events());
     // A kernel too old to count OOM kills: the kill is still noticed as a
     // death, only not told apart from a crash.
-    let at_start = oom_kills(&read(&file)?).unwrap_or(0);
-    Ok(OomCount { file, at_start })
+    let at_start = oom_kills(&read(&events)?).unwrap_or(0);
+    Ok((
+        Joined {
+            version,
+            events,
+            line,
+            limits,
+        },
+        at_start,
+    ))
 }
 
 impl Watch {
     /// Completes once the worker's job (the one running when it is first
-    /// polled) went over the limit: its cgroup's OOM killer struck (maybe at a child of the job rather than the
-    /// worker, which must then be stopped all the same), or, polling, its
-    /// PSS is over. Checked every [`POLL`]; never without a limit. Safe to
-    /// cancel in a `select!`.
-    pub(crate) async fn exceeded(&mut self) {
+    /// polled) broke the limit: its cgroup's OOM killer struck (maybe at a
+    /// child of the job rather than the worker, which must then be stopped
+    /// all the same), or, polling, its process group's PSS is over; or,
+    /// with a cgroup, the worker left it or its limit was changed. Checked
+    /// every [`POLL`]; never without a limit. Safe to cancel in a
+    /// `select!`.
+    pub(crate) async fn breached(&mut self) -> Breach {
         let Some(w) = &mut self.limit else {
             return std::future::pending().await;
         };
-        if let Some(oom) = &mut w.oom {
+        if let Some(joined) = &w.joined {
             // A job whose child was killed may have answered before this
             // noticed; the next job is not to blame for that kill.
-            oom.at_start = oom.now().unwrap_or(oom.at_start);
+            w.at_start = joined.oom_kills().unwrap_or(w.at_start);
         }
         loop {
             tokio::time::sleep(POLL).await;
-            let over = match &w.oom {
-                Some(oom) => oom.rose(),
-                None => {
-                    // smaps_rollup walks the worker's page tables: on a
-                    // blocking thread, not the runtime's.
-                    let pid = w.pid;
-                    let used = tokio::task::spawn_blocking(move || memory_of(pid)).await;
-                    // Unreadable: the worker is gone, which its pipes say.
-                    matches!(used, Ok(Some(bytes)) if bytes > w.bytes)
-                }
-            };
-            if over {
-                return;
+            let (pid, bytes, at_start) = (w.pid, w.bytes, w.at_start);
+            let joined = w.joined.clone();
+            // Reading /proc/PID/cgroup can wait on the kernel's cgroup
+            // lock, and smaps_rollup walks page tables: on a blocking
+            // thread, not the runtime's.
+            let found = tokio::task::spawn_blocking(move || match joined {
+                Some(joined) => joined.check(pid, at_start),
+                // Unreadable: the worker is gone, which its pipes say.
+                None => group_memory(pid)
+                    .filter(|&used| used > bytes)
+                    .map(|_| Breach::Over),
+            })
+            .await;
+            if let Ok(Some(breach)) = found {
+                return breach;
             }
         }
+    }
+
+    /// Whether the worker, between two jobs, left its cgroup or had its
+    /// limit changed: a job that did so and answered before a check saw it
+    /// must not leave the next job on a worker out of bounds. Always `None`
+    /// when polling.
+    pub(crate) async fn escaped(&self) -> Option<Breach> {
+        let w = self.limit.as_ref()?;
+        let (joined, pid) = (w.joined.clone()?, w.pid);
+        tokio::task::spawn_blocking(move || joined.escaped(pid))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Whether the worker, now dead, was killed by its cgroup's OOM killer
     /// (its count rose since it joined). Always false when polling.
     pub(crate) fn killed_by_limit(&self) -> bool {
-        self.limit
-            .as_ref()
-            .and_then(|w| w.oom.as_ref())
-            .is_some_and(OomCount::rose)
+        self.limit.as_ref().is_some_and(|w| {
+            w.joined
+                .as_ref()
+                .and_then(|j| j.oom_kills())
+                .is_some_and(|n| n > w.at_start)
+        })
     }
 
-    /// Tells the client its job went over the limit, once the worker that
-    /// ran it is gone.
-    pub(crate) fn answer(&self, job: Job, pid: u32, how: &str, host: &str) {
+    /// What `breach` means, with the limit, for a log line.
+    pub(crate) fn what(&self, breach: &Breach) -> String {
+        breach.what(self.limit.as_ref().map_or("?", |w| w.text.as_str()))
+    }
+
+    /// Tells the client why its job was stopped, once the worker that ran
+    /// it is gone.
+    pub(crate) fn answer(&self, job: Job, breach: &Breach, pid: u32, how: &str, host: &str) {
         let limit = self.limit.as_ref().map_or("?", |w| w.text.as_str());
         log::warn!(
-            "job {} from {}: went over --worker-memory-limit of {limit}; its worker pid {pid} \
-             was stopped ({how}) and is replaced",
+            "job {} from {}: {}; its worker pid {pid} was stopped ({how}) and is replaced",
             job.id,
-            job.client
+            job.client,
+            breach.what(limit)
         );
-        metrics().server_answered("memory_limit");
-        job.fail(&exceeded_text(limit, host));
+        metrics().server_answered(breach.cause());
+        job.fail(&breach.text(limit, host));
     }
 }
 
-/// The output a pp client shows for a job stopped by the limit.
-fn exceeded_text(limit: &str, host: &str) -> String {
-    format!("job exceeded --worker-memory-limit of {limit} on {host}\n")
+/// The memory of worker `pid`'s process group: the worker's own, and that
+/// of every process its jobs started that is still in its group, wherever
+/// it was reparented; `None` once the worker is gone.
+fn group_memory(pid: u32) -> Option<u64> {
+    let own = memory_of(pid)?;
+    Some(
+        reaper::group_members(pid)
+            .into_iter()
+            .filter_map(memory_of)
+            .fold(own, u64::saturating_add),
+    )
 }
 
 /// A process's memory in bytes: its PSS (shared pages counted in part, so
@@ -681,6 +1033,113 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_v2_setup_moves_every_process_it_moved_back() {
+        // A plain directory laid out as a cgroup v2 with the memory
+        // controller, where turning it on for the children fails (here:
+        // cgroup.subtree_control cannot be written, even by root), as when
+        // other processes share the server's cgroup. A process in it that
+        // is a child of this one stands for the fork-server.
+        let root = std::env::temp_dir().join(format!("{}-v2-test", prefix()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("cgroup.controllers"), "cpu io memory pids\n").unwrap();
+        std::os::unix::fs::symlink("/proc/version", root.join("cgroup.subtree_control")).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let _registered = crate::workers::reaper::register(child.id());
+        std::fs::write(root.join("cgroup.procs"), format!("{}\n", child.id())).unwrap();
+        // The server's leaf as the kernel makes it, with its cgroup.procs.
+        let leaf = root.join(format!("{}-server", prefix()));
+        std::fs::create_dir(&leaf).unwrap();
+        std::fs::write(leaf.join("cgroup.procs"), "").unwrap();
+
+        let failed = v2_setup_in(&root, 100 << 20, 2);
+        let pids = |dir: &Path| -> Vec<u32> {
+            std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.parse().ok())
+                .collect()
+        };
+        let (moved_in, back) = (pids(&leaf), pids(&root));
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(failed.is_err());
+        assert!(
+            moved_in.contains(&child.id()),
+            "the setup moved it: {moved_in:?}"
+        );
+        // Its line as written above, and the one that moves it back.
+        let child_lines = back.iter().filter(|&&p| p == child.id()).count();
+        assert_eq!(child_lines, 2, "the child was not moved back: {back:?}");
+        assert!(back.contains(&std::process::id()), "{back:?}");
+    }
+
+    #[test]
+    fn the_cgroups_a_server_makes_are_told_by_name() {
+        assert_eq!(left_by("ppserver-123"), Some(123));
+        assert_eq!(left_by("ppserver-123-server"), Some(123));
+        assert_eq!(left_by("ppserver-123-worker-0"), Some(123));
+        assert_eq!(left_by("ppserver-123-worker-17"), Some(123));
+        for other in [
+            "ppserver-",
+            "ppserver-x",
+            "ppserver-123-worker-",
+            "ppserver-123-worker-1x",
+            "ppserver-123-other",
+            "ppserver-123x",
+            "ppserver-99999999999999999999",
+            "worker-0",
+            "memory.max",
+            "xppserver-123",
+        ] {
+            assert_eq!(left_by(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_a_pid_that_is_no_running_ppserver_lets_its_cgroups_go() {
+        assert!(ppserver_runs(std::process::id()), "this server's own");
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let _registered = crate::workers::reaper::register(other.id());
+        assert!(!ppserver_runs(other.id()), "a process of another program");
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(!ppserver_runs(other.id()), "no such process");
+        assert!(!ppserver_runs(u32::MAX));
+    }
+
+    #[test]
+    fn the_cgroups_go_when_the_limit_is_dropped_by_a_panic() {
+        // Plain directories stand for the v1 cgroups: a panic that unwinds
+        // out of the runtime drops the limit without the cleanup at stop.
+        let parent = std::env::temp_dir().join(format!("{}-drop-test", prefix()));
+        let slot = parent.join("worker-0");
+        std::fs::create_dir_all(&slot).unwrap();
+        let limit = MemoryLimit {
+            bytes: 1 << 20,
+            text: "1M".into(),
+            method: Method::V1 {
+                parent: parent.clone(),
+                slots: vec![slot.clone()],
+            },
+            cleaned: AtomicBool::new(false),
+        };
+        let unwound = std::panic::catch_unwind(move || {
+            let _held = limit;
+            panic!("a bug");
+        });
+        assert!(unwound.is_err());
+        assert!(!parent.exists(), "the cgroups were left behind");
+    }
+
+    #[test]
     fn the_own_cgroup_is_found_in_v1_and_v2_lines() {
         let hybrid = "9:name=systemd:/\n5:cpu,cpuacct:/\n4:memory:/process_api/e278\n0::/\n";
         assert_eq!(own_cgroup_v1(hybrid, "memory"), Some("/process_api/e278"));
@@ -758,10 +1217,12 @@ mod tests {
             bytes: 200 << 20,
             text: "200M".into(),
             method: Method::Polling { why: "test".into() },
+            cleaned: AtomicBool::new(false),
         };
         let watch = watch(Some(&limit), 0, 42).await;
         assert!(!watch.killed_by_limit(), "polling never says so");
-        watch.answer(job, 42, "killed by signal 9", "node7");
+        assert_eq!(watch.escaped().await, None, "nor that");
+        watch.answer(job, &Breach::Over, 42, "killed by signal 9", "node7");
         assert_eq!(
             rx.await.unwrap(),
             crate::protocol::pickle::none_with_text(
@@ -770,14 +1231,14 @@ mod tests {
         );
         assert_eq!(
             limit.describe(),
-            "worker memory limit 200M by polling each worker's PSS every 100 ms (no cgroup: test)"
+            "worker memory limit 200M by polling the PSS of each worker's process group every 100 ms (no cgroup: test)"
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_a_limit_the_watch_never_fires() {
         let mut none = watch(None, 0, 42).await;
-        let fired = tokio::time::timeout(Duration::from_secs(1 << 30), none.exceeded());
+        let fired = tokio::time::timeout(Duration::from_secs(1 << 30), none.breached());
         assert!(fired.await.is_err());
         assert!(!none.killed_by_limit());
     }

@@ -21,7 +21,9 @@
 //! retried. With `--worker-memory-limit`, a worker that goes over it while
 //! running a job is dealt with the same way ([`crate::workers::memlimit`]
 //! watches it), and its client gets `(None, "job exceeded
-//! --worker-memory-limit of SIZE on HOST")`.
+//! --worker-memory-limit of SIZE on HOST")`; so is one that left its
+//! memory cgroup or had its limit changed, with a text that says so. One
+//! found so between two jobs is replaced before the next.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -38,7 +40,7 @@ use crate::jobs::scheduler::{Job, Scheduler};
 use crate::ops::metrics::metrics;
 use crate::ops::stats::Stats;
 use crate::workers::forkserver::ForkServer;
-use crate::workers::memlimit::{self, MemoryLimit, Watch};
+use crate::workers::memlimit::{self, Breach, MemoryLimit, Watch};
 use crate::workers::worker::{Outcome, Worker, WorkerSpec};
 
 /// First and largest pause between attempts to start a worker that fails.
@@ -230,11 +232,11 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                 let how = worker.stop(false).await;
                 answer_timed_out(job, limit, pid, &how, &ctx.spec.host);
             }
-            Ended::MemoryLimit { job } => {
-                metrics().worker_restart("memory_limit");
+            Ended::MemoryLimit { job, breach } => {
+                metrics().worker_restart(breach.cause());
                 let pid = worker.pid;
                 let how = worker.stop(false).await;
-                memory.answer(job, pid, &how, &ctx.spec.host);
+                memory.answer(job, &breach, pid, &how, &ctx.spec.host);
             }
             Ended::Died { job, refused } => {
                 let pid = worker.pid;
@@ -250,7 +252,9 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                 let by_limit = job.is_some() && memory.killed_by_limit();
                 metrics().worker_restart(if by_limit { "memory_limit" } else { "died" });
                 match job {
-                    Some(job) if by_limit => memory.answer(job, pid, &how, &ctx.spec.host),
+                    Some(job) if by_limit => {
+                        memory.answer(job, &Breach::Over, pid, &how, &ctx.spec.host)
+                    }
                     Some(job) => answer_died(job, pid, &how),
                     None => log::warn!(
                         "slot {slot}: idle worker pid {pid} died ({how}); starting a new one"
@@ -295,10 +299,13 @@ enum Ended {
         /// The limit it reached.
         limit: Duration,
     },
-    /// `job`'s worker went over `--worker-memory-limit`: stop it now.
+    /// `job`'s worker went over `--worker-memory-limit`, or got out of
+    /// its memory cgroup: stop it now.
     MemoryLimit {
         /// Still to be answered, once its worker is gone.
         job: Job,
+        /// How.
+        breach: Breach,
     },
     /// The worker died, while running `job` if there is one.
     Died {
@@ -389,9 +396,9 @@ async fn serve(
                 ctx.stats.record_job(started.elapsed());
                 return Ended::TimedOut { job, limit };
             }
-            () = memory.exceeded() => {
+            breach = memory.breached() => {
                 ctx.stats.record_job(started.elapsed());
-                return Ended::MemoryLimit { job };
+                return Ended::MemoryLimit { job, breach };
             }
             _ = ctx.shutdown.wait_for(|&s| s) => return Ended::Shutdown,
         };
@@ -421,6 +428,18 @@ async fn serve(
                 if ctx.spec.restart {
                     return Ended::Replace {
                         cause: "restart_flag",
+                    };
+                }
+                if let Some(breach) = memory.escaped().await {
+                    log::warn!(
+                        "slot {slot}: after job {} from {}, {}; worker pid {} is replaced",
+                        job.id,
+                        job.client,
+                        memory.what(&breach),
+                        worker.pid
+                    );
+                    return Ended::Replace {
+                        cause: breach.cause(),
                     };
                 }
             }

@@ -25,10 +25,13 @@
 //!
 //! The subreaper setting is not inherited across `fork` (prctl(2)), so
 //! workers and their children are plain processes.
+//!
+//! [`group_members`] finds the processes of a worker's process group, whose
+//! memory `--worker-memory-limit` counts when it polls.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -75,6 +78,9 @@ const REAP_SPACING: Duration = Duration::from_secs(1);
 const SWEEP_LIMIT: Duration = Duration::from_secs(5);
 /// Pause between rounds of [`sweep`], for the killed to die.
 const SWEEP_PAUSE: Duration = Duration::from_millis(20);
+/// Most processes [`group_members`] looks at: a fork bomb's group is over
+/// any memory limit long before, and must not make each look take longer.
+const MAX_GROUP_WALK: usize = 4096;
 
 fn registry() -> MutexGuard<'static, Registry> {
     // Inserts and removes cannot leave it half-changed.
@@ -175,6 +181,8 @@ fn boot_ticks() -> Option<u64> {
 struct Proc {
     pid: i32,
     ppid: i32,
+    /// Its process group.
+    pgid: i32,
     /// Dead and waiting to be reaped.
     zombie: bool,
     /// When it started, in clock ticks since boot; `None` if not shown.
@@ -205,22 +213,99 @@ fn process(pid: i32) -> Option<Proc> {
     parse_stat(pid, &std::fs::read(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// `pid (comm) S ppid ...`: comm may hold spaces and parentheses, so the
-/// fields are counted from its last `)`. The start time is field 22.
+/// `pid (comm) S ppid pgid ...`: comm may hold spaces and parentheses, so
+/// the fields are counted from its last `)`. The start time is field 22.
 fn parse_stat(pid: i32, stat: &[u8]) -> Option<Proc> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(stat.get(close + 1..)?).ok()?;
     let mut fields = rest.split_ascii_whitespace();
     let state = fields.next()?;
     let ppid = fields.next()?.parse().ok()?;
-    // Fields 5 to 21 come between the parent and the start time.
-    let start = fields.nth(17).and_then(|f| f.parse().ok());
+    let pgid = fields.next()?.parse().ok()?;
+    // Fields 6 to 21 come between the group and the start time.
+    let start = fields.nth(16).and_then(|f| f.parse().ok());
     Some(Proc {
         pid,
         ppid,
+        pgid,
         zombie: state == "Z" || state == "X",
         start,
     })
+}
+
+/// The processes of process group `leader` but the leader (a worker leads
+/// its own): its descendants still in the group, and those the server
+/// adopted when their parent exited (a job's double fork without
+/// `setsid`). Watched every 100 ms while a job runs, so it follows
+/// `/proc/PID/task/TID/children` from the leader and from the server, a
+/// few small reads for a job that starts nothing, rather than reading all
+/// of `/proc` (tens of milliseconds on a busy host); only a kernel without
+/// those files gets the whole table read. A process that left the group
+/// (`setsid`) is not counted, nor anything under it: a worker's stop
+/// kills its group, not what left it.
+pub(crate) fn group_members(leader: u32) -> Vec<u32> {
+    if !has_children_files() {
+        return processes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.pgid as u32 == leader && p.pid as u32 != leader)
+            .map(|p| p.pid as u32)
+            .collect();
+    }
+    let mut next = children_of(leader);
+    {
+        // The server's children but its own (workers, the fork-server,
+        // which lead groups of their own): what it adopted.
+        let adopted = children_of(std::process::id());
+        let registry = registry();
+        next.extend(
+            adopted
+                .into_iter()
+                .filter(|pid| !registry.own.contains(pid)),
+        );
+    }
+    let mut seen = BTreeSet::from([leader]);
+    let mut found = Vec::new();
+    while let Some(pid) = next.pop() {
+        if seen.len() >= MAX_GROUP_WALK || !seen.insert(pid) {
+            continue;
+        }
+        let in_group = std::fs::read(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| parse_stat(pid as i32, &stat))
+            .is_some_and(|p| p.pgid as u32 == leader);
+        if in_group {
+            found.push(pid);
+            next.extend(children_of(pid));
+        }
+    }
+    found
+}
+
+/// Whether this kernel lists each thread's children in `/proc`
+/// (`CONFIG_PROC_CHILDREN`).
+fn has_children_files() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| std::path::Path::new("/proc/thread-self/children").exists())
+}
+
+/// The children of `pid`, from the `children` file of each of its
+/// threads (a child belongs to the thread that forked it); none if it is
+/// gone.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            found.extend(
+                list.split_ascii_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    found
 }
 
 /// The descendants of `root` in `table`, parents before their children.
@@ -428,6 +513,7 @@ mod tests {
         Proc {
             pid,
             ppid,
+            pgid: pid,
             zombie: false,
             start: None,
         }
@@ -435,12 +521,13 @@ mod tests {
 
     #[test]
     fn stat_lines_are_read_past_a_tricky_comm() {
-        let line = b"4242 (a) b (c)) Z 17 4242 4242 0 -1 4194560";
+        let line = b"4242 (a) b (c)) Z 17 4240 4240 0 -1 4194560";
         assert_eq!(
             parse_stat(4242, line),
             Some(Proc {
                 pid: 4242,
                 ppid: 17,
+                pgid: 4240,
                 zombie: true,
                 start: None,
             })
@@ -448,6 +535,7 @@ mod tests {
         let whole = b"7 (x y) Z 1 7 7 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 221070 0 0";
         assert_eq!(parse_stat(7, whole).unwrap().start, Some(221070));
         assert_eq!(parse_stat(1, b"1 (init) S 0 1 1"), Some(p(1, 0)));
+        assert_eq!(parse_stat(1, b"1 (init) S 0"), None);
         assert_eq!(parse_stat(1, b"garbage"), None);
         assert_eq!(parse_stat(1, b"1 (x)"), None);
     }
@@ -554,6 +642,41 @@ mod tests {
         let done = rx.recv_timeout(Duration::from_secs(60));
         drop(held);
         assert!(done.is_ok(), "the scan waited for the registry");
+    }
+
+    #[test]
+    fn a_groups_members_are_found_below_its_leader_but_not_what_left_it() {
+        use std::os::unix::process::CommandExt;
+        let mut leader = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 60 & setsid sleep 60 & sleep 60 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        // Never taken by the reaping test running beside this one.
+        let _registered = register(leader.id());
+        let pid = leader.id();
+        let comm = |c: u32| std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let children = loop {
+            // Each has run `sleep` once its comm says so, `setsid` done.
+            let children = children_of(pid);
+            if children.len() == 3 && children.iter().all(|&c| comm(c).trim() == "sleep") {
+                break children;
+            }
+            assert!(Instant::now() < deadline, "the children never started");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut found = group_members(pid);
+        for c in &children {
+            let _ = kill(Pid::from_raw(*c as i32), Signal::SIGKILL);
+        }
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let _ = leader.wait();
+        found.sort();
+        assert_eq!(found.len(), 2, "{found:?} of {children:?}");
+        assert!(found.iter().all(|f| children.contains(f)));
+        assert!(!found.contains(&pid), "not the leader itself");
+        assert!(group_members(u32::MAX).is_empty());
     }
 
     #[test]
