@@ -8,7 +8,9 @@ Nothing here asserts timing: waits are bounded only so that a server that
 never gets there fails the test instead of hanging it.
 """
 
+import platform
 import threading
+import time
 
 import pphelpers
 import ppwire
@@ -85,9 +87,35 @@ def assert_died_text(text, how=None):
         assert any(h.lower() in low for h in how), "text does not say how (%s): %r" % (how, text)
 
 
+def running_a_job(pid):
+    """True if worker `pid` is not waiting for its next job: the syscall it
+    is in (/proc/PID/syscall) is anything but a read of its stdin, where
+    an idle worker waits. None where that cannot be told (the file
+    unreadable, a machine whose read is not syscall 0)."""
+    if platform.machine() != "x86_64":
+        return None
+    try:
+        with open("/proc/%d/syscall" % pid) as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if not fields:
+        return None
+    if fields[0] == "running":
+        return True
+    try:
+        return not (fields[0] == "0" and int(fields[1], 16) == 0)
+    except (IndexError, ValueError):
+        return None
+
+
 class Killer(threading.Thread):
-    """Background thread that SIGKILLs a random worker of `server` every
-    `every` seconds until stopped; remembers the pids it killed."""
+    """Background thread that SIGKILLs a worker of `server` every `every`
+    seconds until stopped, chosen at random among those running a job (a
+    kill of an idle worker tests nothing a job could see); remembers the
+    pids it killed. A round that finds no worker busy within `every`
+    seconds kills nothing; where busy cannot be told, any worker is
+    chosen."""
 
     def __init__(self, server, every, rng):
         super().__init__(daemon=True)
@@ -97,12 +125,21 @@ class Killer(threading.Thread):
 
     def run(self):
         while not self._stop_event.wait(self.every):
-            pids = sorted(worker_pids(self.server))
-            if not pids:
-                continue
-            victim = self.rng.choice(pids)
-            if sigkill(victim):
+            victim = self._busy_worker()
+            if victim is not None and sigkill(victim):
                 self.killed.append(victim)
+
+    def _busy_worker(self):
+        deadline = time.monotonic() + self.every
+        while not self._stop_event.is_set():
+            pids = sorted(worker_pids(self.server))
+            busy = [pid for pid in pids if running_a_job(pid) is not False]
+            if busy:
+                return self.rng.choice(busy)
+            if time.monotonic() >= deadline:
+                return None
+            self._stop_event.wait(0.01)
+        return None
 
     def stop(self):
         self._stop_event.set()
