@@ -98,11 +98,7 @@ def _state(server):
 
 
 def _startup_line(server):
-    def lines():
-        return [l for l in server.log().splitlines() if "listening on" in l]
-    found = wait_until(lines, timeout=30)
-    assert found, server.log_tail()
-    return found[0]
+    return server.logged("listening on")
 
 
 def _add(server):
@@ -193,7 +189,7 @@ def test_a_fork_server_that_dies_is_started_again_and_no_job_is_lost(launch):
     assert results == [42] * 16, (results, server.log_tail())
     (second,) = wait_until(lambda: forkserver_pids(server), "a new fork-server")
     assert second != first
-    assert "fork-server started again" in server.log(), server.log_tail()
+    server.logged("fork-server started again")
     assert "spawned instead" not in server.log()
 
 
@@ -240,6 +236,7 @@ def test_a_fork_server_that_cannot_be_started_again_leaves_workers_spawned(launc
     assert wait_until(lambda: is_gone(first), timeout=30)
     for _ in range(4):
         _add(server)
+    server.logged("a worker is spawned instead of forked")
     log = server.log()
     assert log.count("a worker is spawned instead of forked") == 1, log
     assert "no fork-server here" in log or "fork-server cannot start" in log, log
@@ -261,4 +258,4 @@ def test_a_preload_module_that_cannot_be_imported_is_a_startup_error():
 def test_with_spawn_preload_is_ignored_with_a_warning(launch):
     server = launch("--worker-start", "spawn", "--preload", "json", nworkers=1)
     _add(server)
-    assert "--preload json has no effect with --worker-start spawn" in server.log()
+    server.logged("--preload json has no effect with --worker-start spawn")
