@@ -137,6 +137,22 @@ def is_forkserver(pid):
     return comm(pid) == FORKSERVER_COMM
 
 
+def signal_masks(pid):
+    """(ignored, caught): the sets of signal numbers the process ignores
+    and handles, from /proc/<pid>/status. A signal it ignores is discarded
+    when sent: nothing is left to happen later."""
+    fields = {}
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+
+    def numbers(mask):
+        bits = int(mask, 16)
+        return {n for n in range(1, 65) if bits & (1 << (n - 1))}
+
+    return numbers(fields["SigIgn"]), numbers(fields["SigCgt"])
+
+
 def fd_count(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
