@@ -248,11 +248,21 @@ def test_sighup_stays_ignored_under_nohup(piped):
     assert server.proc.poll() is None, "SIGHUP stopped a server started under nohup"
 
 
+# Leaves once its connection thread has said (logged) that the versions
+# differ, or after 60 s: a fixed nap could end before that thread ran.
 MISMATCH_CLIENT = """
-import sys, time
+import logging, sys, time
 import {module} as pp
+said = []
+class Said(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+logging.basicConfig()  # the client's errors still reach stderr
+logging.getLogger().addHandler(Said())
 js = pp.Server(ncpus=0, ppservers=("127.0.0.1:%s" % sys.argv[1],), secret=sys.argv[2])
-time.sleep(2)
+deadline = time.monotonic() + 60
+while not any("mismatch" in m.lower() for m in said) and time.monotonic() < deadline:
+    time.sleep(0.02)
 js.destroy()
 """
 
