@@ -22,6 +22,7 @@ workers. No wall-clock thresholds: every wait is a generous upper bound.
 import os
 import sys
 import threading
+import time
 
 import pytest
 
@@ -86,6 +87,9 @@ DRAWS_SOURCE = (
     "    np_state = np and hashlib.sha256(np.get_state()[1].tobytes()).hexdigest()\n"
     "    return os.getpid(), state, np_state\n"
 )
+# How long the server waits after a failed start of the fork-server before
+# it tries again (src/workers/forkserver.rs).
+RESTART_PAUSE = 30.0
 # The variables the fork-server sets to 1 with --preload unless set.
 THREAD_VARIABLES = {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS"}
@@ -233,15 +237,19 @@ def test_a_fork_server_that_cannot_be_started_again_leaves_workers_spawned(launc
     (first,) = wait_until(lambda: forkserver_pids(server), "a fork-server")
     _add(server)
     sigkill(first)
+    killed = time.monotonic()
     assert wait_until(lambda: is_gone(first), timeout=30)
     for _ in range(4):
         _add(server)
+    # One more try per pause, should the jobs outlast one (a loaded machine).
+    pauses = int((time.monotonic() - killed) // RESTART_PAUSE)
     server.logged("a worker is spawned instead of forked")
     log = server.log()
     assert log.count("a worker is spawned instead of forked") == 1, log
     assert "no fork-server here" in log or "fork-server cannot start" in log, log
     starts = (tmp_path / "forkserver-started.count").read_text().split()
-    assert len(starts) == 2, "one failed start again, then a pause, not one per worker"
+    assert 2 <= len(starts) <= 2 + pauses, (
+        "one failed start again, then a pause, not one per worker: %d starts" % len(starts))
 
 
 def test_a_preload_module_that_cannot_be_imported_is_a_startup_error():
