@@ -355,19 +355,25 @@ def test_discovery_answers_a_flood_of_c_at_a_bounded_rate(launch):
     server = launch("-a", "-b", "127.0.0.1")
     listener = _s_listener(server)
     sender = _c_sender(FLOODER)
+    def bound(seconds):
+        return ANSWER_BURST + ANSWERS_PER_SECOND * seconds + seconds / ANNOUNCE_INTERVAL + 1
+
     try:
         started = time.monotonic()
         sent = _send_c(sender, server, 3.0)
+        flooded = time.monotonic() - started
         _all_answered(server, sender)
         elapsed = time.monotonic() - started
         answers = _count_s(listener)
     finally:
         listener.close()
         sender.close()
-    bound = ANSWER_BURST + ANSWERS_PER_SECOND * elapsed + elapsed / ANNOUNCE_INTERVAL + 1
-    assert 1 <= answers <= bound, "%d S for %d C in %.1f s (bound %.0f)" % (
-        answers, sent, elapsed, bound)
-    assert sent > 10 * bound
+    # Over the time the server may have been answering (until it had read
+    # every C: longer if it lagged behind the flood).
+    assert 1 <= answers <= bound(elapsed), "%d S for %d C in %.1f s (bound %.0f)" % (
+        answers, sent, elapsed, bound(elapsed))
+    # The flood itself was far more than the rate allows over its length.
+    assert sent > 10 * bound(flooded), (sent, flooded)
 
 
 @pytest.mark.better_than_ppft(reason="ppft's server has no --allow")
