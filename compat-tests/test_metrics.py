@@ -120,4 +120,6 @@ def test_other_paths_and_methods_are_refused(launch):
         assert sock.recv(64).startswith(b"HTTP/1.1 405")
     finally:
         sock.close()
-    assert wait_until(lambda: server.proc.poll() is None, timeout=5)
+    # Still serving after both: a page asked for afterwards is answered.
+    assert pphelpers.metrics_get(server.metrics_port, "/metrics")[1], "no page after a 405"
+    assert server.proc.poll() is None, server.log_tail()
