@@ -73,6 +73,7 @@ SECRET = "compat;secret 0f pp-tests"
 DEFAULT_WORKERS = 2
 
 STARTUP_TIMEOUT = 30.0  # seconds for the server to accept connections
+LOG_TIMEOUT = 30.0  # seconds for a line the server logs to reach its log
 CONNECT_TIMEOUT = 60.0  # seconds for a ppft client to open all its connections
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 SCRIPT_TIMEOUT = 90.0  # seconds for a client subprocess to finish
@@ -138,6 +139,19 @@ class ServerHandle:
 
     def log_tail(self, lines=80):
         return "\n".join(self.log().splitlines()[-lines:])
+
+    def logged(self, text, timeout=LOG_TIMEOUT):
+        """The first line of the log holding `text`, once it is there: the
+        server's log is written by a thread of its own, so a line comes a
+        moment after what it tells (the startup line after the socket
+        listens, a job's line after its answer). Fails the test, with the
+        log's tail, if it never comes within `timeout` seconds."""
+        found = procs.wait_until(
+            lambda: [line for line in self.log().splitlines() if text in line], timeout=timeout)
+        if not found:
+            raise AssertionError("no line with %r in the server log (%s) within %.0f s\n%s"
+                                 % (text, self.log_path, timeout, self.log_tail()))
+        return found[0]
 
 
 # free_port picks ports from LOWEST_PORT up to the kernel's ephemeral range.
@@ -454,7 +468,10 @@ def finish_client_script(proc, timeout=SCRIPT_TIMEOUT):
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process it started holds its pipes
+            out = err = "<not read: the pipes stayed open after the script was killed>"
         raise AssertionError(
             "client script %s did not finish within %s s\nstdout:\n%s\nstderr:\n%s"
             % (shlex.join(proc.args), timeout, out, err)

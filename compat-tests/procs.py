@@ -6,10 +6,15 @@ Linux only: everything here reads /proc. Nothing here asserts timing: the
 waits are bounded only so that a server that never gets there fails the test
 instead of hanging it. Functions named for a pid take a pid; those named for
 a server take a pphelpers.ServerHandle (its .proc, .nworkers, .log_tail()).
+The sockets of /proc/net/tcp and /proc/net/udp tell what a server has read
+and which connections it still holds: events to wait for, where a fixed
+sleep would only guess.
 """
 
 import os
 import signal
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -132,6 +137,22 @@ def is_forkserver(pid):
     return comm(pid) == FORKSERVER_COMM
 
 
+def signal_masks(pid):
+    """(ignored, caught): the sets of signal numbers the process ignores
+    and handles, from /proc/<pid>/status. A signal it ignores is discarded
+    when sent: nothing is left to happen later."""
+    fields = {}
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+
+    def numbers(mask):
+        bits = int(mask, 16)
+        return {n for n in range(1, 65) if bits & (1 << (n - 1))}
+
+    return numbers(fields["SigIgn"]), numbers(fields["SigCgt"])
+
+
 def fd_count(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
@@ -239,3 +260,51 @@ def wait_for_pool(server, exclude=(), timeout=60.0):
         raise AssertionError("%s; workers %s, zombies %s" % (
             exc, sorted(last.get("pids", ())), sorted(last.get("zombies", ()))))
     return last["pids"]
+
+
+# --- sockets, from /proc/net (this process's network namespace) ---------------------
+
+TCP_LISTEN = "0A"
+
+
+def proc_net_address(ip, port=None):
+    """An IPv4 address (and port) as /proc/net/tcp and /proc/net/udp write it."""
+    (n,) = struct.unpack("<I", socket.inet_aton(ip))
+    return "%08X" % n + ("" if port is None else ":%04X" % port)
+
+
+def net_sockets(proto, local, remote=""):
+    """The IPv4 `proto` ("tcp" or "udp") sockets whose local address is
+    `local` (proc_net_address(ip, port)) and whose remote address starts
+    with `remote`: a list of (remote, state, unread bytes, inode). Unread
+    bytes are the receive queue: what arrived and the owner has not read
+    yet. Inode 0: no process holds the socket any more (it is closed and
+    only the kernel finishes it: TIME_WAIT, FIN_WAIT...)."""
+    found = []
+    for line in Path("/proc/net/%s" % proto).read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2].startswith(remote):
+            found.append((fields[2], fields[3], int(fields[4].split(":")[1], 16),
+                          int(fields[9])))
+    return found
+
+
+def held_connections(server):
+    """The client connections the server still holds open (its sockets on
+    its host:port but the listener, not yet closed by it): [(remote, state,
+    unread bytes)]."""
+    local = proc_net_address(server.host, server.port)
+    return [(remote, state, unread)
+            for remote, state, unread, inode in net_sockets("tcp", local)
+            if state != TCP_LISTEN and inode != 0]
+
+
+def unread_from(server, client_ip, client_port=None):
+    """(connections, bytes): the server's connections from `client_ip` (and
+    `client_port`), and how many bytes those clients sent that the server
+    has not read yet (the receive queues of its sockets). Zero bytes means
+    the server has taken everything they sent."""
+    local = proc_net_address(server.host, server.port)
+    remote = proc_net_address(client_ip, client_port)
+    found = net_sockets("tcp", local, remote if client_port is not None else remote + ":")
+    return len(found), sum(unread for _, _, unread, _ in found)

@@ -14,7 +14,6 @@ that a server that never gets there fails.
 """
 
 import socket
-import struct
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import pytest
 import ppwire
 import serverprocs as sp
 from pphelpers import IMPL
-from procs import is_gone, wait_for_pool, wait_until
+from procs import is_gone, unread_from, wait_for_pool, wait_until
 
 # The server's own behaviour, whatever the client family: run with the
 # ppft 1.7.8 family only (conftest.py deselects it in the others).
@@ -85,28 +84,6 @@ def exec_session_from(server, source):
         sock.close()
         raise
     return sock
-
-
-def proc_net_address(ip, port=None):
-    """An IPv4 address (and port) as /proc/net/tcp writes it."""
-    (n,) = struct.unpack("<I", socket.inet_aton(ip))
-    return "%08X" % n + ("" if port is None else ":%04X" % port)
-
-
-def unread_from(server, client_ip):
-    """(connections, bytes): the server's connections from `client_ip`, and
-    how many bytes those clients sent that the server has not read yet
-    (the receive queues of its sockets, from /proc/net/tcp). Zero bytes
-    means the server has taken every job they sent."""
-    local = proc_net_address(server.host, server.port)
-    remote = proc_net_address(client_ip) + ":"
-    connections = unread = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == local and fields[2].startswith(remote):
-            connections += 1
-            unread += int(fields[4].split(":")[1], 16)
-    return connections, unread
 
 
 def wait_all_read(server, client_ip, connections):

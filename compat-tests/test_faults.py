@@ -22,7 +22,7 @@ import ppwire
 from common_jobs import assert_all_workers_in_parallel
 from faulthelpers import Killer, assert_died_text, exec_session, finished_within
 from pphelpers import json_reports, run_client_script
-from procs import wait_for_pool, wait_until
+from procs import held_connections, wait_for_pool, wait_until
 
 PPSERVER_WORKERS = 3
 
@@ -159,29 +159,67 @@ def test_malformed_packages_get_an_answer_and_workers_are_replaced(pp_client, pp
 ABANDONED = 40
 SLOW = 2.0
 
+# Holds its worker until the file `gate` exists (at most 120 s), having
+# written `path` (the worker's pid) once it runs. Shipped as source.
+HELD_SOURCE = (
+    "def held(path, gate):\n"
+    "    import os, time\n"
+    "    with open(path + '.tmp', 'w') as f:\n"
+    "        f.write(str(os.getpid()))\n"
+    "    os.rename(path + '.tmp', path)\n"
+    "    deadline = time.monotonic() + 120\n"
+    "    while not os.path.exists(gate) and time.monotonic() < deadline:\n"
+    "        time.sleep(0.02)\n"
+    "    return os.getpid()\n"
+)
+
 
 @pytest.mark.better_than_ppft(reason="ppft's server runs jobs whose client has gone")
 def test_queued_jobs_of_vanished_clients_are_dropped(pp_client, ppserver, tmp_path):
-    """40 raw clients each queue a 2-second job and vanish. A new client's
-    tiny job is answered long before the abandoned work could have been
-    done (40*2/N s on N workers), and at most N of the abandoned jobs ever
-    start (those a free worker took before their client was seen gone)."""
-    sfunc = ppwire.function_package(
-        "mark_and_sleep", ["from faultjobs import mark_and_sleep\n"])
-    for i in range(ABANDONED):
-        sock = exec_session(ppserver)
-        ppwire.send_job(sock, sfunc, (str(tmp_path), "gone%d" % i, SLOW))
-        sock.close()
-    abandoned_work = ABANDONED * SLOW / ppserver.nworkers
-    job = pp_client.submit(faultjobs.square, (9,))
-    assert finished_within(job, 0.75 * abandoned_work), (
-        "a new job waited behind abandoned ones (%d started)" % len(_starts(tmp_path)))
-    assert job() == 81
-    # FIFO: any abandoned job that was going to run started before the tiny
-    # job was answered; once all N workers are free again, none is running.
+    """Every worker is held (at a gate) while 40 raw clients each queue a
+    2-second job and vanish. Once the server has seen them all gone, the
+    gate opens: a new client's tiny job is answered long before the
+    abandoned work could have been done (40*2/N s on N workers), and none
+    of the abandoned jobs ever starts. (Held workers, not timing, keep the
+    jobs queued until their clients have left: a worker free while a client
+    is still there rightly takes its job.)"""
+    gate = tmp_path / "gate"
+    held = ppwire.function_package("held", [HELD_SOURCE])
+    holders = []
+    try:
+        for i in range(ppserver.nworkers):
+            holders.append(exec_session(ppserver))
+            ppwire.send_job(holders[-1], held, (str(tmp_path / ("holder%d" % i)), str(gate)))
+        wait_until(lambda: len(list(tmp_path.glob("holder?"))) == ppserver.nworkers,
+                   "every worker held at the gate")
+        connections = len(held_connections(ppserver))
+
+        sfunc = ppwire.function_package(
+            "mark_and_sleep", ["from faultjobs import mark_and_sleep\n"])
+        for i in range(ABANDONED):
+            sock = exec_session(ppserver)
+            ppwire.send_job(sock, sfunc, (str(tmp_path), "gone%d" % i, SLOW))
+            sock.close()
+        # The server closes a connection once it has seen its client leave,
+        # and with it withdraws the connection's queued job.
+        wait_until(lambda: len(held_connections(ppserver)) <= connections,
+                   "the server to see the %d clients gone" % ABANDONED, timeout=60)
+
+        abandoned_work = ABANDONED * SLOW / ppserver.nworkers
+        job = pp_client.submit(faultjobs.square, (9,))
+        gate.touch()
+        assert finished_within(job, 0.75 * abandoned_work), (
+            "a new job waited behind abandoned ones (%d started)" % len(_starts(tmp_path)))
+        assert job() == 81
+        for sock in holders:
+            assert isinstance(ppwire.recv_result(sock)[0], int)
+    finally:
+        gate.touch()
+        for sock in holders:
+            sock.close()
+    # Every worker free again (N jobs at once): none ran an abandoned job.
     assert_all_workers_in_parallel(pp_client, ppserver.nworkers, seconds=0.5)
-    started = _starts(tmp_path)
-    assert len(started) <= ppserver.nworkers, "abandoned jobs were run: %s" % started
+    assert _starts(tmp_path) == [], "abandoned jobs were run"
 
 
 @NOT_PPFT

@@ -32,7 +32,7 @@ from pphelpers import (
     setup_or_fail,
     stop_server,
 )
-from procs import wait_until
+from procs import held_connections, wait_until
 
 # The server's own behaviour, whatever the client family: run with the
 # ppft 1.7.8 family only (conftest.py deselects it in the others).
@@ -170,14 +170,16 @@ def test_k_closes_idle_connections_not_busy_ones(launch):
     "packages server-wide, as ppft's server does)",
 )
 def test_k_client_idle_for_longer_still_gets_its_jobs_done(launch):
-    """With -k 2, a client idle for 3 s has its connections dropped; its next
-    jobs are still all done (it reconnects: its own fault tolerance, which
-    needs the server to serve the new connections normally)."""
+    """With -k 2, a client idle for longer has its connections dropped; its
+    next jobs are still all done (it reconnects: its own fault tolerance,
+    which needs the server to serve the new connections normally)."""
     server = launch("-k", 2, nworkers=2)
     js = connect_client(server)
     try:
         assert [js.submit(triple, (i,))() for i in range(3)] == [0, 3, 6]
-        time.sleep(3)  # longer than -k: the server drops the client's connections
+        # Idle past -k: wait until the server has dropped every connection.
+        wait_until(lambda: not held_connections(server),
+                   "the server to drop the idle client's connections", timeout=30)
         jobs = [js.submit(triple, (i,)) for i in range(10)]
         assert [job() for job in jobs] == [3 * i for i in range(10)]
     finally:
@@ -247,6 +249,9 @@ def test_d_adds_debug_lines(launch):
     _some_traffic(quiet)
     _some_traffic(loud)
     assert wait_until(lambda: " - DEBUG - " in loud.log(), timeout=30), loud.log_tail()
+    # Once it has exited (SIGTERM: it writes out its log as it exits), every
+    # line the quiet server had about that traffic is in its log.
+    stop_server(quiet)
     assert " - DEBUG - " not in quiet.log(), quiet.log_tail()
 
 
@@ -299,7 +304,8 @@ def test_c_config_file_is_honoured(tmp_path):
             close_client(js)
         assert wait_until(lambda: pid_file.exists(), timeout=60), server.log_tail()
         assert int(pid_file.read_text().strip()) == server.proc.pid
-        assert " - DEBUG - " in server.log(), "debug = true in the file was ignored"
+        assert wait_until(lambda: " - DEBUG - " in server.log(), timeout=30), (
+            "debug = true in the file was ignored")
     finally:
         stop_server(server)
 

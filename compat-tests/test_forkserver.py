@@ -30,6 +30,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 
 import pytest
 
@@ -96,6 +97,9 @@ DRAWS_SOURCE = (
     "    np_state = np and hashlib.sha256(np.get_state()[1].tobytes()).hexdigest()\n"
     "    return os.getpid(), state, np_state\n"
 )
+# How long the server waits after a failed start of the fork-server before
+# it tries again (src/workers/forkserver.rs).
+RESTART_PAUSE = 30.0
 # The variables the fork-server sets to 1 with --preload unless set.
 THREAD_VARIABLES = {"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS"}
@@ -108,11 +112,7 @@ def _state(server):
 
 
 def _startup_line(server):
-    def lines():
-        return [l for l in server.log().splitlines() if "listening on" in l]
-    found = wait_until(lines, timeout=30)
-    assert found, server.log_tail()
-    return found[0]
+    return server.logged("listening on")
 
 
 def _add(server):
@@ -265,7 +265,7 @@ def test_a_fork_server_that_dies_is_started_again_and_no_job_is_lost(launch):
     assert results == [42] * 16, (results, server.log_tail())
     (second,) = wait_until(lambda: forkserver_pids(server), "a new fork-server")
     assert second != first
-    assert "fork-server started again" in server.log(), server.log_tail()
+    server.logged("fork-server started again")
     assert "spawned instead" not in server.log()
 
 
@@ -385,14 +385,19 @@ def test_a_fork_server_that_cannot_be_started_again_leaves_workers_spawned(launc
     (first,) = wait_until(lambda: forkserver_pids(server), "a fork-server")
     _add(server)
     sigkill(first)
+    killed = time.monotonic()
     assert wait_until(lambda: is_gone(first), timeout=30)
     for _ in range(4):
         _add(server)
+    # One more try per pause, should the jobs outlast one (a loaded machine).
+    pauses = int((time.monotonic() - killed) // RESTART_PAUSE)
+    server.logged("a worker is spawned instead of forked")
     log = server.log()
     assert log.count("a worker is spawned instead of forked") == 1, log
     assert "no fork-server here" in log or "fork-server cannot start" in log, log
     starts = (tmp_path / "forkserver-started.count").read_text().split()
-    assert len(starts) == 2, "one failed start again, then a pause, not one per worker"
+    assert 2 <= len(starts) <= 2 + pauses, (
+        "one failed start again, then a pause, not one per worker: %d starts" % len(starts))
 
 
 def test_a_preload_module_that_cannot_be_imported_is_a_startup_error():
@@ -409,4 +414,4 @@ def test_a_preload_module_that_cannot_be_imported_is_a_startup_error():
 def test_with_spawn_preload_is_ignored_with_a_warning(launch):
     server = launch("--worker-start", "spawn", "--preload", "json", nworkers=1)
     _add(server)
-    assert "--preload json has no effect with --worker-start spawn" in server.log()
+    server.logged("--preload json has no effect with --worker-start spawn")

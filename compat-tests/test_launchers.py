@@ -28,7 +28,7 @@ import pphelpers
 import ppwire
 import serverprocs as sp
 from pphelpers import CLIENT, HERE, IMPL, SECRET, WORKER_MODULE, free_port, server_env
-from procs import wait_until
+from procs import signal_masks, wait_until
 
 # The server's own behaviour, whatever the client family: run with the
 # ppft 1.7.8 family only (conftest.py deselects it in the others).
@@ -139,7 +139,9 @@ def test_silent_on_a_pipe(piped):
                     "silent, as ppft's does, whatever the worker package)")
     server = piped()
     assert _wait_job(server) == 42
-    time.sleep(SILENCE)  # output that would arrive late still counts
+    # Stopped (SIGTERM, which prints nothing either) and read to its end:
+    # output that would come late counts too.
+    server.stop()
     assert server.output() == "", server.output()
 
 
@@ -152,12 +154,18 @@ def test_default_secret_warning_waits_for_a_client(piped, tmp_path):
     server = piped("--ready-file", ready, secret=None)
     assert wait_until(lambda: ready.exists() or server.proc.poll() is not None, timeout=60)
     assert ready.exists(), server.output()
+    # What pathos does: watch the output for a few seconds after the start.
     time.sleep(SILENCE)
     assert server.output() == "", server.output()
     assert _wait_job(server) == 42
     assert wait_until(lambda: "default secret" in server.output(), timeout=30), (
         server.output())
-    assert server.output().count("default secret") == 1, server.output()
+    # Stopped and read to its end: the warning, once, is all it printed (a
+    # line written at startup, however late it reached the pipe, would
+    # come before it).
+    server.stop()
+    lines = server.output().splitlines()
+    assert len(lines) == 1 and "default secret" in lines[0], server.output()
 
 
 @better_than_ppft(reason="ppft's server has no -v")
@@ -174,7 +182,9 @@ def test_quiet_shows_no_warnings(launch):
     server = launch("-q")
     assert sp.handshake_reply(server, "wrong secret") == b"FAILED"
     assert sp.raw_job(server, "add", sp.ADD_SOURCE, (1, 2))[0] == 3
-    time.sleep(1.0)  # a late line would still show below
+    # Once it has exited (SIGTERM, which logs nothing under -q either), a
+    # line the log thread had not written yet would be in the log.
+    assert pphelpers.stop_server(server) is None, "the server exited by itself"
     lines = server.log().splitlines()[1:]  # the first line is the command
     assert lines == [], lines
 
@@ -228,17 +238,30 @@ def test_sighup_stays_ignored_under_nohup(piped):
     ignoring it and serving."""
     server = piped(shell_prefix="trap '' HUP")
     assert _wait_job(server) == 42
+    # Ignored, not handled: the kernel discards a SIGHUP sent now, so there
+    # is nothing left to happen later.
+    ignored, caught = signal_masks(server.proc.pid)
+    assert signal.SIGHUP in ignored and signal.SIGHUP not in caught, (ignored, caught)
     os.kill(server.proc.pid, signal.SIGHUP)
-    time.sleep(1.0)
-    assert server.proc.poll() is None, "SIGHUP stopped a server started under nohup"
     assert _wait_job(server) == 42
+    assert server.proc.poll() is None, "SIGHUP stopped a server started under nohup"
 
 
+# Leaves once its connection thread has said (logged) that the versions
+# differ, or after 60 s: a fixed nap could end before that thread ran.
 MISMATCH_CLIENT = """
-import sys, time
+import logging, sys, time
 import {module} as pp
+said = []
+class Said(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+logging.basicConfig()  # the client's errors still reach stderr
+logging.getLogger().addHandler(Said())
 js = pp.Server(ncpus=0, ppservers=("127.0.0.1:%s" % sys.argv[1],), secret=sys.argv[2])
-time.sleep(2)
+deadline = time.monotonic() + 60
+while not any("mismatch" in m.lower() for m in said) and time.monotonic() < deadline:
+    time.sleep(0.02)
 js.destroy()
 """
 

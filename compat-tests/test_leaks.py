@@ -14,7 +14,6 @@ import random
 import signal
 import socket
 import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,7 +23,8 @@ import ppwire
 from faulthelpers import ExtraServer, exec_session, stat_roundtrip
 from pphelpers import (IMPL, close_client, connect_client, setup_or_fail, start_server,
                        stop_server)
-from procs import fd_count, fd_targets, is_gone, wait_for_pool, wait_settled, wait_until
+from procs import (fd_count, fd_targets, held_connections, is_gone, wait_for_pool, wait_settled,
+                   wait_until)
 
 # The server's own behaviour, whatever the client family: run with the
 # ppft 1.7.8 family only (conftest.py deselects it in the others).
@@ -96,8 +96,11 @@ def test_fds_back_to_baseline_after_many_connections(tmp_path):
         pid = server.proc.pid
         for i in range(20):  # warm up every path once
             _one_connection(server, i)
+        # The baseline: no connection left open (the server notices a
+        # closed one when it next reads it), every worker in place.
+        wait_until(lambda: not held_connections(server),
+                   "the server to close the warm-up connections", timeout=30)
         wait_for_pool(server)
-        time.sleep(0.5)
         baseline = fd_count(pid)
         before = fd_targets(pid)
         with ThreadPoolExecutor(16) as pool:

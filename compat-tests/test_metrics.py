@@ -50,7 +50,18 @@ def test_counters_match_a_known_run(launch):
     result, text = sp.raw_job(server, "add", sp.ADD_SOURCE, (b"z" * (4 << 20), b""))
     assert result is None and "--memory-limit" in text
 
-    content_type, page = pphelpers.metrics_get(server.metrics_port, "/metrics")
+    # Both workers are up: the 200 jobs may all have run on the first while
+    # the second was still starting.
+    got = {}
+
+    def both_workers_up():
+        got["type"], got["page"] = pphelpers.metrics_get(server.metrics_port, "/metrics")
+        s = pphelpers.metric_samples(got["page"])
+        return s[("ppserver_workers", '{state="idle"}')] + s[("ppserver_workers",
+                                                            '{state="busy"}')] == 2
+
+    assert wait_until(both_workers_up, timeout=60), got["page"]
+    content_type, page = got["type"], got["page"]
     assert content_type.startswith("text/plain; version=0.0.4"), content_type
     s = pphelpers.metric_samples(page)
     assert s[("ppserver_jobs_received_total", "")] == 201, page
@@ -109,4 +120,6 @@ def test_other_paths_and_methods_are_refused(launch):
         assert sock.recv(64).startswith(b"HTTP/1.1 405")
     finally:
         sock.close()
-    assert wait_until(lambda: server.proc.poll() is None, timeout=5)
+    # Still serving after both: a page asked for afterwards is answered.
+    assert pphelpers.metrics_get(server.metrics_port, "/metrics")[1], "no page after a 405"
+    assert server.proc.poll() is None, server.log_tail()

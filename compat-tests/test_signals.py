@@ -113,7 +113,7 @@ def test_sigkill_takes_the_workers_along(launch, tmp_path):
     assert busy_worker in workers, (busy_worker, workers)
     try:
         os.kill(server.proc.pid, signal.SIGKILL)
-        server.proc.wait()
+        server.proc.wait(timeout=sp.EXIT_TIMEOUT)
         assert wait_until(lambda: all(is_gone(pid) for pid in workers), timeout=60), (
             "workers outlived the killed server: %r" % [p for p in workers if not is_gone(p)]
         )

@@ -16,6 +16,7 @@ generous upper bound.
 """
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import pytest
 import ppwire
 import serverprocs as sp
 from pphelpers import HERE, STARTUP_TIMEOUT, WORKER_MODULE, server_env
-from procs import is_gone, wait_for_children, wait_until
+from procs import is_gone, signal_masks, wait_for_children, wait_until
 
 pytestmark = pytest.mark.better_than_ppft(
     reason="ppft's workers die of a SIGTERM sent to the whole process tree")
@@ -80,21 +81,6 @@ VIEW_SOURCE = (
 )
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _signal_masks(pid):
-    """(ignored, caught): the sets of signal numbers the process ignores
-    and handles, from /proc/<pid>/status."""
-    fields = {}
-    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-
-    def numbers(mask):
-        bits = int(mask, 16)
-        return {n for n in range(1, 65) if bits & (1 << (n - 1))}
-
-    return numbers(fields["SigIgn"]), numbers(fields["SigCgt"])
 
 
 def test_sigterm_to_the_whole_tree_drains_the_running_jobs(launch, tmp_path):
@@ -160,7 +146,7 @@ def test_workers_handle_the_stop_signals_and_what_jobs_start_does_not(launch):
     launch.workers.append(worker)
     # Once it has run a job, the worker is past its bootstrap.
     assert sp.raw_job(server, "worker_pid", sp.PID_SOURCE, ())[0] == worker
-    ignored, caught = _signal_masks(worker)
+    ignored, caught = signal_masks(worker)
     for signum in STOP_SIGNALS:
         assert signum in caught and signum not in ignored, (signum, ignored, caught)
 
@@ -171,10 +157,10 @@ def test_workers_handle_the_stop_signals_and_what_jobs_start_does_not(launch):
         # The job returns once they exist; the forked child restores the
         # handlers (and the program execs) a moment later.
         def settled():
-            ignored, caught = _signal_masks(pid)
+            ignored, caught = signal_masks(pid)
             return all(s not in caught and s not in ignored
                        for s in (signal.SIGTERM, signal.SIGHUP))
-        assert wait_until(settled, timeout=30), (pid, _signal_masks(pid))
+        assert wait_until(settled, timeout=30), (pid, signal_masks(pid))
         os.kill(pid, signal.SIGTERM)
     # Both are children of the worker, which reaps neither: gone means
     # dead (a zombie), which SIGTERM at its default makes them.
@@ -210,7 +196,8 @@ def _view_under_plain_minus_m(env):
 
 
 class _Pipes:
-    """A worker's stdin and stdout as the socket ppwire's framing expects."""
+    """A worker's stdin and stdout as the socket ppwire's framing expects,
+    with its bounded reads: a worker that never answers fails the test."""
 
     def __init__(self, proc):
         self.proc = proc
@@ -220,6 +207,10 @@ class _Pipes:
         self.proc.stdin.flush()
 
     def recv(self, n):
+        ready, _, _ = select.select([self.proc.stdout], [], [], ppwire.SOCKET_TIMEOUT)
+        if not ready:
+            raise AssertionError("the worker %d wrote nothing for %.0f s"
+                                 % (self.proc.pid, ppwire.SOCKET_TIMEOUT))
         return os.read(self.proc.stdout.fileno(), n)
 
 

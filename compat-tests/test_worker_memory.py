@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import pphelpers
+import serverprocs as sp
 from faulthelpers import finished_within, server_alive
 from procs import is_gone, sigkill, wait_for_pool, wait_until
 
@@ -236,8 +237,10 @@ def test_a_worker_over_the_limit_is_stopped_and_its_job_answered(launch, tmp_pat
     assert samples[("ppserver_worker_restarts_total", '{cause="memory_limit"}')] == 1, samples
     assert samples[("ppserver_jobs_server_answered_total", '{reason="memory_limit"}')] == 1
 
-    pphelpers.stop_server(server)
-    assert not server.died_early, server.log_tail()
+    # A clean stop (not stop_server's SIGKILL after a few seconds, which
+    # leaves no time to remove anything): waited for with a generous bound.
+    server.proc.send_signal(signal.SIGTERM)
+    assert sp.wait_exit(server.proc) == 0, server.log_tail()
     made = v1_memory_dir() and v1_memory_dir() / ("ppserver-%d" % server.proc.pid)
     if made:
         assert not made.exists(), "the server left its cgroup %s behind" % made
