@@ -290,9 +290,10 @@ def net_sockets(proto, local, remote=""):
 
 
 def held_connections(server):
-    """The client connections the server still holds open (its sockets on
-    its host:port but the listener, not yet closed by it): [(remote, state,
-    unread bytes)]."""
+    """The client connections the server holds open: the sockets on its
+    host:port it has accepted (a socket in the listen queue has no inode
+    yet) and not yet closed (inode 0 again): [(remote, state, unread
+    bytes)]."""
     local = proc_net_address(server.host, server.port)
     return [(remote, state, unread)
             for remote, state, unread, inode in net_sockets("tcp", local)
