@@ -33,6 +33,14 @@ pub(crate) fn main() -> ExitCode {
             println!("{}", config::help::usage());
             return ExitCode::SUCCESS;
         }
+        Ok(Command::LongHelp) => {
+            println!("{}", config::help::long_usage());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("{}", config::help::version());
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("ppserver: {e}\nRun 'ppserver -h' for the list of flags.");
             return ExitCode::from(2);

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use crate::config::inifile;
-use crate::config::settings::{apply, FILE_KEYS};
+use crate::config::options::{self, Action};
+use crate::config::settings::apply;
 use crate::config::{Config, ConfigError, Origin};
 
 /// Reads a config file over `cfg`, like ppft's `-c`: the file's values
@@ -24,21 +25,33 @@ pub(crate) fn apply_file(cfg: &mut Config, path: &Path) -> Result<(), ConfigErro
     })?;
     for (section, keys) in &sections {
         for (key, (value, line)) in keys {
-            let known = FILE_KEYS.iter().find(|(s, k, _)| s == section && k == key);
-            match known {
-                Some(&(_, _, setting)) => {
-                    let at = Origin::Key {
-                        path: path.to_path_buf(),
-                        section: section.clone(),
-                        key: key.clone(),
-                        line: *line,
-                    };
-                    apply(cfg, setting, &at, value)?;
-                }
-                None => cfg.notes.push(format!(
+            let Some(opt) = options::by_key(key) else {
+                cfg.notes.push(format!(
                     "config file {shown}, line {line}: unknown key [{section}] {key}, ignored"
-                )),
+                ));
+                continue;
+            };
+            let (home, _) = opt.key.unwrap_or((options::Section::General, ""));
+            if home.name() != section {
+                // ppft reads each key from its own section only; a key
+                // elsewhere is most likely misplaced, so say where it goes.
+                cfg.notes.push(format!(
+                    "config file {shown}, line {line}: {key} belongs in [{home}], not \
+                     [{section}]; ignored",
+                    home = home.name()
+                ));
+                continue;
             }
+            let (Action::Value(setting) | Action::Switch(setting)) = opt.action else {
+                continue;
+            };
+            let at = Origin::Key {
+                path: path.to_path_buf(),
+                section: section.clone(),
+                key: key.clone(),
+                line: *line,
+            };
+            apply(cfg, setting, &at, value)?;
         }
     }
     Ok(())

@@ -6,9 +6,32 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::config::file::apply_file;
+use crate::config::options::{self, Action};
 use crate::config::settings::{apply, invalid, secret_from_file, Setting};
 use crate::config::{Command, Config, ConfigError, Origin};
-use crate::logging::format::LogFormat;
+
+/// One flag's value: paths as given (they need not be UTF-8), the rest
+/// as text through the setting's checks.
+fn apply_value(
+    cfg: &mut Config,
+    setting: Setting,
+    flag: &'static str,
+    value: OsString,
+) -> Result<(), ConfigError> {
+    match setting {
+        Setting::Python => cfg.python = Some(PathBuf::from(value)),
+        Setting::SecretFile => {
+            cfg.secret = secret_from_file(Path::new(&value))?;
+            cfg.secret_is_default = false;
+        }
+        Setting::ReadyFile if !value.is_empty() => cfg.ready_file = Some(PathBuf::from(value)),
+        _ => {
+            let value = text(flag, value)?;
+            apply(cfg, setting, &Origin::Flag(flag), &value)?;
+        }
+    }
+    Ok(())
+}
 
 fn text(flag: &'static str, value: OsString) -> Result<String, ConfigError> {
     value
@@ -57,96 +80,33 @@ where
     let mut cfg = Config::default();
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next()? {
-        let setting = match arg {
-            Short('h') | Long("help") => return Ok(Command::Help),
-            Short('d') => {
-                cfg.debug = true;
-                continue;
-            }
-            Short('v') | Long("verbose") => {
-                cfg.verbose = true;
-                continue;
-            }
-            Short('q') | Long("quiet") => {
-                cfg.quiet = true;
-                continue;
-            }
-            Long("ready-file") => {
-                let path = PathBuf::from(parser.value()?);
-                if path.as_os_str().is_empty() {
-                    return Err(invalid(&Origin::Flag("--ready-file"), "", "empty path"));
-                }
-                cfg.ready_file = Some(path);
-                continue;
-            }
-            Short('r') => {
-                cfg.restart = true;
-                continue;
-            }
-            Short('a') => {
-                cfg.autodiscovery = true;
-                continue;
-            }
-            Short('c') => {
-                let path = PathBuf::from(parser.value()?);
-                apply_file(&mut cfg, &path)?;
-                continue;
-            }
-            Short('f') => {
-                let fmt = text("-f", parser.value()?)?;
-                cfg.log_format =
-                    LogFormat::parse(&fmt).map_err(|e| invalid(&Origin::Flag("-f"), &fmt, &e))?;
-                continue;
-            }
-            Long("secret-file") => {
-                cfg.secret = secret_from_file(Path::new(&parser.value()?))?;
-                cfg.secret_is_default = false;
-                continue;
-            }
-            Long("python") => {
-                cfg.python = Some(PathBuf::from(parser.value()?));
-                continue;
-            }
-            Long("worker-module") => ("--worker-module", Setting::WorkerModule),
-            Long("pp-version") => ("--pp-version", Setting::PpVersion),
-            Long("max-frame-size") => ("--max-frame-size", Setting::MaxFrameSize),
-            Long("max-connections") => ("--max-connections", Setting::MaxConnections),
-            Long("max-jobs-per-worker") => ("--max-jobs-per-worker", Setting::MaxJobsPerWorker),
-            Long("job-timeout") => ("--job-timeout", Setting::JobTimeout),
-            Long("worker-start") => ("--worker-start", Setting::WorkerStart),
-            Long("preload") => ("--preload", Setting::Preload),
-            Long("worker-memory-limit") => ("--worker-memory-limit", Setting::WorkerMemoryLimit),
-            Long("keep-abandoned") => {
-                cfg.keep_abandoned = true;
-                continue;
-            }
-            Short('s') => ("-s", Setting::Secret),
-            Short('n') => ("-n", Setting::Proto),
-            Short('i') => ("-i", Setting::Interface),
-            Short('b') => ("-b", Setting::Broadcast),
-            Long("announce") => ("--announce", Setting::Announce),
-            Long("advertise-ncpus") => ("--advertise-ncpus", Setting::AdvertiseNcpus),
-            Short('p') => ("-p", Setting::Port),
-            Short('w') => ("-w", Setting::Workers),
-            Short('t') => ("-t", Setting::IdleExit),
-            Short('k') => ("-k", Setting::SocketTimeout),
-            Short('P') => ("-P", Setting::PidFile),
-            Long("drain-timeout") => ("--drain-timeout", Setting::DrainTimeout),
-            Long("memory-limit") => ("--memory-limit", Setting::MemoryLimit),
-            Long("metrics") => ("--metrics", Setting::Metrics),
-            Long("max-handshakes") => ("--max-handshakes", Setting::MaxHandshakes),
-            Long("max-handshakes-per-address") => (
-                "--max-handshakes-per-address",
-                Setting::MaxHandshakesPerAddress,
-            ),
-            Long("allow") => ("--allow", Setting::Allow),
-            Long("login-delay") => ("--login-delay", Setting::LoginDelay),
+        // Every flag is looked up in the one table, so the parser accepts
+        // nothing that `-h`, `--help` and the man page do not describe.
+        let typed = match arg {
+            Short(c) => format!("-{c}"),
+            Long(l) => format!("--{l}"),
             Value(v) => return Err(lexopt::Error::UnexpectedArgument(v).into()),
-            _ => return Err(arg.unexpected().into()),
         };
-        let (flag, setting) = setting;
-        let value = text(flag, parser.value()?)?;
-        apply(&mut cfg, setting, &Origin::Flag(flag), &value)?;
+        let Some(opt) = options::by_flag(&typed) else {
+            return Err(arg.unexpected().into());
+        };
+        let flag = if typed.starts_with("--") {
+            opt.long
+        } else {
+            opt.short
+        }
+        .unwrap_or(opt.name());
+        match opt.action {
+            Action::Help => return Ok(Command::Help),
+            Action::LongHelp => return Ok(Command::LongHelp),
+            Action::Version => return Ok(Command::Version),
+            Action::ConfigFile => apply_file(&mut cfg, Path::new(&parser.value()?))?,
+            Action::Switch(setting) => apply(&mut cfg, setting, &Origin::Flag(flag), "true")?,
+            Action::Value(setting) => {
+                let value = parser.value()?;
+                apply_value(&mut cfg, setting, flag, value)?;
+            }
+        }
     }
     if cfg.secret_is_default {
         if let Some(secret) = env.ppserver_secret.clone() {
@@ -263,7 +223,11 @@ mod tests {
         ));
         assert!(matches!(
             parse_args_with(["--help"], &Env::default()),
-            Ok(Command::Help)
+            Ok(Command::LongHelp)
+        ));
+        assert!(matches!(
+            parse_args_with(["-p", "1", "--version", "-p", "x"], &Env::default()),
+            Ok(Command::Version)
         ));
     }
 
@@ -762,5 +726,121 @@ mod tests {
         assert!(c.notes.is_empty(), "{:?}", c.notes);
         let bad = temp_file("badkey.conf", "[general]\nworker_module = a b\n");
         assert!(err(&["-c", bad.to_str().unwrap()]).contains("[general] worker_module"));
+    }
+
+    #[test]
+    fn log_format_key_like_the_flag() {
+        let path = temp_file(
+            "f.conf",
+            "[general]\nlog_format = '%(levelname)s %(message)s'\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = run(&["-c", p]);
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        assert_eq!(
+            c.log_format,
+            run(&["-f", "%(levelname)s %(message)s"]).log_format
+        );
+        assert_ne!(c.log_format, run(&[]).log_format);
+        let c = run(&["-c", p, "-f", "%(message)s"]);
+        assert_eq!(
+            c.log_format,
+            run(&["-f", "%(message)s"]).log_format,
+            "a later -f wins"
+        );
+        let path = temp_file("f2.conf", "[general]\nlog_format = %(bogus)s\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(
+            e.contains("[general] log_format") && e.contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_section_is_ignored_and_the_warning_names_its_section() {
+        let path = temp_file(
+            "w.conf",
+            "[network]\nworkers = 3\n[general]\nport = 61000\n",
+        );
+        let c = run(&["-w", "2", "-c", path.to_str().unwrap()]);
+        assert_eq!(
+            (c.workers, c.port),
+            (2, crate::config::DEFAULT_PORT),
+            "ignored"
+        );
+        assert_eq!(c.notes.len(), 2, "{:?}", c.notes);
+        assert!(
+            c.notes[0].contains("line 4") && c.notes[0].contains("port belongs in [network]"),
+            "{:?}",
+            c.notes
+        );
+        assert!(
+            c.notes[1].contains("line 2") && c.notes[1].contains("workers belongs in [general]"),
+            "{:?}",
+            c.notes
+        );
+    }
+
+    #[test]
+    fn switches_from_the_table_set_what_their_keys_set() {
+        let c = run(&["-a", "-r", "-d", "-v", "--keep-abandoned"]);
+        assert!(c.autodiscovery && c.restart && c.debug && c.verbose && c.keep_abandoned);
+        assert!(!c.quiet);
+        assert!(err(&["--quiet=yes"]).contains("--quiet"));
+    }
+
+    /// Every flag of the table is one the parser takes: with a value the
+    /// setting refuses, it is refused for the value, never as unknown.
+    #[test]
+    fn the_parser_takes_every_flag_in_the_table() {
+        for o in options::OPTIONS {
+            for flag in o.flags() {
+                let args: Vec<&str> = match o.value {
+                    Some(_) => vec![flag, "\u{1}bad\u{1}"],
+                    None => vec![flag],
+                };
+                match parse_args_with(args.iter().copied(), &Env::default()) {
+                    Err(ConfigError::Usage(e)) => panic!("{flag}: {e}"),
+                    Err(e) => assert!(e.to_string().contains(flag), "{flag}: {e}"),
+                    Ok(_) => {}
+                }
+            }
+        }
+        // And what is not in the table is not taken.
+        for flag in ["-x", "-H", "--bogus", "--verbos", "--h", "--p"] {
+            assert!(
+                matches!(
+                    parse_args_with([flag, "1"], &Env::default()),
+                    Err(ConfigError::Usage(_))
+                ),
+                "{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_key_is_read_from_its_section() {
+        for o in options::OPTIONS {
+            let Some((section, key)) = o.key else {
+                continue;
+            };
+            let value = match o.default {
+                options::DefaultIs::Value(v) => v.to_string(),
+                _ if o.value.is_none() => "no".into(),
+                _ => continue,
+            };
+            let dir = std::env::temp_dir().join(format!("ppserver-options-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{key}.conf"));
+            std::fs::write(
+                &path,
+                format!("[{}]\n{key} = \"{value}\"\n", section.name()),
+            )
+            .unwrap();
+            match parse_args_with(["-c", path.to_str().unwrap()], &Env::default()) {
+                Ok(Command::Run(c)) => assert!(c.notes.is_empty(), "{key}: {:?}", c.notes),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
     }
 }

@@ -4,19 +4,24 @@
 //! getopt-style: `-dr`, `-p60000` and `-p 60000` all work), plus long
 //! options for what ppft does not have. This module holds the result,
 //! [`Config`], with its defaults and errors; the parts that fill it in:
+//! - [`options`]: every option, defined once: names, key, default,
+//!   bounds and texts, which the rest read;
 //! - [`flags`]: the command line, a pure function of the arguments
 //!   ([`flags::parse_args_with`]) so it can be tested without a process;
 //! - [`file`]: the config file (`-c`), in the syntax of [`inifile`];
 //! - [`settings`]: what each flag and key sets, and the checks its value
 //!   passes;
-//! - [`help`]: the `-h` text;
+//! - [`help`]: the `-h` and `--help` texts;
+//! - [`docs`]: the man pages and the sample config file, generated;
 //! - [`allow`]: the `--allow` networks and what counts as one address.
 
 pub mod allow;
+pub mod docs;
 pub(crate) mod file;
 pub mod flags;
 pub mod help;
 pub(crate) mod inifile;
+pub mod options;
 pub(crate) mod settings;
 
 use std::net::Ipv4Addr;
@@ -270,8 +275,12 @@ pub struct WorkerMemoryLimit {
 pub enum Command {
     /// Run the server.
     Run(Box<Config>),
-    /// Print the usage text and exit successfully.
+    /// Print the short usage text (`-h`) and exit successfully.
     Help,
+    /// Print the long usage text (`--help`) and exit successfully.
+    LongHelp,
+    /// Print `ppserver X.Y.Z` and exit successfully.
+    Version,
 }
 
 /// Where a setting came from, for error messages.

@@ -1,6 +1,6 @@
-//! Every setting that a flag or a config-file key can give, the config
-//! file's keys (by section, as ppft's `parse_config` reads them) and the
-//! checks each value passes before it reaches [`Config`].
+//! Every setting that a flag or a config-file key can give, and the
+//! checks each value passes before it reaches [`Config`]. Which flag and
+//! key give which setting is [`crate::config::options`]'s table.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use crate::config::{
     Config, ConfigError, Origin, WorkerMemoryLimit, WorkerStart, MAX_LOGIN_DELAY, MAX_MAX_FRAME,
     MIN_MAX_FRAME, MIN_MEMORY_LIMIT, MIN_WORKER_MEMORY_LIMIT,
 };
+use crate::logging::format::LogFormat;
 
 /// A setting that can come from a flag or from the config file.
 #[derive(Debug, Clone, Copy)]
@@ -51,51 +52,8 @@ pub(crate) enum Setting {
     WorkerStart,
     Preload,
     WorkerMemoryLimit,
+    LogFormat,
 }
-
-/// Config file keys, by section, as ppft's `parse_config` reads them.
-pub(crate) const FILE_KEYS: &[(&str, &str, Setting)] = &[
-    ("general", "secret", Setting::Secret),
-    ("general", "debug", Setting::Debug),
-    ("general", "workers", Setting::Workers),
-    ("general", "proto", Setting::Proto),
-    ("general", "restart", Setting::Restart),
-    ("general", "pid_file", Setting::PidFile),
-    ("general", "quiet", Setting::Quiet),
-    ("general", "python", Setting::Python),
-    ("general", "secret_file", Setting::SecretFile),
-    ("general", "worker_module", Setting::WorkerModule),
-    ("general", "pp_version", Setting::PpVersion),
-    ("general", "max_frame_size", Setting::MaxFrameSize),
-    ("network", "max_connections", Setting::MaxConnections),
-    ("general", "verbose", Setting::Verbose),
-    ("general", "ready_file", Setting::ReadyFile),
-    ("general", "drain_timeout", Setting::DrainTimeout),
-    ("general", "memory_limit", Setting::MemoryLimit),
-    ("general", "max_jobs_per_worker", Setting::MaxJobsPerWorker),
-    ("general", "keep_abandoned", Setting::KeepAbandoned),
-    ("network", "metrics", Setting::Metrics),
-    ("general", "login_delay", Setting::LoginDelay),
-    ("general", "job_timeout", Setting::JobTimeout),
-    ("general", "worker_start", Setting::WorkerStart),
-    ("general", "preload", Setting::Preload),
-    ("general", "worker_memory_limit", Setting::WorkerMemoryLimit),
-    ("network", "autodiscovery", Setting::Autodiscovery),
-    ("network", "interface", Setting::Interface),
-    ("network", "broadcast", Setting::Broadcast),
-    ("network", "announce", Setting::Announce),
-    ("general", "advertise_ncpus", Setting::AdvertiseNcpus),
-    ("network", "port", Setting::Port),
-    ("network", "timeout", Setting::IdleExit),
-    ("network", "socket_timeout", Setting::SocketTimeout),
-    ("network", "max_handshakes", Setting::MaxHandshakes),
-    (
-        "network",
-        "max_handshakes_per_address",
-        Setting::MaxHandshakesPerAddress,
-    ),
-    ("network", "allow", Setting::Allow),
-];
 
 pub(crate) fn invalid(at: &Origin, value: &str, why: &str) -> ConfigError {
     ConfigError::Invalid {
@@ -173,6 +131,9 @@ pub(crate) fn apply(
             cfg.secret_is_default = false;
         }
         Setting::Debug => cfg.debug = boolean(name, value)?,
+        Setting::LogFormat => {
+            cfg.log_format = LogFormat::parse(value).map_err(|e| invalid(name, value, &e))?
+        }
         Setting::Workers => cfg.workers = at_least_one(name, value)?,
         Setting::Proto => {
             let proto: i32 = number(name, value)?;
