@@ -30,7 +30,9 @@ fn header(name: &str, section: u8, title: &str) -> String {
     format!(
         ".\\\" Generated from src/config/options.rs; do not edit.\n\
          .\\\" Regenerate: PPSERVER_REGENERATE_DOCS=1 cargo test --test docs\n\
-         .TH {} {section} \"\" \"{}\" \"{title}\"\n",
+         .TH {} {section} \"\" \"{}\" \"{title}\"\n\
+         .ad l\n\
+         .nh\n",
         name.to_uppercase(),
         version()
     )
@@ -183,7 +185,7 @@ pub fn conf_man_page() -> String {
          warning and is ignored.",
     );
     for s in [Section::General, Section::Network] {
-        section(&mut out, &format!("[{}]", s.name().to_uppercase()));
+        section(&mut out, &format!("THE [{}] SECTION", s.name()));
         for (key, o) in keys_of(s) {
             let mut text = o.long_text();
             let mut facts = facts(o, false, true);
@@ -238,8 +240,8 @@ pub fn sample_config() -> String {
                     o.long_text().trim_end_matches('.'),
                     flags.join(", ")
                 ),
-                "\n#",
-                "#",
+                "\n# ",
+                "# ",
                 79,
             ));
             out.push('\n');

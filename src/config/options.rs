@@ -210,8 +210,8 @@ pub static OPTIONS: &[Opt] = &[
         key: general("log_format"),
         default: DefaultIs::Value("%(asctime)s - %(name)s - %(levelname)s - %(message)s"),
         brief: "log format (Python logging style)",
-        more: "The fields are Python logging's: asctime, name, levelname, levelno, \
-               message, process, thread and the like; an unknown field is an error.",
+        more: "The fields it may name: asctime, created, msecs, name, levelname, \
+               levelno, message and process; another is an error.",
         ..valued(Some("-f"), None, "format", Setting::LogFormat)
     },
     Opt {
@@ -590,8 +590,7 @@ pub static ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "PYTHONPATH",
-        "Passed on to the workers, with the server's working directory added, as \
-         ppft's server does.",
+        "Passed on to the workers, with the server's working directory added.",
     ),
 ];
 
