@@ -142,8 +142,9 @@ pub fn by_key(key: &str) -> Option<&'static Opt> {
 
 const NONE: DefaultIs = DefaultIs::Text("none");
 
-/// A switch's row; the rest of its fields are filled in below.
-const fn switch(short: Option<&'static str>, long: Option<&'static str>, s: Setting) -> Opt {
+/// A row with its names and action; the rest of its fields are filled in
+/// below.
+const fn row(short: Option<&'static str>, long: Option<&'static str>, action: Action) -> Opt {
     Opt {
         short,
         long,
@@ -154,8 +155,13 @@ const fn switch(short: Option<&'static str>, long: Option<&'static str>, s: Sett
         bounds: "",
         brief: "",
         more: "",
-        action: Action::Switch(s),
+        action,
     }
+}
+
+/// A switch's row.
+const fn switch(short: Option<&'static str>, long: Option<&'static str>, s: Setting) -> Opt {
+    row(short, long, Action::Switch(s))
 }
 
 /// An option with a value; the rest of its fields are filled in below.
@@ -167,8 +173,7 @@ const fn valued(
 ) -> Opt {
     Opt {
         value: Some(value),
-        action: Action::Value(s),
-        ..switch(short, long, s)
+        ..row(short, long, Action::Value(s))
     }
 }
 
@@ -185,8 +190,7 @@ pub static OPTIONS: &[Opt] = &[
     Opt {
         brief: "this help message",
         more: "The short one: --help gives every option's long text.",
-        action: Action::Help,
-        ..switch(Some("-h"), None, Setting::Debug)
+        ..row(Some("-h"), None, Action::Help)
     },
     Opt {
         key: general("debug"),
@@ -241,8 +245,8 @@ pub static OPTIONS: &[Opt] = &[
                broadcast, announce, preload) replaces what flags before -c gave; flags \
                after it add to the list. A key the server does not know, or in the \
                wrong section, is a warning and is ignored.",
-        action: Action::ConfigFile,
-        ..valued(Some("-c"), None, "path", Setting::Debug)
+        value: Some("path"),
+        ..row(Some("-c"), None, Action::ConfigFile)
     },
     Opt {
         key: network("interface"),
@@ -311,13 +315,11 @@ pub static OPTIONS: &[Opt] = &[
     },
     Opt {
         brief: "this list with every option's long text, default and bounds",
-        action: Action::LongHelp,
-        ..switch(None, Some("--help"), Setting::Debug)
+        ..row(None, Some("--help"), Action::LongHelp)
     },
     Opt {
         brief: "print the version (ppserver X.Y.Z) and exit",
-        action: Action::Version,
-        ..switch(None, Some("--version"), Setting::Debug)
+        ..row(None, Some("--version"), Action::Version)
     },
     Opt {
         key: general("secret_file"),
