@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -234,6 +235,34 @@ def test_installed_before_ppft_ppserver_rs_is_ours_warns_and_uninstalls_cleanly(
     # A ppft worker starts by announcing its pid in one frame.
     header, pid = worker.stdout[:8], worker.stdout[8:]
     assert header and int.from_bytes(header, "big") == len(pid) and pid.isdigit(), worker
+
+
+def test_man_pages_are_installed_where_man_finds_them(tmp_path):
+    """The wheel alone (no extra: nothing from PyPI) puts ppserver(1) and
+    ppserver.conf(5), the repository's generated pages, under the venv's
+    share/man, where `man -M <venv>/share/man` (and `man` with the venv's
+    bin/ on PATH) finds them; bin/ppserver-rs --version is the wheel's."""
+    venv = _new_venv(tmp_path / "man-pages")
+    _pip(venv, "install", WHEEL)
+    root = HERE.parent
+    for page, source in (("man1/ppserver.1", "docs/man/ppserver.1"),
+                         ("man5/ppserver.conf.5", "docs/man/ppserver.conf.5")):
+        installed = venv / "share" / "man" / page
+        assert installed.is_file(), "%s is not installed" % installed
+        assert installed.read_bytes() == (root / source).read_bytes(), page
+    version = _run([venv / "bin" / "ppserver-rs", "--version"]).stdout
+    assert re.fullmatch(r"ppserver \d+\.\d+\.\d+\n", version), version
+    if not shutil.which("man"):
+        return  # the pages are where man looks; no man here to read them
+    for name, needle in (("ppserver", "--worker-memory-limit"),
+                         ("ppserver.conf", "max_handshakes_per_address")):
+        done = subprocess.run(["man", "-M", str(venv / "share" / "man"), name],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, MANPAGER="cat", PAGER="cat", MANWIDTH="200"))
+        assert done.returncode == 0, done.stderr
+        # In a UTF-8 locale groff may render a minus as U+2212.
+        text = done.stdout.replace("\u2010", "-").replace("\u2212", "-")
+        assert needle in text, text[:2000]
 
 
 @SHARED_VENV
