@@ -21,7 +21,8 @@ pub(crate) fn wrap(text: &str, first: &str, indent: &str, width: usize) -> Strin
     let mut out = String::new();
     let mut line = first.to_string();
     let mut empty = true;
-    for word in text.split_whitespace() {
+    // ASCII whitespace only: a non-breaking space holds a word together.
+    for word in text.split_ascii_whitespace() {
         if !empty && line.chars().count() + 1 + word.chars().count() > width {
             out.push_str(line.trim_end());
             out.push('\n');
@@ -206,6 +207,19 @@ mod tests {
             "{}",
             lines[1]
         );
+        let synopsis: Vec<&str> = lines[1..]
+            .iter()
+            .take_while(|l| !l.is_empty())
+            .copied()
+            .collect();
+        assert!(synopsis.len() > 3, "{text}");
+        for line in synopsis {
+            assert_eq!(
+                line.matches('[').count(),
+                line.matches(']').count(),
+                "split: {line}"
+            );
+        }
         for row in [
             "-h                 : this help message",
             "-d                 : set log level to debug",
