@@ -3,7 +3,9 @@
 //! and bounds, then the environment, signals and exit statuses), both
 //! rendered from [`crate::config::options`].
 
-use crate::config::options::{DefaultIs, Opt, ENVIRONMENT, EXIT_STATUS, OPTIONS, SIGNALS};
+use crate::config::options::{Action, DefaultIs, Opt, ENVIRONMENT, EXIT_STATUS, OPTIONS, SIGNALS};
+use crate::config::settings::Setting;
+use crate::config::FALLBACK_MEMORY_LIMIT;
 
 /// Width the texts are wrapped to.
 const WIDTH: usize = 79;
@@ -68,10 +70,25 @@ fn unbroken_synopsis() -> String {
     parts.join(" ")
 }
 
+/// `-h`'s text for an option: its brief and default, and for a default
+/// that depends on the machine, what it is on this one (the generated
+/// pages cannot say that).
 fn brief_with_default(o: &Opt) -> String {
-    match o.default {
-        DefaultIs::Unsaid => o.brief.to_string(),
-        DefaultIs::Value(v) | DefaultIs::Text(v) => format!("{} (default: {v})", o.brief),
+    let here = match o.action {
+        Action::Value(Setting::Workers) => Some(num_cpus::get().max(1).to_string()),
+        Action::Value(Setting::MemoryLimit) => Some(
+            crate::memory::budget::default_limit()
+                .unwrap_or(FALLBACK_MEMORY_LIMIT)
+                .to_string(),
+        ),
+        _ => None,
+    };
+    match (o.default, here) {
+        (DefaultIs::Unsaid, _) => o.brief.to_string(),
+        (DefaultIs::Value(v) | DefaultIs::Text(v), None) => format!("{} (default: {v})", o.brief),
+        (DefaultIs::Value(v) | DefaultIs::Text(v), Some(here)) => {
+            format!("{} (default: {v}; here {here})", o.brief)
+        }
     }
 }
 
@@ -232,6 +249,12 @@ mod tests {
             );
         }
         assert!(text.lines().all(|l| l.chars().count() <= WIDTH), "{text}");
+        let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let cpus = num_cpus::get().max(1);
+        assert!(
+            flat.contains(&format!("the number of CPUs; here {cpus})")),
+            "{text}"
+        );
     }
 
     /// Every flag in `-h` and `--help`; every bound and key in `--help`.
