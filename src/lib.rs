@@ -5,7 +5,8 @@
 //!
 //! Map of the crate, one folder per concern, in the order a job travels:
 //! - [`config`]: command line and config file -> [`config::Config`],
-//!   and `--allow` ([`config::allow`]);
+//!   every option defined once ([`config::options`]) with the texts and
+//!   man pages made from it, and `--allow` ([`config::allow`]);
 //! - [`server`]: the wiring: startup checks, the listener, the accept
 //!   loop, shutdown;
 //! - [`front`]: the front door: the budgets a connection is admitted under
