@@ -220,7 +220,8 @@ mod tests {
             lines[0]
         );
         assert!(
-            lines[1].starts_with("Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c path]"),
+            lines[1]
+                .starts_with("Usage: ppserver [-hdqvar] [-f format] [-n proto] [-c config_path]"),
             "{}",
             lines[1]
         );

@@ -245,7 +245,7 @@ pub static OPTIONS: &[Opt] = &[
                broadcast, announce, preload) replaces what flags before -c gave; flags \
                after it add to the list. A key the server does not know, or in the \
                wrong section, is a warning and is ignored.",
-        value: Some("path"),
+        value: Some("config_path"),
         ..row(Some("-c"), None, Action::ConfigFile)
     },
     Opt {
