@@ -269,6 +269,45 @@ def test_a_fork_server_that_dies_is_started_again_and_no_job_is_lost(launch):
     assert "spawned instead" not in server.log()
 
 
+def test_a_new_worker_never_shows_as_a_second_fork_server(launch):
+    """With -r every job forks a worker, which the fork-server forks twice
+    so that the server adopts it. The worker must carry a worker's name by
+    the time it is the server's child: a watcher reading the server's
+    children while 200 jobs run never sees two named ppserver-fork (the
+    test above, and anything that finds the fork-server by name, would
+    take the wrong process)."""
+    server = launch("-r", nworkers=2)
+    wait_until(lambda: forkserver_pids(server), "a fork-server")
+    seen = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            pids = forkserver_pids(server)
+            if len(pids) > 1:
+                seen.append(pids)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = []
+
+        def client():
+            for _ in range(50):
+                results.append(sp.raw_job(server, "add", sp.ADD_SOURCE, (40, 2))[0])
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        done.set()
+        watcher.join(timeout=30)
+    assert results == [42] * 200, server.log_tail()
+    assert not seen, "two processes named ppserver-fork: %s" % seen[:5]
+
+
 def test_failed_forks_cost_the_fork_server_no_descriptors(launch):
     """The fork-server in a pids cgroup that lets it fork nothing
     (pids.max = 1): with -r every job needs a new worker, which is spawned

@@ -122,12 +122,20 @@ def _forkserver(bootstrap, warm, close_all_above):
     except (AttributeError, OSError, NameError):
         api = None
 
+    def as_worker():
+        # In the middle process, before the second fork: the worker is
+        # born with a worker's name, so it never shows as a second
+        # fork-server once the server adopts it (the middle may exit before
+        # the worker has run a single line).
+        prctl(15, comm)  # PR_SET_NAME
+
     def fork_with_python():
         pid = os.fork()
         if pid:
             return pid
         middle_pid[0] = os.getpid()
         try:
+            as_worker()
             if os.fork():
                 os._exit(0)
         except BaseException:
@@ -143,6 +151,7 @@ def _forkserver(bootstrap, warm, close_all_above):
                 raise OSError(ctypes.get_errno(), 'fork failed')
             return pid
         me = raw_getpid()
+        as_worker()
         if raw_fork():
             raw_exit(0)
         child()
@@ -187,9 +196,6 @@ def _forkserver(bootstrap, warm, close_all_above):
             continue
         rpid, wpid = pid_pipe
         if middle == 0:
-            # Named as a worker before it is handed to the server, so that
-            # it never shows there as a second fork-server.
-            prctl(15, comm)
             me = middle_pid[0]
             os.close(rpid)
             os.write(wpid, b'%d' % os.getpid())
