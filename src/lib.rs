@@ -7,13 +7,14 @@
 //! - [`config`]: command line and config file -> [`config::Config`],
 //!   every option defined once ([`config::options`]) with the texts and
 //!   man pages made from it, and `--allow` ([`config::allow`]);
-//! - [`server`]: the wiring: startup checks, the listener, the accept
-//!   loop, shutdown;
+//! - [`server`]: the wiring: the startup sequence (each step in the
+//!   module of its concern), the accept loop, shutdown;
 //! - [`front`]: the front door: the budgets a connection is admitted under
 //!   ([`front::connections`]), one client connection from handshake to
 //!   close ([`front::session`]) with the login throttle ([`front::login`])
-//!   and the EXEC loop ([`front::exec`]), and UDP autodiscovery
-//!   ([`front::discovery`]);
+//!   and the EXEC loop ([`front::exec`]), UDP autodiscovery
+//!   ([`front::discovery`]), and the listening socket
+//!   ([`front::listener`]);
 //! - [`protocol`]: the 8-byte-length frame on sockets and worker pipes
 //!   ([`protocol::wire`]), the secret handshake ([`protocol::auth`]), the
 //!   failure pickle we write ([`protocol::pickle`]);

@@ -13,9 +13,12 @@
 //!   passes;
 //! - [`help`]: the `-h` and `--help` texts;
 //! - [`docs`]: the man pages and the sample config file, generated;
-//! - [`allow`]: the `--allow` networks and what counts as one address.
+//! - [`allow`]: the `--allow` networks and what counts as one address;
+//! - [`budgets`]: the connection budgets fitted into the open-file limit
+//!   at startup.
 
 pub mod allow;
+pub mod budgets;
 pub mod docs;
 pub(crate) mod file;
 pub mod flags;

@@ -35,6 +35,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
 use crate::config::allow::AllowList;
+use crate::config::Config;
 use crate::logging::ratelimit::{warn_limited, LogLimit, PerAddress};
 
 /// How often the server announces itself, as ppft does.
@@ -92,6 +93,101 @@ pub struct Unresolved {
     pub host: String,
     /// What the resolver said, or that it found only IPv6 addresses.
     pub why: String,
+}
+
+/// Why autodiscovery (`-a`) cannot start.
+#[derive(Debug)]
+pub enum DiscoveryError {
+    /// An `--announce` host does not resolve to an IPv4 address.
+    Announce(Unresolved),
+    /// Asked for on a listener that is not IPv4.
+    NeedsIpv4 { addr: SocketAddr },
+    /// The UDP port cannot be bound.
+    Bind { port: u16, source: io::Error },
+}
+
+impl std::fmt::Display for DiscoveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiscoveryError::Announce(Unresolved { host, why }) => {
+                write!(f, "cannot resolve {host:?} (--announce): {why}")
+            }
+            DiscoveryError::NeedsIpv4 { addr } => write!(
+                f,
+                "autodiscovery (-a) works over IPv4 broadcast, but the server listens on \
+                 {addr}; give -i an IPv4 address"
+            ),
+            DiscoveryError::Bind { port, source } => {
+                write!(f, "cannot bind the autodiscovery UDP port {port}: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DiscoveryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DiscoveryError::Bind { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Startup step, first of all: with `-a`, the `--announce` hosts
+/// resolved, so a name that does not resolve fails the start at once, not
+/// after the worker probe. Empty without `-a`.
+pub async fn resolve_for(cfg: &Config) -> Result<Vec<(String, Ipv4Addr)>, DiscoveryError> {
+    if !cfg.autodiscovery {
+        return Ok(Vec::new());
+    }
+    resolve_announce(&cfg.announce)
+        .await
+        .map_err(DiscoveryError::Announce)
+}
+
+/// Startup step, once the listener is bound at `local`: with `-a`, the
+/// discovery sockets on the same port number, announcing to `-b` and the
+/// resolved `announce` hosts.
+pub fn for_config(
+    cfg: &Config,
+    local: SocketAddr,
+    announce: Vec<(String, Ipv4Addr)>,
+) -> Result<Option<Discovery>, DiscoveryError> {
+    if !cfg.autodiscovery {
+        return Ok(None);
+    }
+    let IpAddr::V4(ip) = local.ip() else {
+        return Err(DiscoveryError::NeedsIpv4 { addr: local });
+    };
+    let to = Destinations {
+        broadcasts: cfg.broadcasts(),
+        announce,
+        allow: cfg.allow.clone(),
+    };
+    Discovery::bind(ip, local.port(), to)
+        .map(Some)
+        .map_err(|source| DiscoveryError::Bind {
+            port: local.port(),
+            source,
+        })
+}
+
+/// The startup line's part about `-a`: where announcements go; empty
+/// without it.
+pub fn summary(cfg: &Config) -> String {
+    if !cfg.autodiscovery {
+        return String::new();
+    }
+    let join = |items: Vec<String>| items.join(", ");
+    let broadcasts = join(cfg.broadcasts().iter().map(|b| b.to_string()).collect());
+    if cfg.announce.is_empty() {
+        format!(", autodiscovery on (broadcast {broadcasts})")
+    } else {
+        format!(
+            ", autodiscovery on (broadcast {broadcasts}; announce to {})",
+            join(cfg.announce.clone())
+        )
+    }
 }
 
 /// Resolves the `--announce` hosts, once, at startup: each to all its

@@ -4,10 +4,12 @@
 //! connection from the handshake to its close, with wrong answers slowed
 //! by [`login`]; [`exec`] is its EXEC loop, which hands jobs to the
 //! scheduler and answers them; [`discovery`] answers autodiscovery (`-a`)
-//! over UDP.
+//! over UDP; [`listener`] is the listening socket, bound early and made
+//! to listen last.
 
 pub(crate) mod connections;
 pub(crate) mod discovery;
 pub(crate) mod exec;
+pub(crate) mod listener;
 pub(crate) mod login;
 pub mod session;

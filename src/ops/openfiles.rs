@@ -50,6 +50,13 @@ pub struct OpenFiles {
 }
 
 impl OpenFiles {
+    /// The limits (soft, hard) a worker gets before it execs: the soft
+    /// limit the server started with, when it raised its own; `None`: the
+    /// server's own, unchanged.
+    pub fn for_workers(&self) -> Option<(u64, u64)> {
+        (self.original_soft < self.soft).then_some((self.original_soft, self.hard))
+    }
+
     /// The soft limit now, as a count of descriptors.
     pub fn limit(&self) -> usize {
         usize::try_from(self.soft).unwrap_or(usize::MAX)
@@ -88,6 +95,33 @@ pub fn raise() -> Result<OpenFiles, (io::Error, OpenFiles)> {
             ..limits
         }),
         Err(e) => Err((io::Error::from(e), limits)),
+    }
+}
+
+/// Startup step, before anything is opened: [`raise`], with a failure
+/// logged (the budgets then fit the limit as it is).
+pub fn raise_logged() -> OpenFiles {
+    match raise() {
+        Ok(files) => {
+            if files.original_soft < files.soft {
+                log::debug!(
+                    "open files: soft limit raised from {} to the hard limit {}; workers get {} \
+                     back",
+                    files.original_soft,
+                    files.soft,
+                    files.original_soft
+                );
+            }
+            files
+        }
+        Err((e, files)) => {
+            log::warn!(
+                "cannot raise the open-file limit from {} to the hard limit {}: {e}",
+                files.soft,
+                files.hard
+            );
+            files
+        }
     }
 }
 

@@ -1,42 +1,54 @@
-//! Startup, the accept loop and shutdown.
+//! The wiring: startup, the accept loop and shutdown.
 //!
-//! [`start`] checks the worker interpreter, binds the listener and starts
-//! the worker pool (and discovery with `-a`); [`Server::run`] accepts
-//! clients until the shutdown future completes or, with `-t`, until no
-//! client has been connected for that long; then it stops every worker and
-//! reaps it before returning. SIGUSR1 prints the job statistics table.
+//! [`start`] reads as the startup sequence, each step in the module of
+//! its concern: `--announce` resolved ([`crate::front::discovery`]), the
+//! open-file limit raised ([`crate::ops::openfiles`]), the workers'
+//! interpreter probed ([`crate::workers::install`]), the fork-server
+//! started ([`crate::workers::forkserver`]), the port bound
+//! ([`crate::front::listener`]), discovery and metrics sockets bound, the
+//! connection budgets fitted ([`crate::config::budgets`]), the memory
+//! limit set up ([`crate::workers::memlimit`]), the pool started
+//! ([`crate::workers::pool`]), the startup line ([`startline`]) and the
+//! pid file written, and last the port made to listen. Its errors are
+//! [`StartError`].
+//!
+//! [`Server::run`] accepts clients until a stop request or, with `-t`,
+//! until no client has been connected for that long; then it drains (see
+//! [`crate::ops::shutdown`]), stops every worker and reaps it before
+//! returning. SIGUSR1 prints the job statistics table.
 
-use std::net::{IpAddr, SocketAddr};
+mod error;
+mod startline;
+
+pub use error::StartError;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::watch;
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::config::{BudgetOrigins, Config, WorkerMemoryLimit, WorkerStart};
-use crate::front::discovery::{self, Destinations, Discovery, Unresolved};
+use crate::config::Config;
+use crate::front::discovery::{self, Discovery};
+use crate::front::listener;
 use crate::front::session::{self, SessionContext};
 use crate::jobs::scheduler::Scheduler;
 use crate::logging::ratelimit::LogLimit;
 use crate::logging::sink;
 use crate::ops::metrics::{self, LevelSource, Levels};
-use crate::ops::openfiles::{self, Budget, OpenFiles, Unfit};
+use crate::ops::openfiles;
 use crate::ops::runfiles::RunFile;
-use crate::ops::scrapes::MAX_SCRAPES;
 use crate::ops::shutdown::StopRequests;
 use crate::ops::stats::Stats;
-use crate::workers::forkserver::{ForkServer, ForkSpec, Unusable};
+use crate::workers::forkserver::{self, ForkServer, ForkSpec};
 use crate::workers::install;
-use crate::workers::install::ProbeError;
-use crate::workers::memlimit::MemoryLimit;
-use crate::workers::pool::{self, PoolContext};
-use crate::workers::worker::{self, WorkerSpec};
+use crate::workers::memlimit::{self, MemoryLimit};
+use crate::workers::pool::Pool;
+use crate::workers::worker::WorkerSpec;
+use startline::StartupFacts;
 
-/// Listen backlog; ppft's 5 drops connections when many clients start at
-/// once.
-const BACKLOG: u32 = 1024;
 /// How long the start waits for the log lines so far to be written before
 /// the port listens: a stderr nobody reads gives up after this.
 const STARTUP_FLUSH: Duration = Duration::from_secs(2);
@@ -45,162 +57,6 @@ const STARTUP_FLUSH: Duration = Duration::from_secs(2);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long shutdown waits for workers to be stopped and reaped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why the server could not start.
-#[derive(Debug)]
-pub enum StartError {
-    /// The worker interpreter cannot run the worker package.
-    Worker(ProbeError),
-    /// `-i` names no address.
-    Resolve { interface: String },
-    /// The listening socket cannot be set up on `addr`.
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    /// Autodiscovery (`-a`) was asked for on a listener that is not IPv4.
-    DiscoveryNeedsIpv4 { addr: SocketAddr },
-    /// The autodiscovery UDP port cannot be bound.
-    Discovery { port: u16, source: std::io::Error },
-    /// An `--announce` host does not resolve to an IPv4 address.
-    Announce(Unresolved),
-    /// The metrics address (`--metrics`) cannot be bound.
-    Metrics {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    /// The connection budgets cannot fit in the open-file limit: one was
-    /// given that is too large, or the limit leaves no room for even one
-    /// connection.
-    OpenFiles(Box<NoRoom>),
-    /// A `--preload` module cannot be imported by the fork-server.
-    Preload(String),
-    /// The `-P` pid file cannot be written.
-    PidFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// The numbers of [`StartError::OpenFiles`].
-#[derive(Debug)]
-pub struct NoRoom {
-    /// The arithmetic's verdict, with the limit and the budgets.
-    pub unfit: Unfit,
-    /// The hard open-file limit.
-    pub hard: u64,
-    /// What the reserve is made of: descriptors open at startup, workers,
-    /// the metrics port's cap (0 without `--metrics`).
-    pub open_at_start: usize,
-    /// See `open_at_start`.
-    pub workers: usize,
-    /// See `open_at_start`.
-    pub metrics: usize,
-    /// Where each budget was given, if it was.
-    pub origins: BudgetOrigins,
-}
-
-impl std::fmt::Display for NoRoom {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let u = &self.unfit;
-        let conns = self.origins.max_connections.as_ref();
-        let hands = self.origins.max_handshakes.as_ref();
-        match (conns, hands) {
-            (Some(c), Some(h)) => write!(
-                f,
-                "{c} {} plus {h} {} need {} open files for client connections",
-                u.connections.value,
-                u.handshakes.value,
-                u.connections.value.saturating_add(u.handshakes.value)
-            )?,
-            (Some(c), None) => write!(
-                f,
-                "{c} {} plus at least 1 connection in its handshake need {} open files \
-                 for client connections",
-                u.connections.value,
-                u.connections.value.saturating_add(1)
-            )?,
-            (None, Some(h)) => write!(
-                f,
-                "{h} {} plus at least 1 authenticated connection need {} open files for \
-                 client connections",
-                u.handshakes.value,
-                u.handshakes.value.saturating_add(1)
-            )?,
-            (None, None) => f.write_str(
-                "client connections need at least 2 open files (one authenticated, one in \
-                 its handshake)",
-            )?,
-        }
-        write!(
-            f,
-            ", but the open-file limit is {} (hard limit {}) and the server keeps {} for \
-             itself ({} open at startup, {} for {} workers, {} for the metrics port, {} to \
-             spare), which leaves {}",
-            u.limit,
-            self.hard,
-            u.reserved,
-            self.open_at_start,
-            self.workers * openfiles::FDS_PER_WORKER,
-            self.workers,
-            self.metrics,
-            openfiles::MARGIN,
-            u.room,
-        )?;
-        match (conns, hands) {
-            (Some(c), None) if u.room >= 2 => write!(f, "; lower {c} to at most {}", u.room - 1)?,
-            (None, Some(h)) if u.room >= 2 => write!(f, "; lower {h} to at most {}", u.room - 1)?,
-            (Some(c), Some(h)) => write!(f, "; lower {c} and {h} to at most {} together", u.room)?,
-            _ => {}
-        }
-        f.write_str(", or raise the hard limit (ulimit -Hn; LimitNOFILE= under systemd)")
-    }
-}
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StartError::Worker(e) => write!(f, "{e}"),
-            StartError::Resolve { interface } => {
-                write!(f, "cannot resolve interface {interface:?} (-i)")
-            }
-            StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
-            StartError::PidFile { path, source } => write!(
-                f,
-                "cannot write the pid file {} (-P): {source}",
-                path.display()
-            ),
-            StartError::DiscoveryNeedsIpv4 { addr } => write!(
-                f,
-                "autodiscovery (-a) works over IPv4 broadcast, but the server listens on \
-                 {addr}; give -i an IPv4 address"
-            ),
-            StartError::Metrics { addr, source } => {
-                write!(f, "cannot serve metrics on {addr} (--metrics): {source}")
-            }
-            StartError::Discovery { port, source } => {
-                write!(f, "cannot bind the autodiscovery UDP port {port}: {source}")
-            }
-            StartError::Announce(Unresolved { host, why }) => {
-                write!(f, "cannot resolve {host:?} (--announce): {why}")
-            }
-            StartError::OpenFiles(no_room) => write!(f, "{no_room}"),
-            StartError::Preload(why) => write!(f, "{why}"),
-        }
-    }
-}
-
-impl std::error::Error for StartError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            StartError::Worker(e) => Some(e),
-            StartError::Bind { source, .. }
-            | StartError::Discovery { source, .. }
-            | StartError::Metrics { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
 
 /// A started server: listening, with its worker pool running.
 pub struct Server {
@@ -211,12 +67,10 @@ pub struct Server {
     listener: TcpListener,
     /// Shared by every session.
     ctx: Arc<SessionContext>,
-    /// Pool slot supervisors.
-    workers: JoinSet<()>,
+    /// The worker slots' supervisors.
+    pool: Pool,
     /// Where workers are forked from, if they are.
     forkserver: Option<Arc<ForkServer>>,
-    /// Tells the supervisors to stop.
-    stop: watch::Sender<bool>,
     /// `-t`: exit after this long without clients.
     idle_exit: Option<Duration>,
     /// Worker count, for the statistics table.
@@ -241,72 +95,33 @@ pub struct Server {
     memory_limit: Option<Arc<MemoryLimit>>,
 }
 
-/// Checks the interpreter, binds, and starts the workers.
+/// Starts the server, one step after the other, each in the module of
+/// its concern; the first that fails ends the start with its error. The
+/// port listens last: whoever waits for it finds the startup line, the
+/// pid file and the fork-server there, and the workers on their way.
 pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let mut cfg = cfg.clone();
-    // First: a name that does not resolve fails the start at once, not
-    // after the worker probe.
-    let announce = if cfg.autodiscovery {
-        discovery::resolve_announce(&cfg.announce)
-            .await
-            .map_err(StartError::Announce)?
-    } else {
-        Vec::new()
-    };
-    let files = raise_open_files();
-    let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
-    let pythonpath = worker::worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
-    let candidates: Vec<&str> = match &cfg.worker_module {
-        Some(m) => vec![m.as_str()],
-        None => install::WORKER_MODULES.to_vec(),
-    };
-    let (python, module, found) =
-        install::worker_python(cfg.python.as_deref(), &candidates, &pythonpath)
-            .await
-            .map_err(StartError::Worker)?;
-    let version = cfg.pp_version.clone().unwrap_or(found.clone());
-    cfg.settle_for_worker(&module);
-
-    let nofile = (files.original_soft < files.soft).then_some((files.original_soft, files.hard));
-    // Before the port listens: whoever waits for it finds the fork-server
-    // ready (and named) and the workers on their way.
-    let forkserver = start_forkserver(
-        &cfg,
+    // A name that does not resolve fails the start at once, not after the
+    // worker probe.
+    let announce = discovery::resolve_for(&cfg).await?;
+    let files = openfiles::raise_logged();
+    let interpreter = install::probe(cfg.python.as_deref(), cfg.worker_module.as_deref()).await?;
+    cfg.settle_for_worker(&interpreter.module);
+    let forkserver = forkserver::start_unless_spawned(
+        cfg.worker_start,
         ForkSpec {
-            python: python.clone(),
-            module: module.clone(),
+            python: interpreter.python.clone(),
+            module: interpreter.module.clone(),
             preload: cfg.preload.clone(),
-            pythonpath: pythonpath.clone(),
-            nofile,
+            pythonpath: interpreter.pythonpath.clone(),
+            nofile: files.for_workers(),
         },
     )
     .await?;
-
     // Bound, not yet listening: the port is ours, but a client that tries
-    // it is refused until the startup line is out (below).
-    let socket = bind(&cfg.interface, cfg.port).await?;
-    let local = socket.local_addr().map_err(|source| StartError::Bind {
-        addr: SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), cfg.port),
-        source,
-    })?;
-    let discovery = if cfg.autodiscovery {
-        let IpAddr::V4(ip) = local.ip() else {
-            return Err(StartError::DiscoveryNeedsIpv4 { addr: local });
-        };
-        let to = Destinations {
-            broadcasts: cfg.broadcasts(),
-            announce,
-            allow: cfg.allow.clone(),
-        };
-        let d = Discovery::bind(ip, local.port(), to).map_err(|source| StartError::Discovery {
-            port: local.port(),
-            source,
-        })?;
-        Some(d)
-    } else {
-        None
-    };
-
+    // it is refused until the startup line is out.
+    let bound = listener::bind(&cfg.interface, cfg.port).await?;
+    let discovery = discovery::for_config(&cfg, bound.local, announce)?;
     let metrics = match cfg.metrics {
         Some(addr) => Some(
             metrics::bind(addr)
@@ -315,81 +130,27 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         ),
         None => None,
     };
-
-    // Everything the server holds for itself is open by now, but for the
-    // workers, which are counted apart.
-    let lowered = fit_open_files(&mut cfg, &files)?;
-
+    let lowered = cfg.fit_open_files(&files)?;
+    let memory_limit = memlimit::set_up(cfg.worker_memory_limit.as_ref(), cfg.workers).await;
     let scheduler = Arc::new(Scheduler::default());
     let stats = Arc::new(Stats::default());
-    let (stop, stopped) = watch::channel(false);
-    let spec = Arc::new(WorkerSpec {
-        python: python.clone(),
-        module: module.clone(),
-        proto: cfg.proto.unwrap_or(2),
-        pythonpath,
-        max_frame: cfg.max_frame_size,
-        restart: cfg.restart,
-        max_jobs: cfg.max_jobs_per_worker,
-        keep_abandoned: cfg.keep_abandoned,
-        job_timeout: cfg.job_timeout,
-        host: nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| local.ip().to_string()),
-        nofile,
-    });
-    // Last of what can fail the start is done: cgroups made from here on
-    // are removed at stop.
-    let memory_limit = match cfg.worker_memory_limit.clone() {
-        Some(limit) => Some(Arc::new(memory_limit_setup(limit, cfg.workers).await)),
-        None => None,
-    };
-    let mut workers = JoinSet::new();
-    for slot in 0..cfg.workers {
-        let pctx = PoolContext {
-            spec: spec.clone(),
-            forkserver: forkserver.clone(),
-            scheduler: scheduler.clone(),
-            stats: stats.clone(),
-            shutdown: stopped.clone(),
-            memory_limit: memory_limit.clone(),
-        };
-        workers.spawn(pool::keep_supervised(slot, pctx));
-    }
-
-    let warn_default_secret = cfg.secret_is_default && !log::log_enabled!(log::Level::Info);
-    if cfg.secret_is_default && !warn_default_secret {
-        warn_default_secret_now();
-    }
-    install::warn_about_foreign_ppserver();
-    log::info!(
-        "ppserver listening on {local} with {} workers ({} -u -m {module}), advertising pp version {version}{}, {}{}{}, memory limit {}{lowered}{}",
+    let spec = WorkerSpec::new(&cfg, &interpreter, bound.local.ip(), files.for_workers());
+    let pool = Pool::start(
         cfg.workers,
-        python.display(),
-        if cfg.pp_version.is_some() {
-            format!(" (--pp-version; the worker package is {found})")
-        } else {
-            String::new()
-        },
-        worker_start_summary(&cfg, forkserver.is_some()),
-        match cfg.advertise_ncpus {
-            Some(n) => format!(", telling clients {n} CPUs (--advertise-ncpus)"),
-            None => String::new(),
-        },
-        if cfg.autodiscovery {
-            discovery_summary(&cfg)
-        } else {
-            String::new()
-        },
-        crate::memory::budget::human(cfg.memory_limit),
-        match &memory_limit {
-            Some(m) => format!(", {}", m.describe()),
-            None => String::new(),
-        },
+        Arc::new(spec),
+        forkserver.clone(),
+        scheduler.clone(),
+        stats.clone(),
+        memory_limit.clone(),
     );
-
+    let warn_default_secret = startline::log(&StartupFacts {
+        cfg: &cfg,
+        local: bound.local,
+        interpreter: &interpreter,
+        forked: forkserver.is_some(),
+        lowered: &lowered,
+        memory_limit: memory_limit.as_deref(),
+    });
     let pid_file = match &cfg.pid_file {
         Some(path) => Some(RunFile::pid(path).map_err(|source| StartError::PidFile {
             path: path.clone(),
@@ -397,24 +158,20 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         })?),
         None => None,
     };
-    // Launchers and tests wait for the port, then read the startup line
-    // and the pid file: both must be there by the time it accepts. The log
-    // is written by a thread of its own, so its queue is flushed first
-    // (bounded: a stderr nobody reads must not keep the port closed).
+    // The log is written by a thread of its own: its queue is flushed
+    // before the port listens (bounded: a stderr nobody reads must not
+    // keep the port closed).
     let _ = tokio::task::spawn_blocking(|| sink::flush_outputs(STARTUP_FLUSH)).await;
-    let listener = socket.listen(BACKLOG).map_err(|source| StartError::Bind {
-        addr: local,
-        source,
-    })?;
+    let listener = bound.listen()?;
 
+    let version = cfg.pp_version.clone().unwrap_or(interpreter.version);
     let ctx = Arc::new(SessionContext::new(&cfg, version, scheduler, stats));
     Ok(Server {
         pid_file,
         listener,
         ctx,
-        workers,
+        pool,
         forkserver,
-        stop,
         idle_exit: cfg.idle_exit,
         workers_count: cfg.workers,
         discovery,
@@ -425,140 +182,6 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         warn_default_secret,
         memory_limit,
     })
-}
-
-/// The startup line's part about `-a`: where announcements go.
-fn discovery_summary(cfg: &Config) -> String {
-    let join = |items: Vec<String>| items.join(", ");
-    let broadcasts = join(cfg.broadcasts().iter().map(|b| b.to_string()).collect());
-    if cfg.announce.is_empty() {
-        format!(", autodiscovery on (broadcast {broadcasts})")
-    } else {
-        format!(
-            ", autodiscovery on (broadcast {broadcasts}; announce to {})",
-            join(cfg.announce.clone())
-        )
-    }
-}
-
-/// Raises the open-file soft limit to the hard one ([`openfiles::raise`]);
-/// a failure is logged, and the budgets then fit the limit as it is.
-fn raise_open_files() -> OpenFiles {
-    match openfiles::raise() {
-        Ok(files) => {
-            if files.original_soft < files.soft {
-                log::debug!(
-                    "open files: soft limit raised from {} to the hard limit {}; workers get {} \
-                     back",
-                    files.original_soft,
-                    files.soft,
-                    files.original_soft
-                );
-            }
-            files
-        }
-        Err((e, files)) => {
-            log::warn!(
-                "cannot raise the open-file limit from {} to the hard limit {}: {e}",
-                files.soft,
-                files.hard
-            );
-            files
-        }
-    }
-}
-
-/// Fits `--max-connections` and `--max-handshakes` into the open-file
-/// limit beside what the server keeps for itself ([`openfiles::fit`]),
-/// lowering the defaults if need be. Returns what to add to the startup
-/// line: empty when nothing was lowered.
-fn fit_open_files(cfg: &mut Config, files: &OpenFiles) -> Result<String, StartError> {
-    // Unreadable /proc: assume a small process, and let the margin absorb
-    // the error.
-    let open_at_start = openfiles::open_now().unwrap_or(16);
-    let metrics = if cfg.metrics.is_some() {
-        MAX_SCRAPES
-    } else {
-        0
-    };
-    let reserved = openfiles::reserved(open_at_start, cfg.workers, metrics);
-    let budget = |value, origin: &Option<_>| Budget {
-        value,
-        given: origin.is_some(),
-    };
-    let fitted = openfiles::fit(
-        files.limit(),
-        reserved,
-        budget(cfg.max_connections, &cfg.budget_origins.max_connections),
-        budget(cfg.max_handshakes, &cfg.budget_origins.max_handshakes),
-    )
-    .map_err(|unfit| {
-        StartError::OpenFiles(Box::new(NoRoom {
-            unfit,
-            hard: files.hard,
-            open_at_start,
-            workers: cfg.workers,
-            metrics,
-            origins: cfg.budget_origins.clone(),
-        }))
-    })?;
-    let mut lowered = Vec::new();
-    if fitted.connections < cfg.max_connections {
-        lowered.push(format!("--max-connections to {}", fitted.connections));
-    }
-    if fitted.handshakes < cfg.max_handshakes {
-        lowered.push(format!("--max-handshakes to {}", fitted.handshakes));
-    }
-    cfg.max_connections = fitted.connections;
-    cfg.max_handshakes = fitted.handshakes;
-    log::debug!(
-        "open files: limit {}, {reserved} kept for the server ({open_at_start} open at startup, \
-         {} workers, metrics port {metrics}, {} to spare), {} + {} for client connections",
-        files.limit(),
-        cfg.workers,
-        openfiles::MARGIN,
-        fitted.connections,
-        fitted.handshakes,
-    );
-    Ok(if lowered.is_empty() {
-        String::new()
-    } else {
-        format!(
-            ", open-file limit {}: lowered {} to fit",
-            files.limit(),
-            lowered.join(" and ")
-        )
-    })
-}
-
-fn warn_default_secret_now() {
-    log::warn!(
-        "no secret given (-s): using pp's public default secret; anyone who can reach \
-         this port can run code here"
-    );
-}
-
-/// Binds the socket the server will listen on: SO_REUSEADDR like ppft (a
-/// restarted server gets its port back at once). [`start`] makes it listen,
-/// with a generous backlog, once the startup line is out.
-async fn bind(interface: &str, port: u16) -> Result<TcpSocket, StartError> {
-    let addr: SocketAddr = match tokio::net::lookup_host((interface, port)).await {
-        Ok(mut addrs) => addrs.next(),
-        Err(_) => None,
-    }
-    .ok_or_else(|| StartError::Resolve {
-        interface: interface.to_string(),
-    })?;
-    let fail = |source| StartError::Bind { addr, source };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(fail)?;
-    socket.set_reuseaddr(true).map_err(fail)?;
-    socket.bind(addr).map_err(fail)?;
-    Ok(socket)
 }
 
 impl Server {
@@ -616,7 +239,7 @@ impl Server {
             match accepted {
                 Ok((stream, peer)) => {
                     if std::mem::take(&mut self.warn_default_secret) {
-                        warn_default_secret_now();
+                        startline::warn_default_secret();
                     }
                     // Refused before a byte is sent: dropping the stream
                     // closes it.
@@ -656,15 +279,7 @@ impl Server {
             m.abort();
         }
         log::info!("shutting down: stopping workers");
-        let _ = self.stop.send(true);
-        self.ctx.scheduler.close();
-        let all_stopped = async { while self.workers.join_next().await.is_some() {} };
-        if tokio::time::timeout(STOP_TIMEOUT, all_stopped)
-            .await
-            .is_err()
-        {
-            log::error!("workers did not stop within {STOP_TIMEOUT:?}");
-        }
+        self.pool.stop(STOP_TIMEOUT).await;
         if let Some(forkserver) = &self.forkserver {
             forkserver.stop().await;
         }
@@ -672,60 +287,6 @@ impl Server {
             // Removing a cgroup waits for its last processes to go.
             let _ = tokio::task::spawn_blocking(move || m.cleanup()).await;
         }
-    }
-}
-
-/// [`MemoryLimit::new`] on a blocking thread: making cgroups, moving
-/// processes between them and removing what a failed setup made wait on
-/// the kernel (and on processes it kills), never on the runtime's only
-/// thread.
-async fn memory_limit_setup(limit: WorkerMemoryLimit, workers: usize) -> MemoryLimit {
-    let polled = limit.clone();
-    match tokio::task::spawn_blocking(move || MemoryLimit::new(&limit, workers)).await {
-        Ok(m) => m,
-        Err(e) => MemoryLimit::polling(&polled, format!("the cgroup setup failed: {e}")),
-    }
-}
-
-/// Starts the fork-server unless workers are to be spawned
-/// (`--worker-start spawn`); if it cannot run, workers are spawned and
-/// the log says why. A `--preload` module that cannot be imported is a
-/// startup error.
-async fn start_forkserver(
-    cfg: &Config,
-    fork_spec: ForkSpec,
-) -> Result<Option<Arc<ForkServer>>, StartError> {
-    if cfg.worker_start == WorkerStart::Spawn {
-        if !cfg.preload.is_empty() {
-            log::warn!(
-                "--preload {} has no effect with --worker-start spawn",
-                cfg.preload.join(",")
-            );
-        }
-        return Ok(None);
-    }
-    match ForkServer::start(fork_spec).await {
-        Ok(forkserver) => Ok(Some(Arc::new(forkserver))),
-        Err(e @ Unusable::Preload { .. }) => Err(StartError::Preload(e.to_string())),
-        Err(e) => {
-            log::warn!("workers are spawned, not forked: {e}");
-            Ok(None)
-        }
-    }
-}
-
-/// How workers start, for the startup line.
-fn worker_start_summary(cfg: &Config, forked: bool) -> String {
-    if !forked {
-        return "workers spawned".to_string();
-    }
-    if cfg.preload.is_empty() {
-        "workers forked from a fork-server".to_string()
-    } else {
-        format!(
-            "workers forked from a fork-server with {} preloaded",
-            cfg.preload.join(", ")
-        )
     }
 }
 

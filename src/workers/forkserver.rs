@@ -39,6 +39,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -47,6 +48,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch, Mutex};
 
+use crate::config::WorkerStart;
 use crate::workers::bootstrap::{self, STARTUP_TIMEOUT};
 use crate::workers::process::{self, Forked};
 use crate::workers::reaper::{self, Adopting, Registration};
@@ -154,6 +156,34 @@ struct Running {
     asked: bool,
     /// Its pid, for the log.
     pid: u32,
+}
+
+/// Startup step, before the port listens (whoever waits for it finds the
+/// fork-server ready and named, and the workers on their way): the
+/// fork-server, unless workers are to be spawned (`--worker-start
+/// spawn`). If it cannot run, workers are spawned and the log says why;
+/// a `--preload` module that cannot be imported is the one error.
+pub(crate) async fn start_unless_spawned(
+    start: WorkerStart,
+    spec: ForkSpec,
+) -> Result<Option<Arc<ForkServer>>, Unusable> {
+    if start == WorkerStart::Spawn {
+        if !spec.preload.is_empty() {
+            log::warn!(
+                "--preload {} has no effect with --worker-start spawn",
+                spec.preload.join(",")
+            );
+        }
+        return Ok(None);
+    }
+    match ForkServer::start(spec).await {
+        Ok(forkserver) => Ok(Some(Arc::new(forkserver))),
+        Err(e @ Unusable::Preload { .. }) => Err(e),
+        Err(e) => {
+            log::warn!("workers are spawned, not forked: {e}");
+            Ok(None)
+        }
+    }
 }
 
 impl ForkServer {

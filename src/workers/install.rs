@@ -10,7 +10,7 @@
 //! that is ppft's or pp's Python script (whichever wheel was installed last
 //! owns the name); `ppserver-rs` is always this server.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::io::Read;
@@ -133,6 +133,60 @@ fn neighbour_pythons(dirs: &[PathBuf]) -> Vec<PathBuf> {
                 .find(|p| is_executable(p))
         })
         .collect()
+}
+
+/// `PYTHONPATH` for workers: the inherited entries, then the server's
+/// working directory, without duplicates. pp workers import user modules
+/// named in job packages relative to where the server was started.
+pub(crate) fn worker_pythonpath(inherited: Option<&OsStr>, cwd: &Path) -> OsString {
+    let mut parts: Vec<PathBuf> = inherited
+        .map(|p| {
+            std::env::split_paths(p)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !parts.iter().any(|p| p == cwd) {
+        parts.push(cwd.to_path_buf());
+    }
+    std::env::join_paths(parts).unwrap_or_else(|_| cwd.as_os_str().to_owned())
+}
+
+/// The interpreter the workers run with, as the startup probe found it.
+#[derive(Debug, Clone)]
+pub(crate) struct Interpreter {
+    /// The interpreter (`--python`, or the one found).
+    pub(crate) python: PathBuf,
+    /// The worker module it runs with `-m` (`--worker-module`, or the
+    /// first it has).
+    pub(crate) module: String,
+    /// The worker package's `__version__`, what clients are told unless
+    /// `--pp-version` says otherwise.
+    pub(crate) version: String,
+    /// `PYTHONPATH` for the workers ([`worker_pythonpath`]).
+    pub(crate) pythonpath: OsString,
+}
+
+/// Startup step: finds the workers' interpreter and worker module
+/// (`--python`, `--worker-module`; see [`worker_python`]), probed with the
+/// `PYTHONPATH` the workers will get.
+pub(crate) async fn probe(
+    given: Option<&Path>,
+    module: Option<&str>,
+) -> Result<Interpreter, ProbeError> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
+    let pythonpath = worker_pythonpath(std::env::var_os("PYTHONPATH").as_deref(), &cwd);
+    let candidates: Vec<&str> = match module {
+        Some(m) => vec![m],
+        None => WORKER_MODULES.to_vec(),
+    };
+    let (python, module, version) = worker_python(given, &candidates, &pythonpath).await?;
+    Ok(Interpreter {
+        python,
+        module,
+        version,
+        pythonpath,
+    })
 }
 
 /// The interpreter for the workers, with the worker module it can run and
@@ -369,6 +423,25 @@ impl std::error::Error for ProbeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pythonpath_keeps_inherited_entries_first_and_adds_cwd_once() {
+        let cwd = Path::new("/srv/app");
+        assert_eq!(worker_pythonpath(None, cwd), OsString::from("/srv/app"));
+        assert_eq!(
+            worker_pythonpath(Some(OsStr::new("/a:/b")), cwd),
+            OsString::from("/a:/b:/srv/app")
+        );
+        assert_eq!(
+            worker_pythonpath(Some(OsStr::new("/srv/app:/a")), cwd),
+            OsString::from("/srv/app:/a")
+        );
+        assert_eq!(
+            worker_pythonpath(Some(OsStr::new("")), cwd),
+            OsString::from("/srv/app")
+        );
+    }
+
     use std::ffi::OsString;
 
     fn scratch(name: &str) -> PathBuf {

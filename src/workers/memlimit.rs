@@ -185,6 +185,24 @@ impl V2Groups {
     }
 }
 
+/// Startup step, the last that can fail the start (cgroups made from here
+/// on are removed at stop): `--worker-memory-limit` set up for `slots`
+/// slots, on a blocking thread: making cgroups, moving processes between
+/// them and removing what a failed setup made wait on the kernel (and on
+/// processes it kills), never on the runtime's only thread.
+pub(crate) async fn set_up(
+    limit: Option<&WorkerMemoryLimit>,
+    slots: usize,
+) -> Option<Arc<MemoryLimit>> {
+    let limit = limit?.clone();
+    let polled = limit.clone();
+    let made = match tokio::task::spawn_blocking(move || MemoryLimit::new(&limit, slots)).await {
+        Ok(m) => m,
+        Err(e) => MemoryLimit::polling(&polled, format!("the cgroup setup failed: {e}")),
+    };
+    Some(Arc::new(made))
+}
+
 impl MemoryLimit {
     /// Sets the limit up for `slots` worker slots by the first method that
     /// works here; what failed is kept for [`MemoryLimit::describe`]. Waits

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
 
 use crate::jobs::cache::WorkerCache;
 use crate::jobs::scheduler::{Job, Scheduler};
@@ -72,6 +73,60 @@ pub(crate) struct PoolContext {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// `--worker-memory-limit`, if set.
     pub(crate) memory_limit: Option<Arc<MemoryLimit>>,
+}
+
+/// The worker slots' supervisors, and the signal that stops them.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    /// One task per slot.
+    supervisors: JoinSet<()>,
+    /// Tells the supervisors to stop.
+    stop: watch::Sender<bool>,
+    /// Closed at stop, so no job waits for a worker that will not come.
+    scheduler: Arc<Scheduler>,
+}
+
+impl Pool {
+    /// Startup step: a supervisor for each of `slots` slots, each starting
+    /// its worker at once.
+    pub(crate) fn start(
+        slots: usize,
+        spec: Arc<WorkerSpec>,
+        forkserver: Option<Arc<ForkServer>>,
+        scheduler: Arc<Scheduler>,
+        stats: Arc<Stats>,
+        memory_limit: Option<Arc<MemoryLimit>>,
+    ) -> Pool {
+        let (stop, shutdown) = watch::channel(false);
+        let mut supervisors = JoinSet::new();
+        for slot in 0..slots {
+            let ctx = PoolContext {
+                spec: spec.clone(),
+                forkserver: forkserver.clone(),
+                scheduler: scheduler.clone(),
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+                memory_limit: memory_limit.clone(),
+            };
+            supervisors.spawn(keep_supervised(slot, ctx));
+        }
+        Pool {
+            supervisors,
+            stop,
+            scheduler,
+        }
+    }
+
+    /// Stops every worker and waits, at most `timeout`, for each slot's
+    /// supervisor to have stopped and reaped it.
+    pub(crate) async fn stop(&mut self, timeout: Duration) {
+        let _ = self.stop.send(true);
+        self.scheduler.close();
+        let all_stopped = async { while self.supervisors.join_next().await.is_some() {} };
+        if tokio::time::timeout(timeout, all_stopped).await.is_err() {
+            log::error!("workers did not stop within {timeout:?}");
+        }
+    }
 }
 
 /// [`supervise`]s pool slot `slot` until shutdown, starting its supervisor

@@ -26,11 +26,12 @@
 //! the server started with, which the server raised for itself. Deciding
 //! what to do when a worker fails is [`crate::workers::pool`]'s business.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::task::{Context, Poll};
@@ -43,11 +44,13 @@ use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::unix::pipe;
 use tokio::process::Command;
 
+use crate::config::Config;
 use crate::jobs::cache::{Package, WorkerCache};
 use crate::memory::mapped::{self, MAPPED_MIN};
 use crate::protocol::wire::{write_frame, write_frames, write_heads, FrameError, FrameReader};
 use crate::workers::bootstrap::{self, STARTUP_TIMEOUT};
 use crate::workers::forkserver::{ForkServer, ForkedWorker};
+use crate::workers::install::Interpreter;
 use crate::workers::process::{self, Process};
 use crate::workers::reaper;
 
@@ -96,21 +99,34 @@ pub(crate) struct WorkerSpec {
     pub(crate) nofile: Option<(u64, u64)>,
 }
 
-/// `PYTHONPATH` for workers: the inherited entries, then the server's
-/// working directory, without duplicates. pp workers import user modules
-/// named in job packages relative to where the server was started.
-pub(crate) fn worker_pythonpath(inherited: Option<&OsStr>, cwd: &Path) -> OsString {
-    let mut parts: Vec<PathBuf> = inherited
-        .map(|p| {
-            std::env::split_paths(p)
-                .filter(|p| !p.as_os_str().is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
-    if !parts.iter().any(|p| p == cwd) {
-        parts.push(cwd.to_path_buf());
+impl WorkerSpec {
+    /// How this server's workers start: the interpreter the probe found,
+    /// and the options that bear on a worker. `listening` names the
+    /// server in a stopped job's answer when the host has no name.
+    pub(crate) fn new(
+        cfg: &Config,
+        interpreter: &Interpreter,
+        listening: IpAddr,
+        nofile: Option<(u64, u64)>,
+    ) -> WorkerSpec {
+        WorkerSpec {
+            python: interpreter.python.clone(),
+            module: interpreter.module.clone(),
+            proto: cfg.proto.unwrap_or(2),
+            pythonpath: interpreter.pythonpath.clone(),
+            max_frame: cfg.max_frame_size,
+            restart: cfg.restart,
+            max_jobs: cfg.max_jobs_per_worker,
+            keep_abandoned: cfg.keep_abandoned,
+            job_timeout: cfg.job_timeout,
+            host: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| listening.to_string()),
+            nofile,
+        }
     }
-    std::env::join_paths(parts).unwrap_or_else(|_| cwd.as_os_str().to_owned())
 }
 
 /// How a job ended on a worker.
@@ -607,24 +623,7 @@ async fn drain_stderr(pid: u32, mut stderr: pipe::Receiver) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pythonpath_keeps_inherited_entries_first_and_adds_cwd_once() {
-        let cwd = Path::new("/srv/app");
-        assert_eq!(worker_pythonpath(None, cwd), OsString::from("/srv/app"));
-        assert_eq!(
-            worker_pythonpath(Some(OsStr::new("/a:/b")), cwd),
-            OsString::from("/a:/b:/srv/app")
-        );
-        assert_eq!(
-            worker_pythonpath(Some(OsStr::new("/srv/app:/a")), cwd),
-            OsString::from("/srv/app:/a")
-        );
-        assert_eq!(
-            worker_pythonpath(Some(OsStr::new("")), cwd),
-            OsString::from("/srv/app")
-        );
-    }
+    use std::path::Path;
 
     #[test]
     fn process_group_zero_or_one_is_never_killed() {

@@ -1,0 +1,97 @@
+//! The startup line: what the server says once it is set up, before the
+//! port listens. Launchers and people read it (the address, the workers
+//! and their interpreter, the pp version clients must run, how workers
+//! start, the memory budget and limit), so its wording is part of the
+//! interface. Also the warning about pp's public default secret, which
+//! waits for the first client where the startup line is not shown.
+
+use std::net::SocketAddr;
+
+use crate::config::Config;
+use crate::front::discovery;
+use crate::workers::install::{self, Interpreter};
+use crate::workers::memlimit::MemoryLimit;
+
+/// What the startup line tells.
+pub(crate) struct StartupFacts<'a> {
+    /// The settled config.
+    pub(crate) cfg: &'a Config,
+    /// Where the port is bound.
+    pub(crate) local: SocketAddr,
+    /// The workers' interpreter and package.
+    pub(crate) interpreter: &'a Interpreter,
+    /// Workers come from the fork-server.
+    pub(crate) forked: bool,
+    /// The open-file note: budgets lowered to fit, or empty.
+    pub(crate) lowered: &'a str,
+    /// `--worker-memory-limit`, as set up.
+    pub(crate) memory_limit: Option<&'a MemoryLimit>,
+}
+
+/// Logs the startup line (and the default-secret warning, and a foreign
+/// `ppserver` beside the binary). Returns whether the default-secret
+/// warning is still owed: held back until the first client connects when
+/// the log shows no info lines (a launcher's pipe), since the server
+/// prints nothing at startup there.
+pub(crate) fn log(facts: &StartupFacts<'_>) -> bool {
+    let cfg = facts.cfg;
+    let owed = cfg.secret_is_default && !log::log_enabled!(log::Level::Info);
+    if cfg.secret_is_default && !owed {
+        warn_default_secret();
+    }
+    install::warn_about_foreign_ppserver();
+    let interpreter = facts.interpreter;
+    let version = cfg.pp_version.as_ref().unwrap_or(&interpreter.version);
+    log::info!(
+        "ppserver listening on {} with {} workers ({} -u -m {}), advertising pp version \
+         {version}{}, {}{}{}, memory limit {}{}{}",
+        facts.local,
+        cfg.workers,
+        interpreter.python.display(),
+        interpreter.module,
+        if cfg.pp_version.is_some() {
+            format!(
+                " (--pp-version; the worker package is {})",
+                interpreter.version
+            )
+        } else {
+            String::new()
+        },
+        worker_start(cfg, facts.forked),
+        match cfg.advertise_ncpus {
+            Some(n) => format!(", telling clients {n} CPUs (--advertise-ncpus)"),
+            None => String::new(),
+        },
+        discovery::summary(cfg),
+        crate::memory::budget::human(cfg.memory_limit),
+        facts.lowered,
+        match facts.memory_limit {
+            Some(m) => format!(", {}", m.describe()),
+            None => String::new(),
+        },
+    );
+    owed
+}
+
+/// The warning about pp's public default secret.
+pub(crate) fn warn_default_secret() {
+    log::warn!(
+        "no secret given (-s): using pp's public default secret; anyone who can reach \
+         this port can run code here"
+    );
+}
+
+/// How workers start, for the startup line.
+fn worker_start(cfg: &Config, forked: bool) -> String {
+    if !forked {
+        return "workers spawned".to_string();
+    }
+    if cfg.preload.is_empty() {
+        "workers forked from a fork-server".to_string()
+    } else {
+        format!(
+            "workers forked from a fork-server with {} preloaded",
+            cfg.preload.join(", ")
+        )
+    }
+}
