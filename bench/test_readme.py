@@ -104,6 +104,7 @@ def test_readme_without_a_marker_pair_is_left_alone(tmp_path):
                    BEFORE + bench.README_BEGIN + "\n" + AFTER,
                    BEFORE + bench.README_END + "\nold\n" + bench.README_BEGIN + AFTER,
                    README + README,
+                   README + bench.README_END + "\n",
                    # A marker inside a line is not a marker line.
                    BEFORE + "see " + bench.README_BEGIN + " x " + bench.README_END + AFTER):
         proc, text = run_readme(tmp_path, DATA, broken)
