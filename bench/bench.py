@@ -28,49 +28,39 @@ and each configuration's figure is the median of its rounds.
 Everything that can block has a deadline, every process started here is
 started in its own process group and killed on the way out (normal end,
 exception, Ctrl-C, SIGTERM or the global alarm), so a run cannot hang or
-leave servers and workers behind.
+leave servers and workers behind. What this shares with bench/churn.py and
+the other scripts (processes, servers, clients, /proc) is bench/benchlib.py.
+
+Beside results.md, a run writes the figures it was rendered from to
+results.json, and a full run (no --only, into bench/) rewrites the
+paragraph between README.md's `<!-- bench:begin -->` and
+`<!-- bench:end -->` lines with its headline figures. `--readme` does only
+the latter, from bench/results.json, without running anything.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import selectors
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
+import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-# bench/churn.py does `import bench`: run as a script, this module is
-# __main__, and churn must get it rather than a second copy, whose table of
-# live processes the cleanup here would not see.
-sys.modules.setdefault("bench", sys.modules[__name__])
-import churn  # noqa: E402  (bench/churn.py: -r rows, replacement time, memory)
-
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
-CLIENT = BENCH / "client.py"
-BINARY = REPO / "target" / "release" / "ppserver"
-PY_PPFT = BENCH / ".venv-ppft" / "bin" / "python"
-PY_PP = BENCH / ".venv-pp" / "bin" / "python"
-
-HOST = "127.0.0.1"
-SECRET = "bench;secret 0f ppserver"  # punctuation and a space, like pp's default
-WORKERS = 2
+import churn  # bench/churn.py: -r rows, replacement time, memory
+from benchlib import (BENCH, BINARY, CLIENT_TIMEOUT, HOST, PY_PP, PY_PPFT, REPO, SECRET,
+                      WARMUP_JOBS, WORKERS, BenchError, Client, Config, arm, cleanup_all,
+                      client_cfg, descendants, fmt, load_average, machine_info, mib,
+                      proc_status, ratio, start_server, tiny_cells, wait_all)
 
 # Job counts. "Slow" means the calibration run (100 jobs) did fewer than
 # SLOW_BELOW jobs/s: the Python ppservers (~45 and ~90 jobs/s here), whose
 # 2000-job run would eat most of the time budget.
 TINY_FAST, TINY_SLOW, SLOW_BELOW = 2000, 200, 250
 TINY_REPS_FAST, TINY_REPS_SLOW = 3, 1  # median of 3 where it is cheap
-WARMUP_JOBS = 30
 # Bulk: BULK_ROUNDS rounds, each one client run per configuration in turn;
 # the median of the rounds. Noisy on a shared 2-core machine, hence 5.
 BULK_JOBS, BULK_MB, BULK_ROUNDS = 16, 16, 5
@@ -81,289 +71,9 @@ SCALE_N_FAST, SCALE_N_SLOW = 1000, 50  # tiny jobs per client
 # configs(), the rest bench/churn.py's); the global alarm is the last
 # resort if something misbehaves anyway.
 GLOBAL_DEADLINE = 14 * 60
-SERVER_START_TIMEOUT = 30
-STOP_GRACE = 5
-CLIENT_TIMEOUT = 120  # one client: warm-up, then tiny runs or one bulk run
 SCALE_READY_TIMEOUT = 60  # all N clients connected and warmed up
 SCALE_RUN_TIMEOUT = 60
 SETTLE = 1.0  # let a server go idle before reading its RSS
-
-
-class BenchError(Exception):
-    """A measurement could not be made; the message says why."""
-
-
-# ---------------------------------------------------------------- processes
-
-# Every process group started here, so that cleanup can kill what is left.
-_LIVE = {}
-
-
-def spawn(argv, log_path, **kw):
-    """Start argv in a new session (so it and all its children form one
-    process group we can kill as a unit) and remember it for cleanup."""
-    logf = open(log_path, "ab")
-    logf.write(("$ %s\n" % " ".join(map(str, argv))).encode())
-    logf.flush()
-    if kw.get("stdout") == "log":  # stdout and stderr into the same log
-        kw["stdout"] = logf
-    proc = subprocess.Popen([str(a) for a in argv], stderr=logf, start_new_session=True,
-                            **kw)
-    proc._bench_log = logf
-    _LIVE[proc.pid] = proc
-    return proc
-
-
-def kill_group(proc, sig=signal.SIGKILL):
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def reap(proc, timeout):
-    try:
-        proc.wait(timeout=timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
-
-
-def finish(proc):
-    """Kill whatever is left of proc's process group and forget it."""
-    kill_group(proc)
-    reap(proc, 5)
-    for f in (proc.stdin, proc.stdout, proc._bench_log):
-        if f:
-            try:
-                f.close()
-            except OSError:
-                pass
-    _LIVE.pop(proc.pid, None)
-
-
-def cleanup_all():
-    for proc in list(_LIVE.values()):
-        kill_group(proc, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
-    for proc in list(_LIVE.values()):
-        reap(proc, max(0.1, deadline - time.monotonic()))
-        finish(proc)
-
-
-def proc_stat(pid):
-    """(ppid, starttime) of pid, or None if it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def descendants(root):
-    """{pid: starttime} of every live descendant of root (the workers a
-    server forked), read from /proc. starttime guards against pid reuse."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = proc_stat(int(entry))
-            if st:
-                children.setdefault(st[0], []).append((int(entry), st[1]))
-    found, todo = {}, [root]
-    while todo:
-        for pid, start in children.get(todo.pop(), []):
-            found[pid] = start
-            todo.append(pid)
-    return found
-
-
-def proc_status(pid, key):
-    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM), or None."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-# ------------------------------------------------------------------ servers
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-    leftovers: list = field(default_factory=list)
-
-    @property
-    def address(self):
-        return "%s:%d" % (HOST, self.port)
-
-    def log_tail(self, lines=15):
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self):
-        """SIGTERM the server alone first (a clean shutdown is part of what
-        a drop-in server must do), then SIGKILL its group and any worker that
-        escaped it. Records workers that outlived the grace period."""
-        workers = descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        reap(self.proc, STOP_GRACE)
-        # Give workers the same grace to notice their pipes closed.
-        deadline = time.monotonic() + STOP_GRACE
-        while time.monotonic() < deadline and any(
-                (proc_stat(p) or (0, None))[1] == s for p, s in workers.items()):
-            time.sleep(0.1)
-        if self.proc.poll() is None:
-            self.leftovers.append("server pid %d ignored SIGTERM" % self.proc.pid)
-        for pid, start in workers.items():
-            st = proc_stat(pid)
-            if st and st[1] == start:
-                self.leftovers.append("worker pid %d outlived the server" % pid)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        finish(self.proc)
-
-
-def start_server(name, argv, logdir, cwd):
-    port = free_port()
-    log_path = logdir / ("server-%s.log" % name)
-    argv = [a if a != "{port}" else str(port) for a in argv]
-    env = dict(os.environ)
-    # Job functions are shipped as source; nothing must leak in from the
-    # caller's environment. ppft's server prepends its cwd to the workers'
-    # PYTHONPATH itself; ours inherits it.
-    env.pop("PYTHONPATH", None)
-    proc = spawn(argv, log_path, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout="log")
-    server = Server(name, proc, port, log_path)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            server.stop()
-            raise BenchError("%s exited with code %s at startup:\n%s"
-                             % (name, proc.returncode, server.log_tail()))
-        try:
-            with socket.create_connection((HOST, port), timeout=1.0):
-                return server
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise BenchError("%s did not accept connections within %ds:\n%s"
-                             % (name, SERVER_START_TIMEOUT, server.log_tail()))
-        time.sleep(0.05)
-
-
-# ------------------------------------------------------------------ clients
-
-MARKER = "BENCH-JSON "
-
-
-class Client:
-    """One bench/client.py process; reads its BENCH-JSON lines."""
-
-    def __init__(self, python, cfg, log_path, cwd):
-        self.log_path = log_path
-        self.proc = spawn([python, "-u", CLIENT, json.dumps(cfg)], log_path, cwd=cwd,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        self.buf = b""
-        self.messages = []
-        self.eof = False
-
-    def pump(self):
-        """Read what is available; parse complete lines."""
-        try:
-            data = self.proc.stdout.read()
-        except BlockingIOError:
-            data = None
-        if data == b"":
-            self.eof = True
-        elif data:
-            self.buf += data
-            *lines, self.buf = self.buf.split(b"\n")
-            for line in lines:
-                line = line.decode(errors="replace")
-                if line.startswith(MARKER):
-                    self.messages.append(json.loads(line[len(MARKER):]))
-                else:
-                    # Anything else the client prints (pp warnings) goes to
-                    # its log for diagnosis.
-                    self.proc._bench_log.write((line + "\n").encode())
-
-    def has(self, kind):
-        return next((m for m in self.messages if m["kind"] == kind), None)
-
-    def go(self):
-        self.proc.stdin.write(b"GO\n")
-        self.proc.stdin.flush()
-
-    def close(self):
-        # The client exits by itself after printing its result; give it a
-        # moment, then kill its group (which includes local workers).
-        reap(self.proc, 10)
-        finish(self.proc)
-
-    def log_tail(self, lines=15):
-        self.proc._bench_log.flush()
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def wait_all(clients, kind, timeout):
-    """Wait until every client has printed a `kind` message. Raises
-    BenchError with the log of the first client that died or was too slow."""
-    sel = selectors.DefaultSelector()
-    for c in clients:
-        sel.register(c.proc.stdout, selectors.EVENT_READ, c)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            pending = [c for c in clients if not c.has(kind)]
-            if not pending:
-                return [c.has(kind) for c in clients]
-            dead = [c for c in pending if c.eof]
-            if dead:
-                c = dead[0]
-                reap(c.proc, 2)
-                raise BenchError("client exited (code %s) before '%s':\n%s"
-                                 % (c.proc.returncode, kind, c.log_tail()))
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError("%d of %d clients gave no '%s' within %ds:\n%s"
-                                 % (len(pending), len(clients), kind, timeout,
-                                    pending[0].log_tail()))
-            for key, _ in sel.select(timeout=min(left, 1.0)):
-                key.data.pump()
-    finally:
-        sel.close()
-
-
-def client_cfg(server, ncpus, **kw):
-    cfg = {"server": server.address if server else None, "secret": SECRET,
-           "ncpus": ncpus, "server_pid": server.proc.pid if server else None,
-           "warmup": WARMUP_JOBS, "barrier": False, "phases": []}
-    cfg.update(kw)
-    return cfg
 
 
 def run_single(python, server, ncpus, logdir, cwd, name):
@@ -419,18 +129,6 @@ def run_scale(python, server, ncpus, nclients, per_client, logdir, cwd, name):
 
 
 # --------------------------------------------------------------- the bench
-
-@dataclass
-class Config:
-    key: str
-    label: str
-    client_python: Path
-    server_argv: list = None  # None: no server (local workers)
-
-    @property
-    def ncpus(self):
-        return 0 if self.server_argv else WORKERS
-
 
 def configs():
     common = ["-i", HOST, "-p", "{port}", "-s", SECRET, "-w", str(WORKERS)]
@@ -552,50 +250,6 @@ def finish_servers(servers, results):
 
 # --------------------------------------------------------------- reporting
 
-def load_average():
-    """1-minute load average: other work on the machine skews every figure,
-    so the report says how busy it was."""
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def machine_info():
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-
-    def cmd(argv):
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=10,
-                                  cwd=REPO).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "unknown"
-
-    commit = cmd(["git", "rev-parse", "--short", "HEAD"])
-    if cmd(["git", "status", "--porcelain", "--untracked-files=no"]):
-        commit += " (with uncommitted changes)"
-    return {
-        "cpu": model,
-        "cores": "%d online, %d usable by this process" % (os.cpu_count(),
-                                                           len(os.sched_getaffinity(0))),
-        "kernel": "%s %s" % (platform.system(), platform.release()),
-        "python": platform.python_version(),
-        "rustc": cmd(["rustc", "--version"]),
-        "commit": commit,
-        "load": load_average(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
 def pickle_rates():
     """How fast this machine pickles and unpickles the bulk argument with
     each client's default protocol. The ppft client pickles with protocol 2,
@@ -614,20 +268,6 @@ def pickle_rates():
         out[proto] = {"wire_mb": len(data) / 2**20, "dumps": BULK_MB / (t1 - t0),
                       "loads": BULK_MB / (t2 - t1)}
     return out
-
-
-def fmt(value, spec="%.0f", none="n/a"):
-    return none if value is None else spec % value
-
-
-def mib(kib):
-    return None if kib is None else kib / 1024
-
-
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
 
 
 def targets(by):
@@ -678,17 +318,6 @@ def targets(by):
                      "%.2fx, %d lost" % (r, lost),
                      "PASS" if r >= 1.0 and lost == 0 else "FAIL"))
     return rows
-
-
-def tiny_cells(r):
-    """The "tiny jobs" and "tiny jobs/s" cells of a result row: the count
-    (times the runs), and the median rate (with its range over the runs)."""
-    reps = r["tiny_reps"]
-    if reps == 1:
-        return "%d" % r["tiny_n"], fmt(r["tiny_jobs_per_s"])
-    return ("%d x%d" % (r["tiny_n"], reps),
-            "%s (%s-%s)" % (fmt(r["tiny_jobs_per_s"]), fmt(min(r["tiny_rates"])),
-                            fmt(max(r["tiny_rates"]))))
 
 
 def render(results, machine, pickles, total_s, fresh):
@@ -925,15 +554,90 @@ def chart(results, path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------ README.md
+
+README = REPO / "README.md"
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def readme_paragraph(data):
+    """README.md's headline on speed, from a run's figures (what
+    results.json holds): the ppft 1.7.8 client's tiny jobs/s and bulk MB/s
+    against ppft's Python ppserver and no server, and -r by fork. A figure
+    the run did not get reads n/a."""
+    m = data["machine"]
+    by = {r["key"]: r for r in data.get("results") or []}
+    by.update((r["key"], r) for r in (data.get("fresh") or {}).get("r", []))
+    g = lambda k, f: by.get(k, {}).get(f)  # noqa: E731
+    version = next((g(k, "client_version") for k in ("ours-ppft", "ppft-py", "local")
+                    if g(k, "client_version")), None)
+    tiny = ratio(g("ours-ppft", "tiny_jobs_per_s"), g("ppft-py", "tiny_jobs_per_s"))
+    cores = "%d cores" % m["cpus"] if m.get("cpus") else m.get("cores", "cores unknown")
+    text = ("Latest `scripts/bench` run (%s, %s, %s, commit %s): %s tiny jobs/s with the "
+            "%s client against %s for ppft's Python ppserver%s and %s with no server; "
+            "bulk %s MB/s against %s; `-r` by fork %s jobs/s against %s. Full tables: "
+            "[bench/results.md](bench/results.md)." % (
+                m.get("date", "unknown date").split()[0], m.get("cpu", "unknown CPU"), cores,
+                # A commit with changes on top says so, without nested brackets.
+                m.get("commit", "unknown").replace(" (with ", " with ").rstrip(")"),
+                fmt(g("ours-ppft", "tiny_jobs_per_s")),
+                "ppft " + version if version else "ppft",
+                fmt(g("ppft-py", "tiny_jobs_per_s")),
+                " (%.0fx)" % tiny if tiny is not None else "",
+                fmt(g("local", "tiny_jobs_per_s")),
+                fmt(g("ours-ppft", "bulk_mb_per_s")), fmt(g("ppft-py", "bulk_mb_per_s")),
+                fmt(g("ours-ppft-r-fork", "tiny_jobs_per_s")),
+                fmt(g("ppft-py-r", "tiny_jobs_per_s"))))
+    # Markdown joins the lines; short ones keep README diffs readable.
+    return textwrap.fill(text, width=78, break_long_words=False, break_on_hyphens=False)
+
+
+def update_readme(path, paragraph):
+    """Replaces what is between the README's marker lines with paragraph and
+    leaves every other byte as it was. Without exactly one begin line
+    followed by one end line, warns and changes nothing. Returns whether
+    it wrote."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        print("warning: %s not rewritten: %s" % (path, exc), file=sys.stderr)
+        return False
+    lines = text.splitlines(keepends=True)
+    marks = [line.strip() for line in lines]
+    if (marks.count(README_BEGIN) != 1 or marks.count(README_END) != 1
+            or marks.index(README_BEGIN) > marks.index(README_END)):
+        print("warning: %s has no `%s` line followed by a `%s` line: left as it was"
+              % (path, README_BEGIN, README_END), file=sys.stderr)
+        return False
+    begin, end = marks.index(README_BEGIN), marks.index(README_END)
+    if not lines[begin].endswith("\n"):  # cannot happen with an end line after it
+        lines[begin] += "\n"
+    new = "".join(lines[:begin + 1]) + paragraph.rstrip("\n") + "\n" + "".join(lines[end:])
+    # Written whole and renamed over: an interrupted write leaves the old one.
+    tmp = path.with_name(path.name + ".bench-tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+    print("wrote %s (between its bench markers)" % path)
+    return True
+
+
+def readme_only(results_path, readme_path):
+    """--readme: the paragraph from a results.json of a full run; exit
+    status 1 if README was not rewritten."""
+    try:
+        data = json.loads(Path(results_path).read_text())
+    except (OSError, ValueError) as exc:
+        sys.exit("cannot read %s: %s" % (results_path, exc))
+    if data.get("only"):
+        sys.exit("%s is from a run limited by --only %s: its figures are not the "
+                 "README's; run scripts/bench without --only"
+                 % (results_path, " --only ".join(data["only"])))
+    if not update_readme(readme_path, readme_paragraph(data)):
+        sys.exit(1)
+
+
 # --------------------------------------------------------------------- main
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt("signal %d" % signum)
-
-
-def _alarm(signum, frame):
-    raise KeyboardInterrupt("global deadline of %ds reached" % GLOBAL_DEADLINE)
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -942,8 +646,22 @@ def main():
                         help="run only this configuration (repeatable): "
                              + ", ".join(all_keys))
     parser.add_argument("--output", default=str(BENCH), metavar="DIR",
-                        help="where results.md and chart.png go (default bench/)")
+                        help="where results.md, results.json and chart.png go "
+                             "(default bench/; README.md is rewritten only by a full "
+                             "run into bench/)")
+    parser.add_argument("--readme", action="store_true",
+                        help="run nothing: rewrite README.md's paragraph between its bench "
+                             "markers from the figures of bench/results.json")
+    parser.add_argument("--results", default=str(BENCH / "results.json"), metavar="FILE",
+                        help="with --readme: the results.json to read (default %(default)s)")
+    parser.add_argument("--readme-file", default=str(README), metavar="FILE",
+                        help="with --readme: the README to rewrite (default %(default)s)")
     args = parser.parse_args()
+    if args.readme:
+        if args.only:
+            parser.error("--readme runs nothing: --only has no meaning with it")
+        readme_only(args.results, args.readme_file)
+        return
 
     for path in (BINARY, PY_PPFT, PY_PP):
         if not Path(path).exists():
@@ -951,11 +669,7 @@ def main():
 
     # Ctrl-C, SIGTERM, SIGHUP and the global deadline all unwind through
     # the finally below, which kills every process group started here.
-    signal.signal(signal.SIGINT, _raise_interrupt)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(GLOBAL_DEADLINE)
+    arm(GLOBAL_DEADLINE)
 
     load_before = load_average()
     logdir = Path(tempfile.mkdtemp(prefix="ppbench-"))
@@ -1005,16 +719,28 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     machine["load_before"] = load_before
-    text = render(results, machine, pickles, time.monotonic() - started, fresh)
+    # One dict for results.md, results.json and README's paragraph, so that
+    # all three give this run's figures.
+    data = {"only": args.only, "machine": machine, "total_s": time.monotonic() - started,
+            "pickles": pickles, "results": results, "fresh": fresh}
+    text = render(data["results"], data["machine"], data["pickles"], data["total_s"],
+                  data["fresh"])
     (out / "results.md").write_text(text)
+    # default=str: a value json cannot take must not cost the run's figures.
+    (out / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     print()
     print(text)
     if results:
         chart(results, out / "chart.png")
-        print("wrote %s and %s" % (out / "results.md", out / "chart.png"))
+        print("wrote %s, %s and %s" % (out / "results.md", out / "results.json",
+                                       out / "chart.png"))
     else:
         # The chart shows configs() alone; without them it is left as it was.
-        print("wrote %s" % (out / "results.md"))
+        print("wrote %s and %s" % (out / "results.md", out / "results.json"))
+    if args.only or out.resolve() != BENCH.resolve():
+        print("README.md left as it was: only a full run into bench/ rewrites it")
+    else:
+        update_readme(README, readme_paragraph(data))
     if failed:
         print("some measurements failed; logs kept in %s" % logdir, file=sys.stderr)
         sys.exit(1)

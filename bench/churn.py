@@ -2,8 +2,9 @@
 
 Part of the benchmark run by scripts/bench: bench/bench.py calls ``run``
 after its own configurations and ``render`` for its section of
-bench/results.md. It reuses bench.py's process handling (every process in
-its own group, killed on the way out) and bench/client.py's clients.
+bench/results.md. It uses bench/benchlib.py's process handling (every
+process in its own group, killed on the way out), servers and
+bench/client.py's clients; it does not import bench.py.
 
 Three measurements, each with --only keys of its own:
 
@@ -29,7 +30,7 @@ import signal
 import statistics
 import time
 
-import bench as B
+import benchlib as B
 
 REPLACE_WORKERS, MEMORY_WORKERS = 2, 4
 
@@ -55,12 +56,6 @@ SETTLE = 1.0  # after the client left, before PSS is read
 
 READY_RE = re.compile(r"slot (\d+): worker pid (\d+) ready"
                       r"(?: by (\w+) in ([0-9]+(?:\.[0-9]+)?) ms)?")
-
-
-def percentile(values, q):
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    s = sorted(values)
-    return s[max(0, -(-q * len(s) // 100) - 1)]
 
 
 # ------------------------------------------------------------ configurations
@@ -442,8 +437,8 @@ def render(out):
                 r["mode"], len(r["ready"]), r.get("started_by", "n/a"),
                 B.fmt(statistics.median(ms) if ms else None, "%.1f",
                       none="unavailable"),
-                B.fmt(percentile(ms, 99) if ms else None, "%.1f", none="unavailable"),
-                "%.1f / %.1f" % (statistics.median(seen), percentile(seen, 99))
+                B.fmt(B.percentile(ms, 99) if ms else None, "%.1f", none="unavailable"),
+                "%.1f / %.1f" % (statistics.median(seen), B.percentile(seen, 99))
                 if seen else "n/a"))
         L.append("")
         L.append("- Method: our server with `-d -w %d --worker-start MODE`, ppft workers, "

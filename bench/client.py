@@ -3,9 +3,12 @@
 Run by bench/bench.py with the interpreter of the venv under test, so the
 same file drives a ppft 1.7.8 client (bench/.venv-ppft) or a pp 1.7.0 client
 (bench/.venv-pp); bench/latency.py runs it too, for its churn and latency
-phases, and bench/churn.py for its numpy phase (ppft only). It takes one JSON argument (see ``main``), connects, warms
-up, optionally waits at a barrier, runs its phases and prints one line
-``BENCH-JSON {...}`` with the figures.
+phases, and bench/churn.py for its numpy phase (ppft only). It takes one
+JSON argument (see ``main``), connects, warms up, optionally waits at a
+barrier, runs its phases and prints one line ``BENCH-JSON {...}`` with the
+figures. The marker and the /proc CPU reader are bench/benchlib.py's, the
+same the reading side uses (this file's folder is first on sys.path, as it
+runs as a script).
 
 Why a separate process rather than measuring inside bench.py: each
 configuration needs its own client package (ppft or pp 1.7.0) and the scaling
@@ -25,7 +28,8 @@ try:
 except ImportError:
     import pp
 
-MARKER = "BENCH-JSON "
+from benchlib import MARKER, cpu_ticks
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -54,14 +58,10 @@ def numpy_job(seconds):
 
 def cpu_seconds(pid):
     """utime+stime of one process (all its threads, not its children), from
-    /proc/<pid>/stat. The command name may contain spaces or parentheses, so
-    fields are counted from the last ')'."""
+    /proc/<pid>/stat; None without a pid."""
     if not pid:
         return None
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return sum(cpu_ticks(pid)) / CLK_TCK
 
 
 def emit(kind, payload):

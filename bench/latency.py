@@ -2,7 +2,8 @@
 
 Run through scripts/bench-latency, which creates the venv and builds the
 release binary first; this file runs with bench/.venv-ppft's python and
-reuses bench/bench.py's process handling and bench/client.py's clients.
+uses bench/benchlib.py's process handling and servers and bench/client.py's
+clients.
 
 Each binary under test (--binary NAME=PATH, any number) runs as one server
 with -r -w 2 (a fresh worker after every job) and ppft 1.7.8 workers, kept
@@ -32,8 +33,6 @@ No figure is checked against a threshold: this measures, it does not test.
 """
 
 import argparse
-import json
-import math
 import os
 import select
 import shutil
@@ -46,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench as B  # noqa: E402  (bench/bench.py: processes, servers, clients)
+import benchlib as B  # noqa: E402  (processes, servers, clients)
 
 WORKERS = 2
 CHURN_BACKLOG = 8  # churn jobs submitted ahead; ppft keeps 4 on the wire
@@ -62,12 +61,6 @@ GLOBAL_DEADLINE = 9 * 60
 SLEEPERS_TIMEOUT = 60
 READY_TIMEOUT = 60  # a client connected and warmed up
 RESULT_MARGIN = 60  # beyond the probe's own --seconds
-
-
-def percentile(values, q):
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
 def process_count():
@@ -164,7 +157,7 @@ def run_phase(label, servers, rounds, logdir, cwd):
             line.append("%s job p50 %.0f ms, STAT p50 %.2f p99 %.1f max %.0f ms, "
                         "%d over %d ms, churn %.0f jobs/s"
                         % (name, statistics.median(res["jobs"]) * 1000,
-                           statistics.median(stat) * 1000, percentile(stat, 99) * 1000,
+                           statistics.median(stat) * 1000, B.percentile(stat, 99) * 1000,
                            max(stat) * 1000, stalls(stat), STALL_MS,
                            res["churn_jobs_per_s"]))
         print("   round %d: %s" % (r + 1, "; ".join(line)), flush=True)
@@ -211,8 +204,8 @@ def render(phases, binaries, machine, command, total_s):
                      "| %.1f | %d, %d |" % (
                          name, min(o["processes"]), max(o["processes"]),
                          statistics.median(o["jobs"]) * 1000,
-                         percentile(o["jobs"], 99) * 1000,
-                         statistics.median(ms), percentile(ms, 99), percentile(ms, 99.9),
+                         B.percentile(o["jobs"], 99) * 1000,
+                         statistics.median(ms), B.percentile(ms, 99), B.percentile(ms, 99.9),
                          max(ms), stalls(o["stat"]),
                          statistics.median(o["churn"]), len(o["jobs"]), len(ms)))
     L.append("")
@@ -251,14 +244,6 @@ def run_pass(tag, label, servers, logdir, cwd, phases):
                    "load": load, "read_ms": proc_read_ms()})
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt("signal %d" % signum)
-
-
-def _alarm(signum, frame):
-    raise KeyboardInterrupt("global deadline of %ds reached" % GLOBAL_DEADLINE)
-
-
 def main():
     global ROUNDS, SECONDS, SLEEPERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -285,11 +270,7 @@ def main():
     command = "scripts/bench-latency " + " ".join(
         arg if " " not in arg else "'%s'" % arg for arg in sys.argv[1:])
 
-    signal.signal(signal.SIGINT, _raise_interrupt)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(GLOBAL_DEADLINE)
+    B.arm(GLOBAL_DEADLINE)
 
     load_before = B.load_average()
     logdir = Path(tempfile.mkdtemp(prefix="pplatency-"))

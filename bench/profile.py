@@ -25,13 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench as B  # noqa: E402
-
-
-def cpu_ticks(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]), int(fields[12])
+import bench  # noqa: E402  (the configurations and the bulk run's size)
+import benchlib as B  # noqa: E402  (processes, servers, clients)
 
 
 def main():
@@ -43,7 +38,7 @@ def main():
     parser.add_argument("--output", default=None, help="perf.data / strace output path")
     args = parser.parse_args()
 
-    cfg = {c.key: c for c in B.configs()}[args.key]
+    cfg = {c.key: c for c in bench.configs()}[args.key]
     if not cfg.server_argv:
         sys.exit("%s has no server to profile" % args.key)
     argv = list(cfg.server_argv)
@@ -65,15 +60,15 @@ def main():
             monitor = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(pid)],
                                        stderr=subprocess.DEVNULL)
         time.sleep(1)
-        user0, sys0 = cpu_ticks(pid)
+        user0, sys0 = B.cpu_ticks(pid)
         client_cfg = B.client_cfg(server, 0, phases=[
-            {"name": "bulk", "jobs": B.BULK_JOBS, "mb": B.BULK_MB, "reps": args.rounds}])
+            {"name": "bulk", "jobs": bench.BULK_JOBS, "mb": bench.BULK_MB, "reps": args.rounds}])
         client = B.Client(cfg.client_python, client_cfg, logdir / "client.log", workdir)
         try:
             result = B.wait_all([client], "result", 300)[0]
         finally:
             client.close()
-        user1, sys1 = cpu_ticks(pid)
+        user1, sys1 = B.cpu_ticks(pid)
         rss_now = B.proc_status(pid, "VmRSS")
         time.sleep(1)
         rss_idle = B.proc_status(pid, "VmRSS")
@@ -82,12 +77,12 @@ def main():
             monitor.wait(timeout=60)
         rates = [b["jobs"] * b["mb"] / b["seconds"] for b in result["bulk"]]
         # The client also sends one untimed bulk job first.
-        jobs = args.rounds * B.BULK_JOBS + 1
+        jobs = args.rounds * bench.BULK_JOBS + 1
         tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
         print("bulk MB/s: %s (median %.0f)" % (", ".join("%.0f" % r for r in rates),
                                               statistics.median(rates)))
         print("server CPU per %d MB job: %.1f ms (user %.1f, system %.1f)" % (
-            B.BULK_MB, (user1 + sys1 - user0 - sys0) * tick_ms / jobs,
+            bench.BULK_MB, (user1 + sys1 - user0 - sys0) * tick_ms / jobs,
             (user1 - user0) * tick_ms / jobs, (sys1 - sys0) * tick_ms / jobs))
         print("server memory: peak %.1f MiB, right after %.1f MiB, after 1 s idle %.1f MiB"
               % (B.proc_status(pid, "VmHWM") / 1024, rss_now / 1024, rss_idle / 1024))
