@@ -1,7 +1,8 @@
 //! The generated files in the repository (`docs/man/ppserver.1`,
 //! `docs/man/ppserver.conf.5`, `docs/ppserver.conf.sample`) are what the
 //! option table makes today: a definition changed without regenerating
-//! fails here. `PPSERVER_REGENERATE_DOCS=1 cargo test --test docs`
+//! fails here, and so does a metric list in `docs/operating.md` that is
+//! not what the registry serves. `PPSERVER_REGENERATE_DOCS=1 cargo test --test docs`
 //! rewrites them.
 
 use std::path::Path;
@@ -23,7 +24,8 @@ fn check(relative: &str, fresh: String) {
             .unwrap_or_else(|| shipped.lines().count().min(fresh.lines().count()))
             + 1;
         panic!(
-            "{relative} is stale: it differs from what src/config/options.rs generates \
+            "{relative} is stale: it differs from what the code generates (the option table, \
+             src/config/options.rs, or the metrics registry, src/ops/metrics.rs) \
              from line {line}.\nRegenerate it with:\n    \
              PPSERVER_REGENERATE_DOCS=1 cargo test --test docs\nand commit the result."
         );
@@ -69,4 +71,24 @@ fn sample_config_uncommented_is_read_cleanly() {
         Ok(Command::Run(c)) => assert!(c.notes.is_empty(), "{:?}", c.notes),
         other => panic!("{other:?}\n{text}"),
     }
+}
+
+/// The metric list between the `metrics` markers of `docs/operating.md`
+/// is what the registry serves.
+#[test]
+fn metric_list_is_current() {
+    let relative = "docs/operating.md";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    let page = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{relative}: {e}"));
+    let (begin, end) = ("<!-- metrics:begin -->\n", "<!-- metrics:end -->");
+    let (Some(a), Some(b)) = (page.find(begin), page.find(end)) else {
+        panic!("{relative} has no {begin:?} ... {end:?} markers");
+    };
+    let fresh = format!(
+        "{}{begin}{}{}",
+        &page[..a],
+        ppserver::ops::metrics_reference(),
+        &page[b..]
+    );
+    check(relative, fresh);
 }

@@ -246,6 +246,9 @@ impl Metrics {
         ] {
             drop(self.worker_restarts.get_or_create(&label("cause", cause)));
         }
+        for kind in [ConnKind::PreAuth, ConnKind::Stat, ConnKind::Exec] {
+            drop(self.connections.get_or_create(&label("kind", kind.label())));
+        }
         for reason in REFUSALS {
             drop(
                 self.connections_refused
@@ -264,18 +267,25 @@ impl Metrics {
         );
         r.register(
             "jobs_answered",
-            "Jobs answered with their worker's result",
+            "Jobs answered with their worker's result (an exception in a job is such a result)",
             self.jobs_answered.clone(),
         );
         r.register(
             "jobs_server_answered",
-            "Jobs the server answered itself with (None, reason), by reason \
-             (memory_cgroup: its worker left its memory cgroup, or the cgroup's limit was changed)",
+            "Jobs the server answered itself with (None, reason), by reason: worker_died (the \
+             worker died during the job), not_started (workers died before receiving it, several in a row), no_worker (no \
+             worker could be started), oversize (a frame larger than the memory budget), \
+             unknown_package (an H for a package no longer held), job_timeout \
+             (--job-timeout), memory_limit (--worker-memory-limit), memory_cgroup (its worker \
+             left its memory cgroup, or the cgroup's limit was changed), lost (a slot's \
+             supervisor failed while it held the job)",
             self.jobs_server_answered.clone(),
         );
         r.register(
             "jobs_dropped",
-            "Jobs dropped unanswered because their client left, by reason",
+            "Jobs dropped unanswered, by reason: abandoned (their client left before they \
+             ran), shutdown (their connection was closed at the end of the drain, and their \
+             client resends them)",
             self.jobs_dropped.clone(),
         );
         r.register_with_unit(
@@ -286,7 +296,8 @@ impl Metrics {
         );
         r.register_with_unit(
             "worker_start",
-            "Time from a worker slot falling vacant to its new worker being ready",
+            "Time from a worker slot falling vacant (its worker's end, or the server's start) \
+             to its new worker's handshake done: a fork, or an interpreter's start-up",
             Unit::Seconds,
             self.worker_start_seconds.clone(),
         );
@@ -308,39 +319,44 @@ impl Metrics {
         );
         r.register(
             "workers",
-            "Worker processes, by state",
+            "Worker processes, by state: busy, idle",
             self.workers.clone(),
         );
         r.register(
             "worker_restarts",
-            "Workers replaced, by cause (memory_cgroup: the worker left its memory cgroup, or \
-             the cgroup's limit was changed, during or after a job)",
+            "Workers replaced, by cause: died, abandoned (its client left a running job), \
+             max_jobs (--max-jobs-per-worker), worker_exiting (its job hit ppft's fatal error, after \
+             which the worker exits), \
+             restart_flag (-r), job_timeout, memory_limit, memory_cgroup (the worker left its \
+             memory cgroup, or the cgroup's limit was changed, during or after a job), \
+             supervisor_panic (a bug: the slot started again)",
             self.worker_restarts.clone(),
         );
         r.register(
             "connections",
-            "Client connections open now, by kind",
+            "Client connections open now, by kind: pre-auth (in their handshake), stat, exec",
             self.connections.clone(),
         );
         r.register(
             "connections_refused",
-            "Client connections refused, by reason",
+            "Client connections refused when accepted, by reason: not_allowed (--allow), \
+             max_connections, max_handshakes, max_handshakes_per_address",
             self.connections_refused.clone(),
         );
         r.register(
             "failed_logins",
-            "Wrong answers to the handshake",
+            "Wrong answers to the handshake's nonce",
             self.failed_logins.clone(),
         );
         r.register_with_unit(
             "received",
-            "Bytes received from clients",
+            "Bytes received from clients, frame headers included",
             Unit::Bytes,
             self.received_bytes.clone(),
         );
         r.register_with_unit(
             "sent",
-            "Bytes sent to clients",
+            "Bytes sent to clients, frame headers included",
             Unit::Bytes,
             self.sent_bytes.clone(),
         );
@@ -357,7 +373,8 @@ impl Metrics {
         );
         r.register_with_unit(
             "memory_held",
-            "Bytes held for client frames, jobs, packages and results (--memory-limit)",
+            "Bytes held in the memory budget (--memory-limit): client frames, queued jobs, \
+             cached packages, unwritten results, spare mappings of large frames",
             Unit::Bytes,
             self.memory_held_bytes.clone(),
         );
@@ -527,6 +544,59 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The metric list of the operating guide (`docs/operating.md`), made
+/// from the registry that serves `/metrics`, so the two cannot drift
+/// apart: a Markdown table with each metric's name as scraped, its type,
+/// its help text and its labels. A fresh set of metrics, every label the
+/// server uses at zero, stands in for the process's own.
+pub(crate) fn reference() -> String {
+    let fresh = Metrics::new().with_known_labels();
+    fresh.refresh(&Levels::default());
+    let mut text = String::new();
+    let _ = encode(&mut text, &fresh.registry());
+    // name -> (type, help, label names), in the registry's order.
+    let mut rows: Vec<(String, String, String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            rows.push((
+                name.to_string(),
+                String::new(),
+                help.to_string(),
+                Vec::new(),
+            ));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            if let Some(row) = rows.iter_mut().rev().find(|r| r.0 == name) {
+                row.1 = kind.to_string();
+            }
+        } else if let (Some(open), Some(close)) = (line.find('{'), line.find('}')) {
+            let Some(row) = rows.last_mut() else { continue };
+            for pair in line[open + 1..close].split(',') {
+                let name = pair.split('=').next().unwrap_or("").to_string();
+                if name != "le" && !name.is_empty() && !row.3.contains(&name) {
+                    row.3.push(name);
+                }
+            }
+        }
+    }
+    let mut out = String::from("| metric | type | what |\n| --- | --- | --- |\n");
+    for (name, kind, help, labels) in rows {
+        let scraped = if kind == "counter" {
+            format!("{name}_total")
+        } else {
+            name
+        };
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{}}}", labels.join(","))
+        };
+        let _ = writeln!(out, "| `{scraped}{labels}` | {kind} | {help} |");
+    }
+    out
 }
 
 /// Prometheus' classic text format (0.0.4) from OpenMetrics text: a

@@ -11,3 +11,9 @@ pub mod runfiles;
 pub(crate) mod scrapes;
 pub mod shutdown;
 pub mod stats;
+
+/// The metric list of `docs/operating.md`, generated from the registry
+/// that serves `/metrics` (see `tests/docs.rs`).
+pub fn metrics_reference() -> String {
+    metrics::reference()
+}
