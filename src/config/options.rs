@@ -303,7 +303,9 @@ pub static OPTIONS: &[Opt] = &[
         default: DefaultIs::Value("3600"),
         bounds: "whole seconds, at least 1",
         brief: "socket timeout in seconds",
-        more: "How long a client connection may sit idle between jobs.",
+        more: "How long a client connection may sit idle between jobs, or leave its \
+               answer unread, before it is closed; the client reconnects when it next \
+               needs it. It never limits a running job (see --job-timeout).",
         ..valued(Some("-k"), None, "seconds", Setting::SocketTimeout)
     },
     Opt {
