@@ -64,12 +64,17 @@ def test_counters_match_a_known_run(launch):
     content_type, page = got["type"], got["page"]
     assert content_type.startswith("text/plain; version=0.0.4"), content_type
     s = pphelpers.metric_samples(page)
-    assert s[("ppserver_jobs_received_total", "")] == 201, page
-    assert s[("ppserver_jobs_answered_total", "")] == 200, page
-    assert s[("ppserver_job_run_seconds_count", "")] == 200, page
-    assert s[("ppserver_job_queue_wait_seconds_count", "")] == 200, page
-    assert s[("ppserver_jobs_server_answered_total", '{reason="oversize"}')] == 1, page
-    assert s[("ppserver_jobs_server_answered_total", '{reason="worker_died"}')] == 0, page
+    # Every per-job series is by user; without --users, the one user is
+    # "default".
+    user = '{user="default"}'
+    assert s[("ppserver_jobs_received_total", user)] == 201, page
+    assert s[("ppserver_jobs_answered_total", user)] == 200, page
+    assert s[("ppserver_job_run_seconds_count", user)] == 200, page
+    assert s[("ppserver_job_queue_wait_seconds_count", user)] == 200, page
+    assert s[("ppserver_jobs_server_answered_total",
+              '{reason="oversize",user="default"}')] == 1, page
+    assert s[("ppserver_jobs_server_answered_total",
+              '{reason="worker_died",user="default"}')] == 0, page
     assert s[("ppserver_failed_logins_total", "")] == 1, page
     assert s[("ppserver_received_bytes_total", "")] > 4 << 20, page
     assert s[("ppserver_workers", '{state="idle"}')] + s[("ppserver_workers", '{state="busy"}')] == 2

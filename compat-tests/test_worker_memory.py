@@ -235,7 +235,7 @@ def test_a_worker_over_the_limit_is_stopped_and_its_job_answered(launch, tmp_pat
 
     samples = pphelpers.metric_samples(pphelpers.metrics_get(metrics_port, "/metrics")[1])
     assert samples[("ppserver_worker_restarts_total", '{cause="memory_limit"}')] == 1, samples
-    assert samples[("ppserver_jobs_server_answered_total", '{reason="memory_limit"}')] == 1
+    assert samples[("ppserver_jobs_server_answered_total", '{reason="memory_limit",user="default"}')] == 1
 
     # A clean stop (not stop_server's SIGKILL after a few seconds, which
     # leaves no time to remove anything): waited for with a generous bound.
@@ -342,7 +342,7 @@ def test_a_job_that_lifts_its_cgroup_limit_is_stopped_and_the_slot_keeps_the_lim
     assert "was changed" in server.log(), server.log_tail()
     samples = pphelpers.metric_samples(pphelpers.metrics_get(metrics_port, "/metrics")[1])
     assert samples[("ppserver_worker_restarts_total", '{cause="memory_cgroup"}')] == 2, samples
-    assert samples[("ppserver_jobs_server_answered_total", '{reason="memory_cgroup"}')] == 1 + caught
+    assert samples[("ppserver_jobs_server_answered_total", '{reason="memory_cgroup",user="default"}')] == 1 + caught
     assert samples[("ppserver_worker_restarts_total", '{cause="memory_limit"}')] == 2, samples
 
 

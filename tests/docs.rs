@@ -87,7 +87,7 @@ fn metric_list_is_current() {
     let fresh = format!(
         "{}{begin}{}{}",
         &page[..a],
-        ppserver::ops::metrics_reference(),
+        ppserver::ops::metrics_reference(ppserver::config::users::DEFAULT_USER),
         &page[b..]
     );
     check(relative, fresh);

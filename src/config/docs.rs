@@ -197,6 +197,25 @@ pub fn conf_man_page() -> String {
             tagged(&mut out, &format!("\\fB{}\\fR", roff(key)), &text);
         }
     }
+    section(&mut out, "THE USERS FILE");
+    paragraph(
+        &mut out,
+        "The file the users key (--users) names, in the same syntax: one section per \
+         user, named after the user (the name default is kept for the -s secret's user, \
+         who joins them when -s or secret_file is given). A login is the user whose \
+         secret gives the client's answer to the nonce. A mistake (a missing or repeated \
+         secret, an unknown key, a bad value) stops the server, naming the file, line and \
+         user. The file holds every user's secret: a file group or others can read is \
+         a warning. Each section takes these keys:",
+    );
+    for (key, text) in crate::config::users::KEYS {
+        tagged(&mut out, &format!("\\fB{}\\fR", roff(key)), text);
+    }
+    example(
+        &mut out,
+        "[alice]\nsecret = a long random string\nuid = 64001\nmax_workers = 4\nweight = 2\n\n\
+         [bob]\nsecret = another one\nmax_queued = 1000\njob_timeout = 600",
+    );
     section(&mut out, "EXAMPLE");
     example(
         &mut out,

@@ -25,6 +25,11 @@ fn apply_value(
             cfg.secret_is_default = false;
         }
         Setting::ReadyFile if !value.is_empty() => cfg.ready_file = Some(PathBuf::from(value)),
+        Setting::Users if !value.is_empty() => {
+            cfg.users = Some(std::sync::Arc::new(
+                crate::config::users::load(Path::new(&value)).map_err(ConfigError::Users)?,
+            ));
+        }
         _ => {
             let value = text(flag, value)?;
             apply(cfg, setting, &Origin::Flag(flag), &value)?;

@@ -15,7 +15,9 @@
 //! - [`docs`]: the man pages and the sample config file, generated;
 //! - [`allow`]: the `--allow` networks and what counts as one address;
 //! - [`budgets`]: the connection budgets fitted into the open-file limit
-//!   at startup.
+//!   at startup;
+//! - [`users`]: the users file (`--users`): a secret, limits and a uid for
+//!   each user.
 
 pub mod allow;
 pub mod budgets;
@@ -26,6 +28,7 @@ pub mod help;
 pub(crate) mod inifile;
 pub mod options;
 pub(crate) mod settings;
+pub mod users;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -178,6 +181,12 @@ pub struct Config {
     /// group, and its job answered (`--worker-memory-limit`); `None`: no
     /// limit. The size as given is kept for the answer's text.
     pub worker_memory_limit: Option<WorkerMemoryLimit>,
+    /// The users file (`--users`), read and checked; `None`: the one
+    /// secret of `-s` ([`users::Users::new`] makes the users of both).
+    pub users: Option<std::sync::Arc<users::UsersFile>>,
+    /// Whether workers are kept to one user each (`--isolate`); `None`:
+    /// by user when there is a users file, else not.
+    pub isolate: Option<Isolate>,
     /// Where `max_connections` and `max_handshakes` were given, if they
     /// were: only defaults are lowered to fit the open-file limit, and a
     /// given budget that cannot fit is an error naming its flag or key.
@@ -238,9 +247,21 @@ impl Default for Config {
             preload: Vec::new(),
             worker_memory_limit: None,
             budget_origins: BudgetOrigins::default(),
+            users: None,
+            isolate: None,
             notes: Vec::new(),
         }
     }
+}
+
+/// Whether a worker serves one user only (`--isolate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolate {
+    /// A worker that ran a job of one user runs only that user's jobs
+    /// until it is replaced.
+    User,
+    /// Workers run anyone's jobs, as ppft's do.
+    None,
 }
 
 /// How workers are started (`--worker-start`).
@@ -344,6 +365,8 @@ pub enum ConfigError {
     EmptySecret { path: PathBuf },
     /// An unknown flag, a flag without its value, or a stray argument.
     Usage(lexopt::Error),
+    /// The users file (`--users`) cannot be read or has a mistake.
+    Users(users::UsersError),
 }
 
 impl std::fmt::Display for ConfigError {
@@ -364,6 +387,7 @@ impl std::fmt::Display for ConfigError {
                 path.display()
             ),
             ConfigError::Usage(e) => write!(f, "{e}"),
+            ConfigError::Users(e) => write!(f, "{e}"),
         }
     }
 }
@@ -374,6 +398,7 @@ impl std::error::Error for ConfigError {
             ConfigError::Read { source, .. } => Some(source),
             ConfigError::Syntax { source, .. } => Some(source),
             ConfigError::Usage(e) => Some(e),
+            ConfigError::Users(e) => Some(e),
             _ => None,
         }
     }
@@ -413,6 +438,22 @@ impl Config {
             vec![Ipv4Addr::BROADCAST]
         } else {
             self.broadcast.clone()
+        }
+    }
+
+    /// Everyone who may log in: the users file's users, and the `-s`
+    /// secret's user `default` (see [`users::Users::new`]). Called once the
+    /// secret is settled ([`Config::settle_for_worker`]).
+    pub fn users(&self) -> Result<users::Users, users::UsersError> {
+        users::Users::new(self.users.as_deref(), &self.secret, !self.secret_is_default)
+    }
+
+    /// Whether workers are kept to one user each: `--isolate`, else by
+    /// user exactly when there is a users file.
+    pub fn isolates_users(&self) -> bool {
+        match self.isolate {
+            Some(i) => i == Isolate::User,
+            None => self.users.is_some(),
         }
     }
 

@@ -505,6 +505,31 @@ pub static OPTIONS: &[Opt] = &[
         ..valued(None, Some("--job-timeout"), "SECONDS", Setting::JobTimeout)
     },
     Opt {
+        key: general("users"),
+        default: NONE,
+        bounds: "a readable INI file, one [section] per user",
+        brief: "the users file: several users, each with a secret of their own, and \
+                their own limits and uid",
+        more: "Each section is a user: secret (required, unique), and optionally uid, \
+               gid, max_workers, max_queued, weight and job_timeout (see \
+               ppserver.conf(5)). A login is matched to the user whose secret gives its \
+               answer. The -s or --secret-file secret, if given, is one more user named \
+               default; without it only the listed users can log in. A mistake in the \
+               file is a startup error naming its line and user.",
+        ..valued(None, Some("--users"), "PATH", Setting::Users)
+    },
+    Opt {
+        key: general("isolate"),
+        default: DefaultIs::Text("user with --users, else none"),
+        bounds: "user or none",
+        brief: "user: a worker that ran a job of one user runs only that user's jobs until \
+                it is replaced; none: workers are shared",
+        more: "A worker goes to another user only by being replaced with a fresh one, so \
+               what one user's job leaves in a worker (a global, a patched module) is \
+               never seen by another user's job.",
+        ..valued(None, Some("--isolate"), "user|none", Setting::Isolate)
+    },
+    Opt {
         key: general("advertise_ncpus"),
         default: DefaultIs::Text("-w, this server's workers"),
         bounds: "at least 1",

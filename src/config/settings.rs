@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::inifile;
+use crate::config::users;
 use crate::config::{
-    Config, ConfigError, Origin, WorkerMemoryLimit, WorkerStart, MAX_LOGIN_DELAY, MAX_MAX_FRAME,
-    MIN_MAX_FRAME, MIN_MEMORY_LIMIT, MIN_WORKER_MEMORY_LIMIT,
+    Config, ConfigError, Isolate, Origin, WorkerMemoryLimit, WorkerStart, MAX_LOGIN_DELAY,
+    MAX_MAX_FRAME, MIN_MAX_FRAME, MIN_MEMORY_LIMIT, MIN_WORKER_MEMORY_LIMIT,
 };
 use crate::logging::format::LogFormat;
 
@@ -53,6 +54,8 @@ pub(crate) enum Setting {
     Preload,
     WorkerMemoryLimit,
     LogFormat,
+    Users,
+    Isolate,
 }
 
 pub(crate) fn invalid(at: &Origin, value: &str, why: &str) -> ConfigError {
@@ -254,6 +257,21 @@ pub(crate) fn apply(
         Setting::MaxConnections => {
             cfg.max_connections = at_least_one(name, value)?;
             cfg.budget_origins.max_connections = Some(name.clone());
+        }
+        Setting::Users => {
+            if value.is_empty() {
+                return Err(invalid(name, value, "empty path"));
+            }
+            cfg.users = Some(std::sync::Arc::new(
+                users::load(Path::new(value)).map_err(ConfigError::Users)?,
+            ));
+        }
+        Setting::Isolate => {
+            cfg.isolate = Some(match value.trim() {
+                "user" => Isolate::User,
+                "none" => Isolate::None,
+                _ => return Err(invalid(name, value, "expected user or none")),
+            })
         }
         Setting::JobTimeout => {
             let secs: u64 = number(name, value)?;

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     pub(super) async fn exec(&mut self) -> Result<(), SessionError> {
-        log::debug!("{}: EXEC connection", self.peer);
+        log::debug!("{}: EXEC connection", self.who());
         // The packages this connection sent stay resolvable while it is
         // open: its client sends `H` for them on later jobs.
         let mut sent = HashMap::new();
@@ -38,6 +38,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         sent: &mut HashMap<PackageHash, Arc<Package>>,
     ) -> Result<(), SessionError> {
         let peer = self.peer;
+        let who = self.who();
+        let Some(user) = self.user.clone() else {
+            // Only a session that logged in gets here.
+            return Ok(());
+        };
         loop {
             let Some(package) = self.next_job_frame("a job").await? else {
                 return Ok(());
@@ -55,7 +60,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 sent.entry(p.hash).or_insert_with(|| p.clone());
             }
             let Some(args) = self.next_job_frame("a job's arguments").await? else {
-                log::debug!("{peer}: closed between a job's package and its arguments");
+                log::debug!("{who}: closed between a job's package and its arguments");
                 return Ok(());
             };
             let (package, args, held) = match (package, args) {
@@ -71,11 +76,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 }
             };
             let id = self.ctx.next_job_id.fetch_add(1, Ordering::Relaxed);
-            metrics().jobs_received.inc();
+            metrics().received(&user.name);
             let (reply, result) = oneshot::channel();
             self.ctx.scheduler.submit(Job {
                 id,
                 client: peer.ip(),
+                user: user.clone(),
                 package,
                 args,
                 reply,
@@ -83,7 +89,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 submitted: std::time::Instant::now(),
                 _held: held,
             });
-            log::trace!("{peer}: job {id} submitted");
+            log::trace!("{who}: job {id} submitted");
             // However this session ends while the job waits (the client
             // leaves, an error, the server stops), a job still queued
             // leaves the queue with it, and its memory goes at once.
@@ -103,7 +109,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     // A queued job is withdrawn (`queued` drops); a
                     // running one sees its reply dropped and has its
                     // result discarded.
-                    log::debug!("{peer}: client left while job {id} was pending");
+                    log::debug!("{who}: client left while job {id} was pending");
                     return Ok(());
                 }
             };
@@ -118,14 +124,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 // The pool dropped the job: the server is shutting down,
                 // and the client will send it elsewhere or again.
                 Err(_) if self.draining.has_begun() => {
-                    metrics().dropped("shutdown");
+                    metrics().dropped("shutdown", &user.name);
                     return Ok(());
                 }
                 // Dropped otherwise (its slot's supervisor failed): the
                 // job is owed an answer all the same.
                 Err(_) => {
-                    metrics().server_answered("lost");
-                    log::error!("{peer}: job {id} was lost by the worker pool; answered");
+                    metrics().server_answered("lost", &user.name);
+                    log::error!("{who}: job {id} was lost by the worker pool; answered");
                     let text = "ppserver: the server lost this job (an internal error in \
                                 its worker pool); the job may or may not have run\n";
                     self.conn
@@ -140,11 +146,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// clients expect of a failed job. Closing the connection instead
     /// would make the client resend the same job forever.
     async fn refuse_job(&mut self, why: Unrunnable) -> Result<(), SessionError> {
-        metrics().jobs_received.inc();
-        metrics().server_answered(match &why {
-            Unrunnable::UnknownPackage(_) => "unknown_package",
-            Unrunnable::TooLarge(..) => "oversize",
-        });
+        let user = self.user.as_ref().map_or("", |u| u.name.as_str());
+        metrics().received(user);
+        metrics().server_answered(
+            match &why {
+                Unrunnable::UnknownPackage(_) => "unknown_package",
+                Unrunnable::TooLarge(..) => "oversize",
+            },
+            user,
+        );
         let text = match &why {
             Unrunnable::UnknownPackage(e) => format!(
                 "ppserver: {e}: the server no longer holds this function package \
@@ -158,7 +168,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         };
         warn_limited(format_args!(
             "{}: job refused: {}",
-            self.peer,
+            self.who(),
             text.trim_start_matches("ppserver: ").trim_end()
         ));
         self.conn

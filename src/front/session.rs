@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::config::allow::host_key;
+use crate::config::users::{User, Users};
 use crate::config::Config;
 use crate::front::connections::{Connections, Place, Refused};
 use crate::front::login::{LoginThrottle, Penalty};
@@ -67,8 +68,8 @@ const BEFORE_ANSWER: &str = "answering the nonce";
 pub struct SessionContext {
     /// The version string sent first.
     pub(crate) version: String,
-    /// The shared secret.
-    pub(super) secret: String,
+    /// Who may log in, each with a secret of their own ([`Users::login`]).
+    pub(crate) users: Arc<Users>,
     /// Workers in the pool.
     pub(crate) workers: usize,
     /// The CPU count told to STAT connections: the workers, or
@@ -104,17 +105,31 @@ pub struct SessionContext {
 
 impl SessionContext {
     /// The shared state for sessions of a server configured by `cfg` that
-    /// advertises `version` and hands jobs to `scheduler`.
+    /// advertises `version` and hands jobs to `scheduler`, with the `-s`
+    /// secret's user alone (as the tests and tools that serve streams
+    /// want; the server passes its users to [`SessionContext::with_users`]).
     pub fn new(
         cfg: &Config,
         version: String,
         scheduler: Arc<Scheduler>,
         stats: Arc<Stats>,
     ) -> Self {
+        let users = Arc::new(Users::single(&cfg.secret));
+        Self::with_users(cfg, version, scheduler, stats, users)
+    }
+
+    /// [`SessionContext::new`] for `users`.
+    pub fn with_users(
+        cfg: &Config,
+        version: String,
+        scheduler: Arc<Scheduler>,
+        stats: Arc<Stats>,
+        users: Arc<Users>,
+    ) -> Self {
         let budget = Budget::new(cfg.memory_limit);
         SessionContext {
             version,
-            secret: cfg.secret.clone(),
+            users,
             workers: cfg.workers,
             advertised_ncpus: cfg.advertised_ncpus(),
             max_frame: cfg.max_frame_size,
@@ -221,13 +236,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut session = Session {
         conn: Connection::new(stream, PREAUTH_MAX_FRAME),
         peer,
+        user: None,
         ctx,
         draining: ctx.drain.watch(),
         shown: metrics().connection(peer.ip(), ConnKind::PreAuth),
         place,
     };
-    match session.run().await {
-        Ok(()) => log::debug!("{peer}: connection closed"),
+    let ended = session.run().await;
+    let who = session.who();
+    match ended {
+        Ok(()) => log::debug!("{who}: connection closed"),
         // A pp client compares the version first and, when it differs,
         // logs an error on its side and closes without a word; the server
         // is the only place its operator may look.
@@ -242,7 +260,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             ),
         ),
         Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => warn_limited(
-            format_args!("{peer}: stopped reading its answers for -k seconds; connection closed"),
+            format_args!("{who}: stopped reading its answers for -k seconds; connection closed"),
         ),
         Err(SessionError::AuthFailed(p)) => warn_limited(format_args!(
             "{peer}: authentication failed, connection closed (failure {} from this \
@@ -253,8 +271,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         Err(SessionError::Refused(r)) => r.log(peer),
         Err(
             e @ SessionError::Frame(FrameError::TooLarge { .. } | FrameError::Unsolicited { .. }),
-        ) => warn_limited(format_args!("{peer}: {e}; connection closed")),
-        Err(e) => log::debug!("{peer}: {e}; connection closed"),
+        ) => warn_limited(format_args!("{who}: {e}; connection closed")),
+        Err(e) => log::debug!("{who}: {e}; connection closed"),
     }
 }
 
@@ -262,8 +280,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 pub(super) struct Session<'a, S> {
     /// The client's socket and its read buffer.
     pub(super) conn: Connection<S>,
-    /// Who the client is, for log lines.
+    /// Where the client is.
     pub(super) peer: SocketAddr,
+    /// Who logged in: the user whose secret answered the nonce.
+    pub(super) user: Option<Arc<User>>,
     /// The server's shared state.
     pub(super) ctx: &'a SessionContext,
     /// Whether the server is draining: then the session ends as soon as
@@ -312,15 +332,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         self.conn.write_frame(self.ctx.version.as_bytes()).await?;
         let nonce = auth::nonce().map_err(SessionError::Random)?;
         self.conn.write_frame(&nonce).await?;
-        let expected = auth::expected_answer(&nonce, self.ctx.secret.as_bytes());
         let answer = self
             .conn
             .read_frame()
             .await?
             .ok_or(SessionError::Closed(BEFORE_ANSWER))?;
-        if !auth::answer_matches(&expected, &answer) {
-            return Err(SessionError::WrongAnswer);
-        }
+        let user = self
+            .ctx
+            .users
+            .login(&nonce, &answer)
+            .ok_or(SessionError::WrongAnswer)?;
+        self.user = Some(user);
         // No place among the clients: closed without OK, as if refused at
         // accept, so a client tries again later rather than giving up.
         self.place.authenticate().map_err(SessionError::Refused)?;
@@ -358,7 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         tokio::select! {
             biased;
             () = draining.begun() => {
-                log::debug!("{}: closed for the drain", self.peer);
+                log::debug!("{}: closed for the drain", self.who());
                 Ok(None)
             }
             read = tokio::time::timeout(self.ctx.socket_timeout, self.conn.read_frame()) => {
@@ -371,7 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     async fn stat(&mut self) -> Result<(), SessionError> {
-        log::debug!("{}: STAT connection", self.peer);
+        log::debug!("{}: STAT connection", self.who());
         // ppft's server zeroes its job time when a STAT connection opens, so
         // a client sees the time spent since it connected. Keeping a
         // baseline per connection gives each client that answer without
@@ -385,6 +407,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             self.conn.write_frame(secs.as_bytes()).await?;
         }
         Ok(())
+    }
+}
+
+impl<S> Session<'_, S> {
+    /// Who this connection is, for log lines.
+    pub(super) fn who(&self) -> Who {
+        Who {
+            peer: self.peer,
+            user: self.user.clone(),
+        }
+    }
+}
+
+/// Who a connection is, for log lines: the peer's address, after the
+/// user's name where users are named (`alice@192.0.2.7:51234`).
+#[derive(Debug, Clone)]
+pub(super) struct Who {
+    peer: SocketAddr,
+    user: Option<Arc<User>>,
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.user.as_deref().and_then(User::shown) {
+            Some(name) => write!(f, "{name}@{}", self.peer),
+            None => write!(f, "{}", self.peer),
+        }
     }
 }
 
@@ -452,6 +501,7 @@ pub(super) mod tests {
         Session {
             conn: Connection::new(stream, PREAUTH_MAX_FRAME),
             peer,
+            user: None,
             ctx,
             draining: ctx.drain.watch(),
             shown: metrics().connection(peer.ip(), ConnKind::PreAuth),

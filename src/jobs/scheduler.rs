@@ -30,6 +30,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::config::allow::host_key;
+use crate::config::users::User;
 use crate::jobs::cache::{Package, WorkerCache};
 use crate::memory::budget::Reservation;
 
@@ -47,6 +48,8 @@ pub(crate) struct Job {
     pub id: u64,
     /// The client's host: jobs queue per host, and hosts take turns.
     pub client: IpAddr,
+    /// Whose job it is: the user the client logged in as.
+    pub user: Arc<User>,
     /// The function package (shared with the connection's cache).
     pub package: Arc<Package>,
     /// The arguments' bytes in the memory budget, given back when the job
@@ -67,6 +70,15 @@ pub(crate) struct Job {
 }
 
 impl Job {
+    /// Where the job came from, for log lines: the client's address, after
+    /// the user's name where users are named (`alice@192.0.2.7`).
+    pub(crate) fn origin(&self) -> String {
+        match self.user.shown() {
+            Some(name) => format!("{name}@{}", self.client),
+            None => self.client.to_string(),
+        }
+    }
+
     /// Whether anyone still waits for this job's result.
     pub(crate) fn is_abandoned(&self) -> bool {
         self.reply.is_closed()
@@ -197,7 +209,7 @@ fn host_of(job: &Job) -> IpAddr {
 fn take(queue: &mut VecDeque<QueuedJob>, cache: &WorkerCache) -> Option<Job> {
     while queue.front()?.job.is_abandoned() {
         if let Some(gone) = queue.pop_front() {
-            crate::ops::metrics::metrics().dropped("abandoned");
+            crate::ops::metrics::metrics().dropped("abandoned", &gone.job.user.name);
             log::debug!(
                 "job {} dropped: its client went away before it started",
                 gone.job.id
@@ -348,7 +360,9 @@ impl Scheduler {
         st.turns.clear();
         for (_, queue) in st.queues.drain() {
             for q in queue {
+                let user = q.job.user.clone();
                 if q.job.reply.send(answer.clone()).is_ok() {
+                    crate::ops::metrics::metrics().server_answered("no_worker", &user.name);
                     answered += 1;
                 }
             }
@@ -375,9 +389,11 @@ impl Scheduler {
             st.turns.retain(|h| *h != host);
         }
         drop(st);
+        if let Some(gone) = &gone {
+            crate::ops::metrics::metrics().dropped("abandoned", &gone.job.user.name);
+        }
         // Dropped outside the lock: a large frame's mapping is unmapped here.
         drop(gone);
-        crate::ops::metrics::metrics().dropped("abandoned");
         log::debug!("job {id} dropped: its client went away before it started");
         true
     }
@@ -439,6 +455,7 @@ pub(crate) fn test_job(
         Job {
             id: 0,
             client: host.parse().unwrap(),
+            user: crate::config::users::Users::single("s").all()[0].clone(),
             package,
             args: Bytes::new(),
             reply: tx,

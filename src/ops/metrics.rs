@@ -44,6 +44,12 @@ use crate::ops::scrapes::{Admitted, Scrapes};
 
 /// Labels of a family: one `(name, value)` pair.
 type Label = Vec<(&'static str, &'static str)>;
+/// Labels of a per-job family: the user, and a reason where there is one.
+/// A user label exists only for a configured user (at most the users
+/// file's), so the series stay bounded.
+type UserLabel = Vec<(&'static str, String)>;
+/// A per-user histogram family.
+type UserHistogram = Family<UserLabel, Histogram, fn() -> Histogram>;
 
 /// Why connections are refused, as labelled.
 const REFUSALS: &[&str] = &[
@@ -65,19 +71,23 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// Every counter, histogram and tracked level, process-wide.
 #[derive(Debug)]
 pub(crate) struct Metrics {
-    /// Jobs whose two frames were received from a client.
-    pub jobs_received: Counter,
+    /// Jobs whose two frames were received from a client, by user.
+    jobs_received: Family<UserLabel, Counter>,
     /// Jobs answered with the worker's own result (an exception inside a
-    /// job is such a result).
-    pub jobs_answered: Counter,
-    /// Jobs the server answered itself, `(None, reason)`, by reason.
-    pub jobs_server_answered: Family<Label, Counter>,
-    /// Jobs dropped with no answer, by reason (their client left).
-    pub jobs_dropped: Family<Label, Counter>,
-    /// Seconds a job ran on its worker.
-    pub job_run_seconds: Histogram,
-    /// Seconds a job waited for a worker.
-    pub job_queue_wait_seconds: Histogram,
+    /// job is such a result), by user.
+    jobs_answered: Family<UserLabel, Counter>,
+    /// The two above summed over users, for `/status`.
+    received_total: Counter,
+    answered_total: Counter,
+    /// Jobs the server answered itself, `(None, reason)`, by reason and
+    /// user.
+    jobs_server_answered: Family<UserLabel, Counter>,
+    /// Jobs dropped with no answer, by reason and user.
+    jobs_dropped: Family<UserLabel, Counter>,
+    /// Seconds a job ran on its worker, by user.
+    job_run_seconds: UserHistogram,
+    /// Seconds a job waited for a worker, by user.
+    job_queue_wait_seconds: UserHistogram,
     /// Jobs on a worker now.
     pub jobs_running: Gauge,
     /// Jobs waiting for a worker (read when a page is asked for).
@@ -118,6 +128,8 @@ pub(crate) struct Metrics {
 struct RunningJob {
     /// The worker's pid.
     pid: u32,
+    /// Whose job it is, where users are named.
+    user: Option<String>,
     /// When it started there.
     since: Instant,
 }
@@ -179,17 +191,46 @@ fn label(name: &'static str, value: &'static str) -> Label {
     vec![(name, value)]
 }
 
+fn user_label(user: &str) -> UserLabel {
+    vec![("user", user.to_string())]
+}
+
+fn reason_label(key: &'static str, reason: &'static str, user: &str) -> UserLabel {
+    vec![(key, reason.to_string()), ("user", user.to_string())]
+}
+
+/// 1 ms to about 9 hours: tiny jobs and long ones alike.
+fn job_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 13))
+}
+
+/// Why the server answers a job itself, as labelled.
+const SERVER_ANSWERS: &[&str] = &[
+    "worker_died",
+    "not_started",
+    "no_worker",
+    "oversize",
+    "unknown_package",
+    "job_timeout",
+    "memory_limit",
+    "memory_cgroup",
+    "lost",
+];
+
+/// Why a job is dropped unanswered, as labelled.
+const DROPS: &[&str] = &["abandoned", "shutdown"];
+
 impl Metrics {
     fn new() -> Metrics {
-        // 1 ms to about 9 hours: tiny jobs and long ones alike.
-        let seconds = || Histogram::new(exponential_buckets(0.001, 4.0, 13));
         Metrics {
-            jobs_received: Counter::default(),
-            jobs_answered: Counter::default(),
+            jobs_received: Family::default(),
+            jobs_answered: Family::default(),
+            received_total: Counter::default(),
+            answered_total: Counter::default(),
             jobs_server_answered: Family::default(),
             jobs_dropped: Family::default(),
-            job_run_seconds: seconds(),
-            job_queue_wait_seconds: seconds(),
+            job_run_seconds: Family::new_with_constructor(job_seconds),
+            job_queue_wait_seconds: Family::new_with_constructor(job_seconds),
             jobs_running: Gauge::default(),
             jobs_queued: Gauge::default(),
             workers: Family::default(),
@@ -213,26 +254,9 @@ impl Metrics {
 
     /// Every label value the server uses, at zero, so a series exists
     /// (and graphs and alerts see 0) before the first event.
+    /// The per-job series of each user are added once the users are
+    /// known ([`Metrics::add_user`]).
     fn with_known_labels(self) -> Metrics {
-        for reason in [
-            "worker_died",
-            "not_started",
-            "no_worker",
-            "oversize",
-            "unknown_package",
-            "job_timeout",
-            "memory_limit",
-            "memory_cgroup",
-            "lost",
-        ] {
-            drop(
-                self.jobs_server_answered
-                    .get_or_create(&label("reason", reason)),
-            );
-        }
-        for reason in ["abandoned", "shutdown"] {
-            drop(self.jobs_dropped.get_or_create(&label("reason", reason)));
-        }
         for cause in [
             "died",
             "abandoned",
@@ -258,21 +282,43 @@ impl Metrics {
         self
     }
 
+    /// Every per-job series of `user` at zero: each configured user's,
+    /// once, at startup.
+    pub(crate) fn add_user(&self, user: &str) {
+        drop(self.jobs_received.get_or_create(&user_label(user)));
+        drop(self.jobs_answered.get_or_create(&user_label(user)));
+        drop(self.job_run_seconds.get_or_create(&user_label(user)));
+        drop(self.job_queue_wait_seconds.get_or_create(&user_label(user)));
+        for reason in SERVER_ANSWERS {
+            drop(
+                self.jobs_server_answered
+                    .get_or_create(&reason_label("reason", reason, user)),
+            );
+        }
+        for reason in DROPS {
+            drop(
+                self.jobs_dropped
+                    .get_or_create(&reason_label("reason", reason, user)),
+            );
+        }
+    }
+
     fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("ppserver");
         r.register(
             "jobs_received",
-            "Jobs received from clients",
+            "Jobs received from clients, by user",
             self.jobs_received.clone(),
         );
         r.register(
             "jobs_answered",
-            "Jobs answered with their worker's result (an exception in a job is such a result)",
+            "Jobs answered with their worker's result (an exception in a job is such a result), \
+             by user",
             self.jobs_answered.clone(),
         );
         r.register(
             "jobs_server_answered",
-            "Jobs the server answered itself with (None, reason), by reason: worker_died (the \
+            "Jobs the server answered itself with (None, reason), by user and reason: worker_died (the \
              worker died during the job), not_started (workers died before receiving it, several in a row), no_worker (no \
              worker could be started), oversize (a frame larger than the memory budget), \
              unknown_package (an H for a package no longer held), job_timeout \
@@ -283,14 +329,14 @@ impl Metrics {
         );
         r.register(
             "jobs_dropped",
-            "Jobs dropped unanswered, by reason: abandoned (their client left before they \
+            "Jobs dropped unanswered, by user and reason: abandoned (their client left before they \
              ran), shutdown (their connection was closed at the end of the drain, and their \
              client resends them)",
             self.jobs_dropped.clone(),
         );
         r.register_with_unit(
             "job_run",
-            "Time jobs ran on a worker",
+            "Time jobs ran on a worker, by user",
             Unit::Seconds,
             self.job_run_seconds.clone(),
         );
@@ -303,7 +349,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "job_queue_wait",
-            "Time jobs waited for a worker",
+            "Time jobs waited for a worker, by user",
             Unit::Seconds,
             self.job_queue_wait_seconds.clone(),
         );
@@ -387,24 +433,39 @@ impl Metrics {
         r
     }
 
-    /// Counts a job answered by the server itself, for `reason`.
-    pub(crate) fn server_answered(&self, reason: &'static str) {
+    /// Counts a job of `user` received.
+    pub(crate) fn received(&self, user: &str) {
+        self.received_total.inc();
+        self.jobs_received.get_or_create(&user_label(user)).inc();
+    }
+
+    /// Counts a job of `user` answered by its worker, after `secs` on it.
+    pub(crate) fn answered(&self, user: &str, secs: f64) {
+        self.answered_total.inc();
+        self.jobs_answered.get_or_create(&user_label(user)).inc();
+        self.job_run_seconds
+            .get_or_create(&user_label(user))
+            .observe(secs);
+    }
+
+    /// Counts a job of `user` taken by a worker after `secs` in the queue.
+    pub(crate) fn waited(&self, user: &str, secs: f64) {
+        self.job_queue_wait_seconds
+            .get_or_create(&user_label(user))
+            .observe(secs);
+    }
+
+    /// Counts a job of `user` answered by the server itself, for `reason`.
+    pub(crate) fn server_answered(&self, reason: &'static str, user: &str) {
         self.jobs_server_answered
-            .get_or_create(&label("reason", reason))
+            .get_or_create(&reason_label("reason", reason, user))
             .inc();
     }
 
-    /// Counts `n` jobs answered by the server itself, for `reason`.
-    pub(crate) fn server_answered_n(&self, reason: &'static str, n: usize) {
-        self.jobs_server_answered
-            .get_or_create(&label("reason", reason))
-            .inc_by(n as u64);
-    }
-
-    /// Counts a job dropped unanswered, for `reason`.
-    pub(crate) fn dropped(&self, reason: &'static str) {
+    /// Counts a job of `user` dropped unanswered, for `reason`.
+    pub(crate) fn dropped(&self, reason: &'static str, user: &str) {
         self.jobs_dropped
-            .get_or_create(&label("reason", reason))
+            .get_or_create(&reason_label("reason", reason, user))
             .inc();
     }
 
@@ -436,12 +497,19 @@ impl Metrics {
     }
 
     /// Notes a job starting on worker `pid`, until the guard drops.
-    pub(crate) fn job_started(&'static self, id: u64, pid: u32) -> RunningGuard {
+    /// `user` is shown on `/status` where users are named (`--users`).
+    pub(crate) fn job_started(
+        &'static self,
+        id: u64,
+        pid: u32,
+        user: Option<&str>,
+    ) -> RunningGuard {
         self.jobs_running.inc();
         lock(&self.running).insert(
             id,
             RunningJob {
                 pid,
+                user: user.map(str::to_string),
                 since: Instant::now(),
             },
         );
@@ -509,8 +577,8 @@ impl Metrics {
         let _ = writeln!(
             out,
             "jobs: {} received, {} answered by workers",
-            self.jobs_received.get(),
-            self.jobs_answered.get()
+            self.received_total.get(),
+            self.answered_total.get()
         );
         let _ = writeln!(
             out,
@@ -527,7 +595,8 @@ impl Metrics {
         for (id, job) in running {
             let _ = writeln!(
                 out,
-                "  job {id} on worker pid {}, running for {:.1} s",
+                "  job {id}{} on worker pid {}, running for {:.1} s",
+                job.user.map(|u| format!(" of {u}")).unwrap_or_default(),
                 job.pid,
                 job.since.elapsed().as_secs_f64()
             );
@@ -550,9 +619,11 @@ impl Metrics {
 /// from the registry that serves `/metrics`, so the two cannot drift
 /// apart: a Markdown table with each metric's name as scraped, its type,
 /// its help text and its labels. A fresh set of metrics, every label the
-/// server uses at zero, stands in for the process's own.
-pub(crate) fn reference() -> String {
+/// server uses at zero, and the per-job ones of `user`, stands in for
+/// the process's own.
+pub(crate) fn reference(user: &str) -> String {
     let fresh = Metrics::new().with_known_labels();
+    fresh.add_user(user);
     fresh.refresh(&Levels::default());
     let mut text = String::new();
     let _ = encode(&mut text, &fresh.registry());

@@ -13,7 +13,8 @@ pub mod shutdown;
 pub mod stats;
 
 /// The metric list of `docs/operating.md`, generated from the registry
-/// that serves `/metrics` (see `tests/docs.rs`).
-pub fn metrics_reference() -> String {
-    metrics::reference()
+/// that serves `/metrics` (see `tests/docs.rs`), with the per-job series
+/// of `user`.
+pub fn metrics_reference(user: &str) -> String {
+    metrics::reference(user)
 }

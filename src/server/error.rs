@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::config::budgets::NoRoom;
+use crate::config::users::UsersError;
 use crate::front::discovery::DiscoveryError;
 use crate::front::listener::ListenError;
 use crate::workers::forkserver::Unusable;
@@ -30,6 +31,8 @@ pub enum StartError {
     OpenFiles(Box<NoRoom>),
     /// A `--preload` module cannot be imported by the fork-server.
     Preload(String),
+    /// The users (`--users` with the `-s` secret) cannot all log in.
+    Users(UsersError),
     /// The `-P` pid file cannot be written.
     PidFile {
         path: PathBuf,
@@ -40,6 +43,12 @@ pub enum StartError {
 impl From<ProbeError> for StartError {
     fn from(e: ProbeError) -> Self {
         StartError::Worker(e)
+    }
+}
+
+impl From<UsersError> for StartError {
+    fn from(e: UsersError) -> Self {
+        StartError::Users(e)
     }
 }
 
@@ -83,6 +92,7 @@ impl std::fmt::Display for StartError {
             }
             StartError::OpenFiles(no_room) => write!(f, "{no_room}"),
             StartError::Preload(e) => write!(f, "{e}"),
+            StartError::Users(e) => write!(f, "{e}"),
         }
     }
 }
@@ -94,6 +104,7 @@ impl std::error::Error for StartError {
             StartError::Listen(e) => e.source(),
             StartError::Discovery(e) => e.source(),
             StartError::Metrics { source, .. } | StartError::PidFile { source, .. } => Some(source),
+            StartError::Users(e) => Some(e),
             StartError::OpenFiles(_) | StartError::Preload(_) => None,
         }
     }

@@ -107,6 +107,9 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let files = openfiles::raise_logged();
     let interpreter = install::probe(cfg.python.as_deref(), cfg.worker_module.as_deref()).await?;
     cfg.settle_for_worker(&interpreter.module);
+    // Once the secret is settled: the -s secret's user may join the
+    // users file's.
+    let users = Arc::new(cfg.users()?);
     let forkserver = forkserver::start_unless_spawned(
         cfg.worker_start,
         ForkSpec {
@@ -150,6 +153,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         forked: forkserver.is_some(),
         lowered: &lowered,
         memory_limit: memory_limit.as_deref(),
+        users: &users,
     });
     let pid_file = match &cfg.pid_file {
         Some(path) => Some(RunFile::pid(path).map_err(|source| StartError::PidFile {
@@ -165,7 +169,9 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     let listener = bound.listen()?;
 
     let version = cfg.pp_version.clone().unwrap_or(interpreter.version);
-    let ctx = Arc::new(SessionContext::new(&cfg, version, scheduler, stats));
+    let ctx = Arc::new(SessionContext::with_users(
+        &cfg, version, scheduler, stats, users,
+    ));
     Ok(Server {
         pid_file,
         listener,

@@ -7,8 +7,10 @@
 
 use std::net::SocketAddr;
 
+use crate::config::users::Users;
 use crate::config::Config;
 use crate::front::discovery;
+use crate::ops::metrics::metrics;
 use crate::workers::install::{self, Interpreter};
 use crate::workers::memlimit::MemoryLimit;
 
@@ -26,6 +28,8 @@ pub(crate) struct StartupFacts<'a> {
     pub(crate) lowered: &'a str,
     /// `--worker-memory-limit`, as set up.
     pub(crate) memory_limit: Option<&'a MemoryLimit>,
+    /// Who may log in.
+    pub(crate) users: &'a Users,
 }
 
 /// Logs the startup line (and the default-secret warning, and a foreign
@@ -40,11 +44,23 @@ pub(crate) fn log(facts: &StartupFacts<'_>) -> bool {
         warn_default_secret();
     }
     install::warn_about_foreign_ppserver();
+    if let Some(file) = &cfg.users {
+        if file.readable_by_others {
+            log::warn!(
+                "the users file {} (--users) can be read by group or others: it holds every \
+                 user's secret; chmod 600 it",
+                file.path.display()
+            );
+        }
+    }
+    for user in facts.users.all() {
+        metrics().add_user(&user.name);
+    }
     let interpreter = facts.interpreter;
     let version = cfg.pp_version.as_ref().unwrap_or(&interpreter.version);
     log::info!(
         "ppserver listening on {} with {} workers ({} -u -m {}), advertising pp version \
-         {version}{}, {}{}{}, memory limit {}{}{}",
+         {version}{}, {}{}{}, memory limit {}{}{}{}",
         facts.local,
         cfg.workers,
         interpreter.python.display(),
@@ -69,8 +85,33 @@ pub(crate) fn log(facts: &StartupFacts<'_>) -> bool {
             Some(m) => format!(", {}", m.describe()),
             None => String::new(),
         },
+        users_summary(cfg, facts.users),
     );
     owed
+}
+
+/// The startup line's part about `--users`: how many users, and whether
+/// workers are kept to one user each; empty without a users file.
+fn users_summary(cfg: &Config, users: &Users) -> String {
+    let Some(file) = &cfg.users else {
+        return String::new();
+    };
+    let names: Vec<&str> = users.all().iter().map(|u| u.name.as_str()).collect();
+    let shown = if names.len() <= 8 {
+        names.join(", ")
+    } else {
+        format!("{}, ...", names[..8].join(", "))
+    };
+    format!(
+        ", {} users from {} ({shown}){}",
+        names.len(),
+        file.path.display(),
+        if cfg.isolates_users() {
+            ", workers kept to one user each"
+        } else {
+            ""
+        }
+    )
 }
 
 /// The warning about pp's public default secret.

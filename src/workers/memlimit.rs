@@ -890,10 +890,10 @@ impl Watch {
         log::warn!(
             "job {} from {}: {}; its worker pid {pid} was stopped ({how}) and is replaced",
             job.id,
-            job.client,
+            job.origin(),
             breach.what(limit)
         );
-        metrics().server_answered(breach.cause());
+        metrics().server_answered(breach.cause(), &job.user.name);
         job.fail(&breach.text(limit, host));
     }
 }

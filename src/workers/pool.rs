@@ -232,7 +232,6 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                         .scheduler
                         .fail_queued_if_no_workers(&crate::protocol::pickle::none_with_text(&text));
                     if answered > 0 {
-                        metrics().server_answered_n("no_worker", answered);
                         log::error!(
                             "{answered} queued jobs answered with an error: no worker is running"
                         );
@@ -272,7 +271,7 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
             }
             Ended::Abandoned { job } => {
                 metrics().worker_restart("abandoned");
-                metrics().dropped("abandoned");
+                metrics().dropped("abandoned", &job.user.name);
                 let pid = worker.pid;
                 let how = worker.stop(false).await;
                 log::debug!(
@@ -420,7 +419,7 @@ async fn serve(
         cache = back;
         if job.is_abandoned() {
             // Handed straight to this worker, and its client left since.
-            metrics().dropped("abandoned");
+            metrics().dropped("abandoned", &job.user.name);
             log::debug!(
                 "job {} dropped: its client went away before it started",
                 job.id
@@ -429,10 +428,8 @@ async fn serve(
         }
         let started = Instant::now();
         let _running = ctx.stats.running();
-        metrics()
-            .job_queue_wait_seconds
-            .observe(job.submitted.elapsed().as_secs_f64());
-        let _shown = metrics().job_started(job.id, worker.pid);
+        metrics().waited(&job.user.name, job.submitted.elapsed().as_secs_f64());
+        let _shown = metrics().job_started(job.id, worker.pid, job.user.shown());
         let Job {
             package,
             args,
@@ -460,10 +457,7 @@ async fn serve(
         match outcome {
             Outcome::Answered(result) => {
                 ctx.stats.record_job(started.elapsed());
-                metrics().jobs_answered.inc();
-                metrics()
-                    .job_run_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                metrics().answered(&job.user.name, started.elapsed().as_secs_f64());
                 if job.reply.send(result).is_err() {
                     log::debug!("job {}: client gone, result discarded", job.id);
                 }
@@ -538,9 +532,9 @@ fn answer_timed_out(job: Job, limit: Duration, pid: u32, how: &str, host: &str) 
         "job {} from {}: still running after --job-timeout of {secs} s; its worker pid {pid} \
          was stopped ({how}) and is replaced",
         job.id,
-        job.client
+        job.origin()
     );
-    metrics().server_answered("job_timeout");
+    metrics().server_answered("job_timeout", &job.user.name);
     job.fail(&timeout_text(secs, host));
 }
 
@@ -559,7 +553,7 @@ fn answer_died(job: Job, pid: u32, how: &str) {
         "ppserver: the worker process (pid {pid}) running this job died ({how}); \
          the job was not retried\n"
     );
-    metrics().server_answered("worker_died");
+    metrics().server_answered("worker_died", &job.user.name);
     job.fail(&text);
 }
 
@@ -575,7 +569,7 @@ fn retry_or_answer(mut job: Job, pid: u32, how: &str) -> Option<Job> {
          receiving it (last: pid {pid}, {how})\n",
         MAX_START_ATTEMPTS
     );
-    metrics().server_answered("not_started");
+    metrics().server_answered("not_started", &job.user.name);
     job.fail(&text);
     None
 }
