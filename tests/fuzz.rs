@@ -24,11 +24,18 @@ use ppserver::protocol::wire::{
 };
 
 fn context(max_frame: usize) -> SessionContext {
+    context_from(Config {
+        max_frame_size: max_frame,
+        ..Config::default()
+    })
+}
+
+/// The context of a server with `cfg`, secret `s` and 2 workers.
+fn context_from(cfg: Config) -> SessionContext {
     let cfg = Config {
         secret: "s".into(),
         workers: 2,
-        max_frame_size: max_frame,
-        ..Config::default()
+        ..cfg
     };
     // No workers serve this scheduler: jobs stay queued, and the session
     // must still end when its peer goes away.
@@ -55,9 +62,17 @@ where
     F: FnOnce(tokio::io::DuplexStream) -> Fut,
     Fut: std::future::Future<Output = tokio::io::DuplexStream>,
 {
+    run_session_in(context(max_frame), script)
+}
+
+/// [`run_session`] with the server's state `ctx`, the peer at 127.0.0.1.
+fn run_session_in<F, Fut>(ctx: SessionContext, script: F) -> Vec<u8>
+where
+    F: FnOnce(tokio::io::DuplexStream) -> Fut,
+    Fut: std::future::Future<Output = tokio::io::DuplexStream>,
+{
     runtime().block_on(async {
         let (client, server) = tokio::io::duplex(1 << 16);
-        let ctx = context(max_frame);
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let session = async { serve_stream(server, peer, &ctx).await };
         let client_side = async {
@@ -157,6 +172,45 @@ proptest! {
         prop_assert!(frames.len() <= 3, "{:?}", frames);
         if frames.len() == 3 {
             prop_assert_eq!(&frames[2], b"FAILED");
+        }
+    }
+
+    /// From a --proxy-protocol address: a header (maybe whole, maybe
+    /// cut, maybe bent) and anything after it end the session too, and
+    /// the server says no more than to any other peer.
+    #[test]
+    fn a_proxys_garbage_ends_the_session(
+        header in prop_oneof![
+            Just(b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 60000\r\n".to_vec()),
+            Just(b"\r\n\r\n\0\r\nQUIT\n\x21\x11\0\x0c\xc0\0\x02\x07\x7f\0\0\x01\0\x01\0\x02".to_vec()),
+            Just(b"\r\n\r\n\0\r\nQUIT\n\x20\0\0\0".to_vec()),
+            Just(Vec::new()),
+        ],
+        cut in 0usize..64,
+        flip in proptest::option::of((0usize..64, any::<u8>())),
+        input in proptest::collection::vec(any::<u8>(), 0..1024),
+    ) {
+        let mut cfg = Config::default();
+        cfg.proxy_protocol.extend_from("127.0.0.1").unwrap();
+        let mut bytes = header[..header.len().min(cut)].to_vec();
+        if let Some((at, b)) = flip {
+            if at < bytes.len() {
+                bytes[at] = b;
+            }
+        }
+        bytes.extend(&input);
+        let seen = run_session_in(context_from(cfg), |mut c| async move {
+            let _ = c.write_all(&bytes).await;
+            c
+        });
+        let mut buf = BytesMut::from(&seen[..]);
+        let mut frames = Vec::new();
+        while let Ok(Decoded::Frame(f)) = decode(&mut buf, 1 << 20) {
+            frames.push(f.to_vec());
+        }
+        prop_assert!(frames.len() <= 3, "{:?}", frames);
+        if let Some(first) = frames.first() {
+            prop_assert_eq!(first, b"1.7.8");
         }
     }
 

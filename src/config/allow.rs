@@ -1,7 +1,8 @@
 //! Source addresses: the `--allow` list of networks that may connect (and
-//! whose autodiscovery requests are answered), and [`host_key`], under
-//! which the per-address limits count a peer. Checked before the server
-//! sends anything, so a refused peer learns nothing, not even the version.
+//! whose autodiscovery requests are answered), lists of networks such as
+//! `--proxy-protocol`'s ([`Networks`]), and [`host_key`], under which the
+//! per-address limits count a peer. Checked before the server sends
+//! anything, so a refused peer learns nothing, not even the version.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -84,11 +85,12 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
-/// The networks that may connect (`--allow`); empty means everyone.
+/// A list of networks, as `--allow` and `--proxy-protocol` take them;
+/// empty matches no address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AllowList(Vec<Network>);
+pub struct Networks(Vec<Network>);
 
-impl AllowList {
+impl Networks {
     /// Adds the networks of `text`: one or more, separated by commas or
     /// spaces.
     pub fn extend_from(&mut self, text: &str) -> Result<(), String> {
@@ -103,6 +105,48 @@ impl AllowList {
         Ok(())
     }
 
+    /// Forgets every network.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Whether `ip` is in one of the networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(ip))
+    }
+
+    /// Whether the list has no network.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for Networks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, n) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The networks that may connect (`--allow`); empty means everyone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowList(Networks);
+
+impl AllowList {
+    /// Adds the networks of `text`: one or more, separated by commas or
+    /// spaces.
+    pub fn extend_from(&mut self, text: &str) -> Result<(), String> {
+        self.0.extend_from(text)
+    }
+
     /// Forgets every network: everyone may connect again.
     pub fn clear(&mut self) {
         self.0.clear();
@@ -110,7 +154,7 @@ impl AllowList {
 
     /// Whether a peer at `ip` may connect.
     pub fn permits(&self, ip: IpAddr) -> bool {
-        self.0.is_empty() || self.0.iter().any(|n| n.contains(ip))
+        self.0.is_empty() || self.0.contains(ip)
     }
 
     /// Whether everyone may connect (no `--allow` given).
@@ -124,13 +168,7 @@ impl std::fmt::Display for AllowList {
         if self.0.is_empty() {
             return f.write_str("everyone");
         }
-        for (i, n) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{n}")?;
-        }
-        Ok(())
+        write!(f, "{}", self.0)
     }
 }
 
@@ -199,6 +237,17 @@ mod tests {
             assert!(Network::parse(bad).is_err(), "{bad}");
         }
         assert!(AllowList::default().extend_from(" , ").is_err());
+    }
+
+    #[test]
+    fn an_empty_network_list_matches_nobody() {
+        let mut proxies = Networks::default();
+        assert!(!proxies.contains(ip("127.0.0.1")));
+        assert_eq!(proxies.to_string(), "none");
+        proxies.extend_from("127.0.0.1, 10.0.0.0/8").unwrap();
+        assert!(proxies.contains(ip("10.1.2.3")) && proxies.contains(ip("::ffff:127.0.0.1")));
+        assert!(!proxies.contains(ip("127.0.0.2")));
+        assert_eq!(proxies.to_string(), "127.0.0.1/32, 10.0.0.0/8");
     }
 
     #[test]

@@ -474,6 +474,46 @@ mod tests {
     }
 
     #[test]
+    fn proxy_protocol_flag_and_key() {
+        assert!(run(&[]).proxy_protocol.is_empty(), "default: no proxy");
+        let c = run(&[
+            "--proxy-protocol",
+            "127.0.0.1",
+            "--proxy-protocol=10.0.0.0/8,2001:db8::/32",
+        ]);
+        assert_eq!(
+            c.proxy_protocol.to_string(),
+            "127.0.0.1/32, 10.0.0.0/8, 2001:db8::/32"
+        );
+        assert!(c.allow.is_everyone(), "a proxy list is no allow list");
+        for bad in ["", "haproxy.example", "10.0.0.0/33"] {
+            assert!(
+                err(&["--proxy-protocol", bad]).contains("--proxy-protocol"),
+                "{bad:?}"
+            );
+        }
+        let path = temp_file("pp.conf", "[network]\nproxy_protocol = 192.0.2.1, ::1\n");
+        let p = path.to_str().unwrap();
+        let c = run(&[
+            "--proxy-protocol",
+            "10.0.0.1",
+            "-c",
+            p,
+            "--proxy-protocol",
+            "127.0.0.1",
+        ]);
+        assert_eq!(
+            c.proxy_protocol.to_string(),
+            "192.0.2.1/32, ::1/128, 127.0.0.1/32",
+            "the file replaces earlier flags; later flags add"
+        );
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        let path = temp_file("bad-pp.conf", "[network]\nproxy_protocol = proxy\n");
+        let e = err(&["-c", path.to_str().unwrap()]);
+        assert!(e.contains("[network] proxy_protocol"), "{e}");
+    }
+
+    #[test]
     fn job_timeout_flag_and_key() {
         assert_eq!(run(&[]).job_timeout, None, "default: no limit");
         assert_eq!(

@@ -34,7 +34,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::allow::AllowList;
+use crate::config::allow::{AllowList, Networks};
 use crate::logging::format::{LogFormat, DEFAULT_FORMAT};
 use crate::protocol::auth::DEFAULT_SECRET;
 
@@ -164,6 +164,9 @@ pub struct Config {
     pub max_handshakes_per_address: Option<usize>,
     /// Networks clients may connect from (`--allow`); empty: everyone.
     pub allow: AllowList,
+    /// Proxies whose connections begin with a PROXY protocol header naming
+    /// the client (`--proxy-protocol`); empty: none.
+    pub proxy_protocol: Networks,
     /// Longest delay before a wrong answer to the nonce is told `FAILED`
     /// (`--login-delay`); zero: no delays.
     pub login_delay: Duration,
@@ -241,6 +244,7 @@ impl Default for Config {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_address: None,
             allow: AllowList::default(),
+            proxy_protocol: Networks::default(),
             login_delay: DEFAULT_LOGIN_DELAY,
             job_timeout: None,
             worker_start: WorkerStart::Fork,

@@ -487,6 +487,30 @@ pub static OPTIONS: &[Opt] = &[
         ..valued(None, Some("--allow"), "CIDR", Setting::Allow)
     },
     Opt {
+        key: network("proxy_protocol"),
+        repeatable: true,
+        default: NONE,
+        bounds: "IPv4 or IPv6 addresses or networks, comma-separated",
+        brief: "connections from this proxy's network or address (HAProxy with send-proxy \
+                or send-proxy-v2) begin with a PROXY protocol header naming the client; \
+                repeatable or comma-separated",
+        more: "The header (v1 or v2) must come whole within 3 s, before the server \
+               sends its version. From then on the client's address in it is the \
+               connection's: --allow, the handshake budgets per address, the login \
+               delay, fair share, the log and the metrics see it. A v2 LOCAL header \
+               (a health check) or a v1 UNKNOWN one is served as the proxy's own \
+               address. A missing, malformed or late header closes the connection \
+               (counted as proxy_header among the refused connections). Connections \
+               from other addresses are never read for a header, so list only \
+               proxies you trust.",
+        ..valued(
+            None,
+            Some("--proxy-protocol"),
+            "CIDR",
+            Setting::ProxyProtocol,
+        )
+    },
+    Opt {
         key: general("login_delay"),
         default: DefaultIs::Value("0.25"),
         bounds: "0 (no delays) to 60 seconds, decimals allowed",

@@ -49,6 +49,7 @@ pub(crate) enum Setting {
     MaxHandshakes,
     MaxHandshakesPerAddress,
     Allow,
+    ProxyProtocol,
     LoginDelay,
     WorkerStart,
     Preload,
@@ -331,6 +332,15 @@ pub(crate) fn apply(
                 cfg.allow.clear();
             }
             cfg.allow
+                .extend_from(value)
+                .map_err(|why| invalid(name, value, &why))?;
+        }
+        Setting::ProxyProtocol => {
+            // As --allow: the file's list replaces earlier flags'.
+            if matches!(name, Origin::Key { .. }) {
+                cfg.proxy_protocol.clear();
+            }
+            cfg.proxy_protocol
                 .extend_from(value)
                 .map_err(|why| invalid(name, value, &why))?;
         }

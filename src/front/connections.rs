@@ -9,6 +9,14 @@
 //! - `--max-connections`: authenticated connections, at once. Peers
 //!   without the secret cannot use any of it.
 //!
+//! A connection from a `--proxy-protocol` address is admitted first under
+//! the proxy's address, without `--allow` (which is about clients, not the
+//! proxy in front of them): its place in the handshake budget is the
+//! proxy's while the PROXY header is read, then
+//! [re-admitted](Place::readmit) under the client's address the header
+//! names, `--allow` and that address's share checked then, as if the
+//! client had connected itself. See [`crate::front::proxy`].
+//!
 //! While the handshake budget is [tight](Connections::tight) (half used or
 //! more) sessions cut their handshake timeout short, so places held by
 //! silent sockets come back quickly. Also counts the authenticated clients
@@ -22,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::config::allow::{host_key, AllowList};
+use crate::config::allow::{host_key, AllowList, Networks};
 use crate::config::Config;
 use crate::logging::ratelimit::warn_limited;
 
@@ -38,6 +46,8 @@ pub struct Connections {
 struct Shared {
     /// `--allow`: who may connect at all.
     allow: AllowList,
+    /// `--proxy-protocol`: whose connections begin with a PROXY header.
+    proxies: Networks,
     /// `--max-connections`: authenticated connections at once.
     max_clients: usize,
     /// `--max-handshakes`: unauthenticated connections at once.
@@ -79,6 +89,8 @@ pub enum Refused {
     /// The peer's address has `--max-handshakes-per-address` connections
     /// in their handshake.
     PerAddress,
+    /// A `--proxy-protocol` peer sent no valid PROXY header in time.
+    ProxyHeader,
 }
 
 impl std::fmt::Display for Refused {
@@ -91,6 +103,7 @@ impl std::fmt::Display for Refused {
                 "too many connections in their handshake from this address \
                  (--max-handshakes-per-address)"
             }
+            Refused::ProxyHeader => "no valid PROXY protocol header (--proxy-protocol)",
         })
     }
 }
@@ -110,6 +123,7 @@ impl Refused {
             Refused::Clients => "max_connections",
             Refused::Handshakes => "max_handshakes",
             Refused::PerAddress => "max_handshakes_per_address",
+            Refused::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -125,6 +139,9 @@ pub struct Place {
     host: IpAddr,
     /// Whether the place has moved to the clients' budget.
     authenticated: bool,
+    /// Whether the peer is a proxy whose PROXY header is still to be read:
+    /// `host` is then the proxy's.
+    awaits_header: bool,
 }
 
 /// The per-address cap when none is given: half the handshake budget (at
@@ -140,6 +157,7 @@ impl Connections {
         Connections {
             shared: Arc::new(Shared {
                 allow: cfg.allow.clone(),
+                proxies: cfg.proxy_protocol.clone(),
                 max_clients: cfg.max_connections.max(1),
                 max_handshakes,
                 max_per_address: cfg
@@ -158,9 +176,12 @@ impl Connections {
     }
 
     /// A place for a new connection from `peer`, or why there is none.
+    /// A `--proxy-protocol` peer is let in whatever `--allow` says; its
+    /// place [awaits the header](Place::awaits_header).
     pub fn admit(&self, peer: SocketAddr) -> Result<Place, Refused> {
         let s = &self.shared;
-        if !s.allow.permits(peer.ip()) {
+        let proxy = s.proxies.contains(peer.ip());
+        if !proxy && !s.allow.permits(peer.ip()) {
             return Err(Refused::NotAllowed);
         }
         let host = host_key(peer.ip());
@@ -182,6 +203,7 @@ impl Connections {
             shared: s.clone(),
             host,
             authenticated: false,
+            awaits_header: proxy,
         })
     }
 
@@ -231,6 +253,40 @@ impl Shared {
 }
 
 impl Place {
+    /// Whether the connection is a proxy's that must begin with a PROXY
+    /// header, to be [re-admitted](Place::readmit) under the address in it.
+    pub fn awaits_header(&self) -> bool {
+        self.awaits_header
+    }
+
+    /// Admits a proxy's connection again, as the connection of `client`,
+    /// the address its PROXY header names (the proxy's own for a health
+    /// check): `--allow` is checked, and the place in the handshake budget
+    /// moves to `client`'s share, refused when that share is full. On a
+    /// refusal the place stays the proxy's until dropped.
+    pub fn readmit(&mut self, client: IpAddr) -> Result<(), Refused> {
+        let s = &self.shared;
+        if !s.allow.permits(client) {
+            return Err(Refused::NotAllowed);
+        }
+        let host = host_key(client);
+        self.awaits_header = false;
+        if self.authenticated || host == self.host {
+            return Ok(());
+        }
+        let mut counts = s.lock();
+        if counts.per_address.get(&host).copied().unwrap_or(0) >= s.max_per_address {
+            return Err(Refused::PerAddress);
+        }
+        // The total stays: one handshake, now counted under another address.
+        s.end_handshake(&mut counts, self.host);
+        counts.handshakes += 1;
+        *counts.per_address.entry(host).or_insert(0) += 1;
+        s.update_tight(&counts);
+        self.host = host;
+        Ok(())
+    }
+
     /// Moves the place from the handshake budget to the clients' budget,
     /// once the peer has proven it knows the secret; refused when
     /// `--max-connections` clients are connected.
@@ -279,6 +335,10 @@ mod tests {
 
     fn peer(ip: &str) -> SocketAddr {
         SocketAddr::new(ip.parse().unwrap(), 40000)
+    }
+
+    fn ip(ip: &str) -> IpAddr {
+        ip.parse().unwrap()
     }
 
     #[test]
@@ -340,6 +400,74 @@ mod tests {
         let c = Connections::new(&cfg);
         assert_eq!(c.admit(peer("127.0.0.3")).unwrap_err(), Refused::NotAllowed);
         assert!(c.admit(peer("127.0.0.1")).is_ok());
+    }
+
+    fn behind(proxies: &str, allow: &str, per_address: usize) -> Connections {
+        let mut cfg = Config {
+            max_handshakes: 100,
+            max_handshakes_per_address: Some(per_address),
+            ..Config::default()
+        };
+        cfg.proxy_protocol.extend_from(proxies).unwrap();
+        cfg.allow.extend_from(allow).unwrap();
+        Connections::new(&cfg)
+    }
+
+    #[test]
+    fn a_proxy_is_admitted_outside_allow_and_its_client_checked_after() {
+        let c = behind("127.0.0.1", "127.0.0.5", 4);
+        assert_eq!(c.admit(peer("127.0.0.9")).unwrap_err(), Refused::NotAllowed);
+        let direct = c.admit(peer("127.0.0.5")).unwrap();
+        assert!(
+            !direct.awaits_header(),
+            "not a proxy: never read for a header"
+        );
+        let mut allowed = c.admit(peer("127.0.0.1")).unwrap();
+        assert!(allowed.awaits_header());
+        allowed.readmit(ip("127.0.0.5")).unwrap();
+        assert!(!allowed.awaits_header());
+        let mut outsider = c.admit(peer("127.0.0.1")).unwrap();
+        assert_eq!(
+            outsider.readmit(ip("127.0.0.9")).unwrap_err(),
+            Refused::NotAllowed
+        );
+        let mut health_check = c.admit(peer("127.0.0.1")).unwrap();
+        assert_eq!(
+            health_check.readmit(ip("127.0.0.1")).unwrap_err(),
+            Refused::NotAllowed,
+            "served as the proxy, which --allow leaves out"
+        );
+    }
+
+    #[test]
+    fn a_readmitted_place_moves_to_the_clients_share() {
+        let c = behind("127.0.0.1", "0.0.0.0/0", 2);
+        let mut a = c.admit(peer("127.0.0.1")).unwrap();
+        let _b = c.admit(peer("127.0.0.1")).unwrap();
+        assert_eq!(c.admit(peer("127.0.0.1")).unwrap_err(), Refused::PerAddress);
+        a.readmit(ip("192.0.2.7")).unwrap();
+        // The proxy's share has room again; the client's holds one.
+        let mut c2 = c.admit(peer("127.0.0.1")).unwrap();
+        c2.readmit(ip("192.0.2.7")).unwrap();
+        let mut c3 = c.admit(peer("127.0.0.1")).unwrap();
+        assert_eq!(
+            c3.readmit(ip("192.0.2.7")).unwrap_err(),
+            Refused::PerAddress
+        );
+        drop(c3);
+        drop(a);
+        assert!(
+            c.admit(peer("192.0.2.7")).is_ok(),
+            "given back under the client"
+        );
+        // A health check stays under the proxy's own address.
+        let mut own = c.admit(peer("127.0.0.1")).unwrap();
+        own.readmit(ip("127.0.0.1")).unwrap();
+        own.authenticate().unwrap();
+        let counts = c.shared.lock();
+        assert_eq!(counts.per_address.get(&ip("127.0.0.1")), Some(&1), "_b");
+        assert_eq!(counts.per_address.get(&ip("192.0.2.7")), Some(&1), "c2");
+        assert_eq!(counts.handshakes, 2);
     }
 
     #[test]

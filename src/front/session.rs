@@ -17,6 +17,11 @@
 //! little; a wrong answer waits out its address's delay
 //! ([`crate::front::login::LoginThrottle`]) before `FAILED`. Log lines
 //! name the peer and job; never the secret or payloads.
+//!
+//! A connection from a `--proxy-protocol` address first has its PROXY
+//! header read ([`crate::front::proxy`]), within the handshake's timeout,
+//! which runs from the accept; from then on the peer is the client the
+//! header names.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +38,7 @@ use crate::config::users::{User, Users};
 use crate::config::Config;
 use crate::front::connections::{Connections, Place, Refused};
 use crate::front::login::{LoginThrottle, Penalty};
+use crate::front::proxy::{self, HeaderError};
 use crate::jobs::cache::{PackageCache, PACKAGE_CACHE_BUDGET};
 use crate::jobs::scheduler::Scheduler;
 use crate::logging::ratelimit::{warn_limited, PerAddress};
@@ -228,11 +234,24 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Serves an admitted connection; logs how it ended.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
+    mut stream: S,
     peer: SocketAddr,
     ctx: &SessionContext,
-    place: Place,
+    mut place: Place,
 ) {
+    let accepted = tokio::time::Instant::now();
+    let peer = if place.awaits_header() {
+        let read = async { Ok(proxy::read_header(&mut stream).await) };
+        let header = within_handshake_timeout(&ctx.connections, accepted, read)
+            .await
+            .unwrap_or(Err(HeaderError::Late));
+        match proxy::admit_client(header, peer, &mut place) {
+            Some(client) => client,
+            None => return,
+        }
+    } else {
+        peer
+    };
     let mut session = Session {
         conn: Connection::new(stream, PREAUTH_MAX_FRAME),
         peer,
@@ -241,6 +260,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         draining: ctx.drain.watch(),
         shown: metrics().connection(peer.ip(), ConnKind::PreAuth),
         place,
+        accepted,
     };
     let ended = session.run().await;
     let who = session.who();
@@ -294,13 +314,18 @@ pub(super) struct Session<'a, S> {
     /// The connection's place under the budgets: in the handshake budget,
     /// then among the clients.
     pub(super) place: Place,
+    /// When the connection was accepted: the handshake's timeout runs from
+    /// then, a PROXY header's read included.
+    pub(super) accepted: tokio::time::Instant,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// The handshake, then the connection's type until the client leaves.
     pub(super) async fn run(&mut self) -> Result<(), SessionError> {
         let ctx = self.ctx;
-        let kind = match within_handshake_timeout(&ctx.connections, self.handshake()).await {
+        let kind = match within_handshake_timeout(&ctx.connections, self.accepted, self.handshake())
+            .await
+        {
             // Outside the timeout: the delay may be longer.
             Err(SessionError::WrongAnswer) => return Err(self.refuse_login().await),
             other => other?,
@@ -437,14 +462,14 @@ impl std::fmt::Display for Who {
     }
 }
 
-/// Runs `handshake` within [`HANDSHAKE_TIMEOUT`] of now, cut to
-/// [`TIGHT_HANDSHAKE_TIMEOUT`] of now if the handshake budget is or becomes
-/// tight meanwhile.
+/// Runs `handshake` within [`HANDSHAKE_TIMEOUT`] of `start`, cut to
+/// [`TIGHT_HANDSHAKE_TIMEOUT`] of `start` if the handshake budget is or
+/// becomes tight meanwhile.
 async fn within_handshake_timeout<T>(
     connections: &Connections,
+    start: tokio::time::Instant,
     handshake: impl Future<Output = Result<T, SessionError>>,
 ) -> Result<T, SessionError> {
-    let start = tokio::time::Instant::now();
     let mut tight = connections.tight();
     let mut limit = HANDSHAKE_TIMEOUT;
     tokio::pin!(handshake);
@@ -467,8 +492,9 @@ async fn within_handshake_timeout<T>(
 pub(super) mod tests {
     use super::*;
 
-    use crate::protocol::wire::{encode_frame, FrameReader};
-    use tokio::io::{AsyncWriteExt, DuplexStream};
+    use crate::front::proxy::tests as proxy_tests;
+    use crate::protocol::wire::{encode_frame, write_frame, FrameReader};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     /// What every session test runs with: secret `s`, 2 workers, and a
     /// scheduler no worker serves (jobs stay queued).
@@ -506,6 +532,7 @@ pub(super) mod tests {
             draining: ctx.drain.watch(),
             shown: metrics().connection(peer.ip(), ConnKind::PreAuth),
             place: ctx.connections.admit(peer).unwrap(),
+            accepted: tokio::time::Instant::now(),
         }
     }
 
@@ -704,5 +731,157 @@ pub(super) mod tests {
             took >= TIGHT_HANDSHAKE_TIMEOUT && took < HANDSHAKE_TIMEOUT,
             "{took:?}"
         );
+    }
+
+    // --- a proxy's connection (--proxy-protocol) ---
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> std::net::IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// The shared state of a server with `--proxy-protocol 127.0.0.1`,
+    /// `--allow` as given, secret `s`.
+    fn behind_proxy(allow: &str) -> SessionContext {
+        let mut cfg = test_config();
+        cfg.proxy_protocol.extend_from("127.0.0.1").unwrap();
+        if !allow.is_empty() {
+            cfg.allow.extend_from(allow).unwrap();
+        }
+        context_from(&cfg)
+    }
+
+    /// Serves one connection from `peer` whose client side sends `first`,
+    /// then answers the nonce with `secret` if the server sends one;
+    /// returns the server's frames (empty: closed without a byte).
+    async fn serve_from(
+        ctx: &SessionContext,
+        peer: &str,
+        first: &[u8],
+        secret: &[u8],
+    ) -> Vec<Bytes> {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut client = FrameReader::new(client, 1 << 20);
+        let served = serve_stream(server, addr(peer), ctx);
+        // Owns the client end: closed once the answer is in.
+        let client_side = async move {
+            client.get_mut().write_all(first).await.unwrap();
+            let mut frames = Vec::new();
+            while let Ok(Some(frame)) = client.read_frame().await {
+                let ok = frame == b"OK"[..];
+                frames.push(frame);
+                if ok {
+                    break;
+                }
+                if frames.len() == 2 {
+                    let answer = auth::expected_answer(&frames[1], secret);
+                    write_frame(client.get_mut(), &answer).await.unwrap();
+                }
+            }
+            frames
+        };
+        tokio::join!(served, client_side).1
+    }
+
+    #[tokio::test]
+    async fn the_client_in_the_header_is_the_peer() {
+        let ctx = behind_proxy("192.0.2.0/24");
+        let header = b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 60000\r\n";
+        let frames = serve_from(&ctx, "127.0.0.1:9", header, b"wrong").await;
+        assert_eq!(frames.len(), 3, "version, nonce, FAILED: {frames:?}");
+        assert_eq!(frames[2], &b"FAILED"[..]);
+        // The failure is the client's, not the proxy's.
+        let now = std::time::Instant::now();
+        assert_eq!(ctx.logins.failed(ip("192.0.2.7"), now).failures, 2);
+        assert_eq!(ctx.logins.failed(ip("127.0.0.1"), now).failures, 1);
+
+        let two = proxy_tests::v2(
+            1,
+            0x11,
+            &proxy_tests::v2_inet([192, 0, 2, 8], [127, 0, 0, 1], 1, 2),
+        );
+        let frames = serve_from(&ctx, "127.0.0.1:9", &two, b"s").await;
+        assert_eq!(
+            frames.last().map(|f| &f[..]),
+            Some(&b"OK"[..]),
+            "{frames:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn allow_is_the_clients_and_a_health_check_the_proxys() {
+        let ctx = behind_proxy("192.0.2.7");
+        let outsider = b"PROXY TCP4 192.0.2.9 127.0.0.1 56324 60000\r\n";
+        assert!(serve_from(&ctx, "127.0.0.1:9", outsider, b"s")
+            .await
+            .is_empty());
+        let local = proxy_tests::v2(0, 0, &[]);
+        assert!(
+            serve_from(&ctx, "127.0.0.1:9", &local, b"s")
+                .await
+                .is_empty(),
+            "the proxy itself is not in --allow"
+        );
+        let ctx = behind_proxy("");
+        let frames = serve_from(&ctx, "127.0.0.1:9", &local, b"s").await;
+        assert_eq!(
+            frames.last().map(|f| &f[..]),
+            Some(&b"OK"[..]),
+            "{frames:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_listed_peers_are_read_for_a_header() {
+        let ctx = behind_proxy("");
+        // From a listed peer, the pp handshake without a header: closed
+        // before a byte.
+        let answer = crate::protocol::wire::encode_frame(&[b'0'; 40]);
+        assert!(serve_from(&ctx, "127.0.0.1:9", &answer, b"s")
+            .await
+            .is_empty());
+        // From another, a header is not one: it is read as the answer.
+        let spoof = b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 60000\r\n";
+        let frames = serve_from(&ctx, "127.0.0.2:9", spoof, b"s").await;
+        assert_eq!(
+            frames.len(),
+            2,
+            "version and nonce, then closed: {frames:?}"
+        );
+        let now = std::time::Instant::now();
+        assert_eq!(ctx.logins.failed(ip("192.0.2.7"), now).failures, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_header_counts_in_the_handshake_timeout() {
+        let ctx = behind_proxy("");
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let started = tokio::time::Instant::now();
+        let client_side = async {
+            // A header that takes most of its 3 s, then silence.
+            client.write_all(b"PROXY TCP4 192.0.2.7").await.unwrap();
+            tokio::time::sleep(proxy::HEADER_TIMEOUT - Duration::from_millis(100)).await;
+            client.write_all(b" 127.0.0.1 1 2\r\n").await.unwrap();
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).await.unwrap();
+            all
+        };
+        let (_, sent) = tokio::join!(serve_stream(server, addr("127.0.0.1:9"), &ctx), client_side);
+        assert!(!sent.is_empty(), "the version and nonce were sent");
+        assert_eq!(started.elapsed(), HANDSHAKE_TIMEOUT, "from the accept");
+        // Silence from the start: closed at the header's limit.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let started = tokio::time::Instant::now();
+        let client_side = async {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).await.unwrap();
+            all
+        };
+        let (_, sent) = tokio::join!(serve_stream(server, addr("127.0.0.1:9"), &ctx), client_side);
+        assert!(sent.is_empty());
+        assert_eq!(started.elapsed(), proxy::HEADER_TIMEOUT);
     }
 }

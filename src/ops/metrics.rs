@@ -57,6 +57,7 @@ const REFUSALS: &[&str] = &[
     "max_connections",
     "max_handshakes",
     "max_handshakes_per_address",
+    "proxy_header",
 ];
 
 /// How long a metrics client may take to send its request head, from when
