@@ -10,10 +10,11 @@
 //! - [`server`]: the wiring: the startup sequence (each step in the
 //!   module of its concern), the accept loop, shutdown;
 //! - [`front`]: the front door: the budgets a connection is admitted under
-//!   ([`front::connections`]), one client connection from handshake to
-//!   close ([`front::session`]) with the login throttle ([`front::login`])
-//!   and the EXEC loop ([`front::exec`]), UDP autodiscovery
-//!   ([`front::discovery`]), and the listening socket
+//!   ([`front::connections`]), the PROXY header a listed proxy's
+//!   connection begins with ([`front::proxy`]), one client connection from
+//!   handshake to close ([`front::session`]) with the login throttle
+//!   ([`front::login`]) and the EXEC loop ([`front::exec`]), UDP
+//!   autodiscovery ([`front::discovery`]), and the listening socket
 //!   ([`front::listener`]);
 //! - [`protocol`]: the 8-byte-length frame on sockets and worker pipes
 //!   ([`protocol::wire`]), the secret handshake ([`protocol::auth`]), the
