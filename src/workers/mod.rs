@@ -9,8 +9,10 @@
 //! [`reaper`] deals with what jobs leave behind: orphans reaped, and all
 //! killed when the server stops.
 
+pub(crate) mod access;
 pub(crate) mod bootstrap;
 pub(crate) mod forkserver;
+pub(crate) mod identity;
 pub(crate) mod install;
 pub(crate) mod memlimit;
 pub(crate) mod pool;
