@@ -3,7 +3,8 @@
 //! [`start`] reads as the startup sequence, each step in the module of
 //! its concern: `--announce` resolved ([`crate::front::discovery`]), the
 //! open-file limit raised ([`crate::ops::openfiles`]), the workers'
-//! interpreter probed ([`crate::workers::install`]), the fork-server
+//! interpreter probed ([`crate::workers::install`]), the users' uids
+//! checked against it ([`crate::workers::access`]), the fork-server
 //! started ([`crate::workers::forkserver`]), the port bound
 //! ([`crate::front::listener`]), discovery and metrics sockets bound, the
 //! connection budgets fitted ([`crate::config::budgets`]), the memory

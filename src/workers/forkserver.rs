@@ -7,8 +7,11 @@
 //! started from the same command as a spawned worker, prepared the same
 //! way ([`crate::workers::process::prepare`]), with a Unix socket to the
 //! server as its stdin. The server sends it the new worker's three pipes
-//! (`SCM_RIGHTS`); it forks twice so that the worker is handed to the
-//! server, and answers with the worker's pid (`P <pid>`). From there the
+//! (`SCM_RIGHTS`), and for a user with a uid of their own the uid, groups
+//! and environment the worker drops to before it reads a job
+//! ([`crate::workers::identity`]; the fork-server stays the server's
+//! uid); it forks twice so that the worker is handed to the server, and
+//! answers with the worker's pid (`P <pid>`). From there the
 //! worker is the server's like a spawned one: its pidfd, its pipes, its
 //! handshake. It answers `E <why>` when it cannot fork this once (out of
 //! processes or memory): that worker is spawned. It answers `B <why>`

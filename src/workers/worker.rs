@@ -23,7 +23,9 @@
 //! child it left holds its pipes open. Workers get a higher
 //! `oom_score_adj` than the server: under memory pressure the kernel takes
 //! a worker, not the server. And they get back the open-file soft limit
-//! the server started with, which the server raised for itself. Deciding
+//! the server started with, which the server raised for itself. A user's
+//! worker runs as the user's uid when the users file gives one
+//! ([`crate::workers::identity`]). Deciding
 //! what to do when a worker fails is [`crate::workers::pool`]'s business.
 
 use std::ffi::OsString;
