@@ -9,7 +9,8 @@ in /etc.
   other's.
 - Under --worker-memory-limit 100M, a job can neither lift its cgroup's
   limit nor move its worker out of the cgroup (permission errors), and a
-  300 MB allocation is answered with the memory limit.
+  300 MB allocation is answered with the memory limit: by cgroup, and by
+  polling (the server reads another uid's worker's memory as root).
 - Startup errors: a uid in a server that is not root; a uid that cannot
   reach the interpreter (under a directory of mode 0700); a uid that
   cannot enter the server's working directory.
@@ -134,11 +135,11 @@ def users_file(directory, users, owner=None):
     return path
 
 
-def serve(launch, tmp_path, shared, users, *flags, name=None, nworkers=1):
+def serve(launch, tmp_path, shared, users, *flags, name=None, nworkers=1, env=None):
     """A server for `users`, run in the shared directory with its Python."""
     return launch("--users", users_file(tmp_path, users), *flags, name=name, nworkers=nworkers,
                   with_secret=False, secret=users[0][0] + "-secret", cwd=shared.top,
-                  pythonpath=(shared.site,), python=shared.python)
+                  pythonpath=(shared.site,), python=shared.python, env=env)
 
 
 def run(server, user, func, args=()):
@@ -210,11 +211,17 @@ def test_two_users_of_one_server_run_as_their_own_uids(tmp_path, shared):
         pphelpers.stop_server(server)
 
 
+@pytest.mark.parametrize("method", ["default", "polling"])
 def test_a_uids_job_cannot_lift_or_leave_its_memory_cgroup_and_is_held_to_the_limit(
-        launch, tmp_path, shared, capsys):
-    server = serve(launch, tmp_path, shared, [("alice", ALICE)], "--worker-memory-limit", "100M")
+        launch, tmp_path, shared, capsys, method):
+    """With a cgroup per slot (default, as root here), and with polling
+    (PPSERVER_WORKER_MEMORY_CGROUP=0: the server, as root, reads the
+    memory of a worker of another uid)."""
+    polling = {"PPSERVER_WORKER_MEMORY_CGROUP": "0" if method == "polling" else None}
+    server = serve(launch, tmp_path, shared, [("alice", ALICE)], "--worker-memory-limit", "100M",
+                   env=pphelpers.server_env(polling, pythonpath=(shared.site,)))
     line = server.logged("worker memory limit 100M by ")
-    if "by polling" in line:
+    if ("by polling" in line) != (method == "polling"):
         pytest.skip("no memory cgroup here: %s" % line)
     js = pphelpers.connect_client(server, secret="alice-secret")
     try:
@@ -223,7 +230,7 @@ def test_a_uids_job_cannot_lift_or_leave_its_memory_cgroup_and_is_held_to_the_li
         assert {"memory.limit_in_bytes", "memory.max"} & set(tried), tried
         assert set(tried.values()) == {"PermissionError"}, tried
         capsys.readouterr()
-        assert js.submit(uidjobs.hog, (300,))() is None
+        assert js.submit(uidjobs.hog, (300, PROMPT))() is None
         out = capsys.readouterr().out
         assert "job exceeded --worker-memory-limit of 100M on %s" % socket.gethostname() in out, (
             out, server.log_tail())

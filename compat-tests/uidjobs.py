@@ -105,7 +105,11 @@ def escape_cgroup():
     return tried, str(memory_cgroup())
 
 
-def hog(megabytes):
-    """Touches `megabytes` MB and returns how many bytes it held."""
+def hog(megabytes, seconds):
+    """Touches `megabytes` MB and holds them for `seconds` (long enough
+    for a poll to see them); returns how many bytes it held."""
+    import time
+
     blob = b"x" * (megabytes * 10**6)
+    time.sleep(seconds)
     return len(blob)
