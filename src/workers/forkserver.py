@@ -15,11 +15,12 @@
 # value in hex) or remove (NAME), tab-separated. This process stays the
 # server's uid; the worker drops to the user's (groups, gid, uid, each
 # real, effective and saved) before it sets its death signal, which a
-# change of credentials clears, and before it reads a job. Every worker
-# is forked twice: the
-# middle process exits at once, so the worker is handed to the server (a
-# child subreaper), which reaps it and learns of its exit as with a
-# worker it spawned; the answer, "P <pid>", comes once that is done.
+# change of credentials clears, and before it reads a job.
+#
+# Every worker is forked twice: the middle process exits at once, so the
+# worker is handed to the server (a child subreaper), which reaps it and
+# learns of its exit as with a worker it spawned; the answer, "P <pid>",
+# comes once that is done.
 #
 # A worker then gets what a spawned worker has: its own process group,
 # death with the server (PR_SET_PDEATHSIG, which a fork does not

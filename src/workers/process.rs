@@ -11,9 +11,10 @@
 //! and `PR_SET_PDEATHSIG`, so that it dies with the server even if the
 //! server is killed. A forked worker sets its own death signal: a fork
 //! does not inherit it. A worker of a user with a `uid` of their own
-//! drops to it here too, spawned or forked, before its death signal is
-//! set, since the change of credentials clears it
-//! ([`crate::workers::identity`]); the fork-server stays the server's.
+//! drops to it before its death signal is set, since the change of
+//! credentials clears it: a spawned one in [`prepare`], a forked one in
+//! the fork-server's fork ([`crate::workers::identity`]); the fork-server
+//! stays the server's uid.
 //!
 //! A forked worker is the server's child too: the fork-server forks twice
 //! and the middle process exits, so the worker is handed to the server,
