@@ -30,9 +30,10 @@
 //! - [`workers`]: the worker interpreter and its probe
 //!   ([`workers::install`]), one supervisor per slot ([`workers::pool`]),
 //!   one worker process ([`workers::worker`]), forked by the fork-server
-//!   ([`workers::forkserver`]) or spawned, `--worker-memory-limit`
-//!   ([`workers::memlimit`]), and what jobs leave behind
-//!   ([`workers::reaper`]);
+//!   ([`workers::forkserver`]) or spawned, as its user's uid
+//!   ([`workers::identity`], checked at startup by [`workers::access`]),
+//!   `--worker-memory-limit` ([`workers::memlimit`]), and what jobs leave
+//!   behind ([`workers::reaper`]);
 //! - [`ops`]: metrics and the status page (its port capped), job stats,
 //!   stop requests and the drain, the pid and ready files, the open-file
 //!   limit ([`ops::openfiles`]);

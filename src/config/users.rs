@@ -49,9 +49,9 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "uid",
         "Run this user's workers as this uid: a number (no passwd entry needed) or a \
-         user name. Needs a server running as root; the uid must be able to run the \
-         workers' interpreter and read the worker package. Not 0. Default: the \
-         server's own uid.",
+         user name. Needs a server running as root; the uid must be able to enter the \
+         server's working directory, run the workers' interpreter and read the worker \
+         package (checked at startup). Not 0. Default: the server's own uid.",
     ),
     (
         "gid",

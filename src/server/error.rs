@@ -8,6 +8,7 @@ use crate::config::budgets::NoRoom;
 use crate::config::users::UsersError;
 use crate::front::discovery::DiscoveryError;
 use crate::front::listener::ListenError;
+use crate::workers::access::UidError;
 use crate::workers::forkserver::Unusable;
 use crate::workers::install::ProbeError;
 
@@ -33,6 +34,8 @@ pub enum StartError {
     Preload(String),
     /// The users (`--users` with the `-s` secret) cannot all log in.
     Users(UsersError),
+    /// A user's `uid` cannot run the workers.
+    Uid(UidError),
     /// The `-P` pid file cannot be written.
     PidFile {
         path: PathBuf,
@@ -49,6 +52,12 @@ impl From<ProbeError> for StartError {
 impl From<UsersError> for StartError {
     fn from(e: UsersError) -> Self {
         StartError::Users(e)
+    }
+}
+
+impl From<UidError> for StartError {
+    fn from(e: UidError) -> Self {
+        StartError::Uid(e)
     }
 }
 
@@ -93,6 +102,7 @@ impl std::fmt::Display for StartError {
             StartError::OpenFiles(no_room) => write!(f, "{no_room}"),
             StartError::Preload(e) => write!(f, "{e}"),
             StartError::Users(e) => write!(f, "{e}"),
+            StartError::Uid(e) => write!(f, "{e}"),
         }
     }
 }
@@ -105,6 +115,7 @@ impl std::error::Error for StartError {
             StartError::Discovery(e) => e.source(),
             StartError::Metrics { source, .. } | StartError::PidFile { source, .. } => Some(source),
             StartError::Users(e) => Some(e),
+            StartError::Uid(e) => e.source(),
             StartError::OpenFiles(_) | StartError::Preload(_) => None,
         }
     }

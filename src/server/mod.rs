@@ -3,7 +3,8 @@
 //! [`start`] reads as the startup sequence, each step in the module of
 //! its concern: `--announce` resolved ([`crate::front::discovery`]), the
 //! open-file limit raised ([`crate::ops::openfiles`]), the workers'
-//! interpreter probed ([`crate::workers::install`]), the fork-server
+//! interpreter probed ([`crate::workers::install`]), the users' uids
+//! checked against it ([`crate::workers::access`]), the fork-server
 //! started ([`crate::workers::forkserver`]), the port bound
 //! ([`crate::front::listener`]), discovery and metrics sockets bound, the
 //! connection budgets fitted ([`crate::config::budgets`]), the memory
@@ -42,6 +43,7 @@ use crate::ops::openfiles;
 use crate::ops::runfiles::RunFile;
 use crate::ops::shutdown::StopRequests;
 use crate::ops::stats::Stats;
+use crate::workers::access;
 use crate::workers::forkserver::{self, ForkServer, ForkSpec};
 use crate::workers::install;
 use crate::workers::memlimit::{self, MemoryLimit};
@@ -110,6 +112,10 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     // Once the secret is settled: the -s secret's user may join the
     // users file's.
     let users = Arc::new(cfg.users()?);
+    // Every user's uid can run the workers; the one they share, if any,
+    // is what the pool's workers run as.
+    let users_file = cfg.users.as_ref().map(|f| f.path.as_path());
+    let run_as = access::check(&users, users_file, &interpreter).await?;
     let forkserver = forkserver::start_unless_spawned(
         cfg.worker_start,
         ForkSpec {
@@ -145,6 +151,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
         scheduler.clone(),
         stats.clone(),
         memory_limit.clone(),
+        run_as,
     );
     let warn_default_secret = startline::log(&StartupFacts {
         cfg: &cfg,

@@ -9,10 +9,18 @@
 # says "R" to the server, and then forks a worker for every request.
 #
 # A request is one byte with three descriptors (SCM_RIGHTS): the new
-# worker's stdin, stdout and stderr. Every worker is forked twice: the
-# middle process exits at once, so the worker is handed to the server (a
-# child subreaper), which reaps it and learns of its exit as with a
-# worker it spawned; the answer, "P <pid>", comes once that is done.
+# worker's stdin, stdout and stderr. The byte is "F", or "U" for a worker
+# that runs as its user's uid: a line follows with the uid, the gid, the
+# groups (comma-separated), and the variables to set (NAME=HEX, the
+# value in hex) or remove (NAME), tab-separated. This process stays the
+# server's uid; the worker drops to the user's (groups, gid, uid, each
+# real, effective and saved) before it sets its death signal, which a
+# change of credentials clears, and before it reads a job.
+#
+# Every worker is forked twice: the middle process exits at once, so the
+# worker is handed to the server (a child subreaper), which reaps it and
+# learns of its exit as with a worker it spawned; the answer, "P <pid>",
+# comes once that is done.
 #
 # A worker then gets what a spawned worker has: its own process group,
 # death with the server (PR_SET_PDEATHSIG, which a fork does not
@@ -168,6 +176,37 @@ def _forkserver(bootstrap, warm, close_all_above):
             except OSError:
                 pass
 
+    def read_identity():
+        line = b''
+        while not line.endswith(b'\n'):
+            more = ctl.recv(4096)
+            if not more or len(line) > 65536:
+                raise ValueError('the line did not end')
+            line += more
+        fields = line[:-1].split(b'\t')
+        uid, gid = int(fields[0]), int(fields[1])
+        groups = [int(g) for g in fields[2].split(b',') if g]
+        env = []
+        for field in fields[3:]:
+            name, has, value = field.partition(b'=')
+            env.append((name, bytes.fromhex(value.decode()) if has else None))
+        return uid, gid, groups, env
+
+    def become(identity):
+        uid, gid, groups, env = identity
+        try:
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        except BaseException:
+            # Never run a job as this process's uid instead.
+            os._exit(1)
+        for name, value in env:
+            if value is None:
+                os.environb.pop(name, None)
+            else:
+                os.environb[name] = value
+
     while True:
         try:
             request, fds, flags, _ = socket.recv_fds(ctl, 1, 3)
@@ -177,6 +216,14 @@ def _forkserver(bootstrap, warm, close_all_above):
             # The server closed its end: it is stopping.
             close(fds)
             return None
+        identity = None
+        if request == b'U':
+            try:
+                identity = read_identity()
+            except (OSError, ValueError, IndexError) as e:
+                close(fds)
+                say('B the request is out of step: %s' % e)
+                continue
         if len(fds) != 3 or flags & socket.MSG_CTRUNC:
             # Fewer when this process is out of descriptors (the kernel
             # drops what it cannot install): only a new process helps.
@@ -205,6 +252,8 @@ def _forkserver(bootstrap, warm, close_all_above):
             os.close(wpid)
             while os.getppid() == me:
                 time.sleep(0.00005)
+            if identity is not None:
+                become(identity)
             prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
             if os.getppid() != server:
                 # The server died meanwhile.

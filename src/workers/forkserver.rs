@@ -7,8 +7,11 @@
 //! started from the same command as a spawned worker, prepared the same
 //! way ([`crate::workers::process::prepare`]), with a Unix socket to the
 //! server as its stdin. The server sends it the new worker's three pipes
-//! (`SCM_RIGHTS`); it forks twice so that the worker is handed to the
-//! server, and answers with the worker's pid (`P <pid>`). From there the
+//! (`SCM_RIGHTS`), and for a user with a uid of their own the uid, groups
+//! and environment the worker drops to before it reads a job
+//! ([`crate::workers::identity`]; the fork-server stays the server's
+//! uid); it forks twice so that the worker is handed to the server, and
+//! answers with the worker's pid (`P <pid>`). From there the
 //! worker is the server's like a spawned one: its pidfd, its pipes, its
 //! handshake. It answers `E <why>` when it cannot fork this once (out of
 //! processes or memory): that worker is spawned. It answers `B <why>`
@@ -50,6 +53,7 @@ use tokio::sync::{oneshot, watch, Mutex};
 
 use crate::config::WorkerStart;
 use crate::workers::bootstrap::{self, STARTUP_TIMEOUT};
+use crate::workers::identity::Identity;
 use crate::workers::process::{self, Forked};
 use crate::workers::reaper::{self, Adopting, Registration};
 
@@ -222,7 +226,10 @@ impl ForkServer {
     /// [`STARTUP_TIMEOUT`] (what a spawned worker's start-up may take
     /// too). A hung fork-server is not started again by the start that
     /// found it hung, which spawns its worker, but by the next.
-    pub(crate) async fn fork(&self) -> io::Result<ForkedWorker> {
+    ///
+    /// With `identity`, the worker takes it on before it reads anything
+    /// ([`crate::workers::identity`]).
+    pub(crate) async fn fork(&self, identity: Option<&Identity>) -> io::Result<ForkedWorker> {
         // Held longer than a fork takes only while another start waits for
         // a hung fork-server, or starts a new one.
         let Ok(mut state) = tokio::time::timeout(FORK_TIMEOUT, self.state.lock()).await else {
@@ -258,7 +265,7 @@ impl ForkServer {
                 }
             };
             let pid = running.pid;
-            let (timed_out, e) = match running.fork().await {
+            let (timed_out, e) = match running.fork(identity).await {
                 Ok(w) => {
                     state.hung = false;
                     return Ok(w);
@@ -365,7 +372,8 @@ impl Running {
             // Its own group, as a worker's: a Ctrl-C in the server's
             // terminal is the server's to handle.
             .process_group(0);
-        process::prepare(&mut cmd, spec.nofile);
+        // Its forks drop to their user's uid themselves: it stays ours.
+        process::prepare(&mut cmd, spec.nofile, None);
         let (mut child, registered) =
             reaper::spawn(&mut cmd).map_err(|e| other("cannot start the fork-server", &e))?;
         drop(cmd);
@@ -438,8 +446,8 @@ impl Running {
         }
     }
 
-    /// Asks for one worker.
-    async fn fork(&mut self) -> Result<ForkedWorker, Failure> {
+    /// Asks for one worker, as `identity` if given.
+    async fn fork(&mut self, identity: Option<&Identity>) -> Result<ForkedWorker, Failure> {
         if self.asked {
             return Err(Failure::Dead(io::Error::other(
                 "an earlier request was left unanswered",
@@ -450,8 +458,12 @@ impl Running {
         // orphans takes its exit status.
         let adopting = Adopting::begin();
         self.asked = true;
+        let request = match identity {
+            Some(identity) => [&b"U"[..], &identity.fork_request()].concat(),
+            None => b"F".to_vec(),
+        };
         let asked = async {
-            send_fds(&self.ctl, &pipes.theirs()).await?;
+            send_fds(&self.ctl, &request, &pipes.theirs()).await?;
             read_line(&mut self.ctl).await
         };
         let answer = tokio::select! {
@@ -576,27 +588,37 @@ impl Pipes {
     }
 }
 
-/// Sends one request byte with `fds` attached.
-async fn send_fds(ctl: &UnixStream, fds: &[i32; 3]) -> io::Result<()> {
-    loop {
+/// Sends one request, `fds` attached to its first byte. The request is a
+/// few hundred bytes at most, which an empty socket buffer (the
+/// fork-server has answered every request before) takes whole; a part
+/// left over is sent after it.
+async fn send_fds(ctl: &UnixStream, request: &[u8], fds: &[i32; 3]) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < request.len() {
         ctl.writable().await?;
-        let sent = ctl.try_io(Interest::WRITABLE, || {
+        let attached: &[ControlMessage] = if sent == 0 {
+            &[ControlMessage::ScmRights(fds)]
+        } else {
+            &[]
+        };
+        let wrote = ctl.try_io(Interest::WRITABLE, || {
             sendmsg::<()>(
                 ctl.as_raw_fd(),
-                &[IoSlice::new(b"F")],
-                &[ControlMessage::ScmRights(fds)],
+                &[IoSlice::new(&request[sent..])],
+                attached,
                 MsgFlags::MSG_NOSIGNAL,
                 None,
             )
             .map_err(io::Error::from)
         });
-        match sent {
-            Ok(1) => return Ok(()),
-            Ok(_) => return Err(io::Error::other("the request was not sent")),
+        match wrote {
+            Ok(0) => return Err(io::Error::other("the request was not sent")),
+            Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
 /// One line from the fork-server, without its newline. It says one line
@@ -676,11 +698,11 @@ mod tests {
             .unwrap_or_else(|e| e.into_inner());
         let (mut running, mut peer, _alive) = fake();
         // A worker start cancelled while it waits for the answer.
-        let cancelled = tokio::time::timeout(Duration::from_millis(50), running.fork()).await;
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), running.fork(None)).await;
         assert!(cancelled.is_err());
         // The answer to it comes late (a pid no process can have).
         std::io::Write::write_all(&mut peer, b"P 1073741823\n").unwrap();
-        match running.fork().await {
+        match running.fork(None).await {
             Err(Failure::Dead(e)) => assert!(e.to_string().contains("unanswered"), "{e}"),
             Err(Failure::Once(e) | Failure::Hung(e)) => panic!("not taken for out of step: {e}"),
             Ok(_) => panic!("the late answer was taken for this request's"),

@@ -21,6 +21,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 use crate::workers::bootstrap::STARTUP_TIMEOUT;
+use crate::workers::identity::Identity;
 use crate::workers::reaper;
 
 /// The wheel's distribution name, for the pip command in messages.
@@ -165,6 +166,20 @@ pub(crate) struct Interpreter {
     pub(crate) version: String,
     /// `PYTHONPATH` for the workers ([`worker_pythonpath`]).
     pub(crate) pythonpath: OsString,
+    /// The file the worker module is loaded from, if the probe said.
+    pub(crate) origin: Option<PathBuf>,
+}
+
+/// What the probe found: the worker module an interpreter can run, its
+/// package's version, and the file it is loaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Probed {
+    /// The worker module.
+    pub(crate) module: String,
+    /// Its package's `__version__`.
+    pub(crate) version: String,
+    /// The module's file (`spec.origin`), if it has one.
+    pub(crate) origin: Option<PathBuf>,
 }
 
 /// Startup step: finds the workers' interpreter and worker module
@@ -180,12 +195,13 @@ pub(crate) async fn probe(
         Some(m) => vec![m],
         None => WORKER_MODULES.to_vec(),
     };
-    let (python, module, version) = worker_python(given, &candidates, &pythonpath).await?;
+    let (python, probed) = worker_python(given, &candidates, &pythonpath).await?;
     Ok(Interpreter {
         python,
-        module,
-        version,
+        module: probed.module,
+        version: probed.version,
         pythonpath,
+        origin: probed.origin,
     })
 }
 
@@ -199,29 +215,29 @@ pub(crate) async fn worker_python(
     given: Option<&Path>,
     candidates: &[&str],
     pythonpath: &OsStr,
-) -> Result<(PathBuf, String, String), ProbeError> {
+) -> Result<(PathBuf, Probed), ProbeError> {
     if let Some(python) = given {
-        let (module, version) = probe_worker(python, candidates, pythonpath).await?;
-        return Ok((python.to_path_buf(), module, version));
+        let probed = probe_worker(python, candidates, pythonpath, None).await?;
+        return Ok((python.to_path_buf(), probed));
     }
     let mut beside: Option<ProbeError> = None;
     for python in neighbour_pythons(&install_dirs()) {
-        match probe_worker(&python, candidates, pythonpath).await {
-            Ok((module, version)) => return Ok((python, module, version)),
+        match probe_worker(&python, candidates, pythonpath, None).await {
+            Ok(probed) => return Ok((python, probed)),
             Err(e) => {
                 beside.get_or_insert(with_wheel_hint(e));
             }
         }
     }
     let fallback = PathBuf::from(FALLBACK_PYTHON);
-    match probe_worker(&fallback, candidates, pythonpath).await {
-        Ok((module, version)) => {
+    match probe_worker(&fallback, candidates, pythonpath, None).await {
+        Ok(probed) => {
             if let Some(e) = beside {
                 log::info!(
                     "workers run with {FALLBACK_PYTHON} from PATH, not beside this binary: {e}"
                 );
             }
-            Ok((fallback, module, version))
+            Ok((fallback, probed))
         }
         Err(e) => Err(beside.unwrap_or(e)),
     }
@@ -295,12 +311,14 @@ pub(crate) const WORKER_MODULES: &[&str] = &["ppft", "pp._worker"];
 
 /// Finds which of `candidates` the interpreter can run as a worker, and the
 /// `__version__` of its package (what clients compare against). This is
-/// also the startup check that the worker package is installed at all.
+/// also the startup check that the worker package is installed at all,
+/// and, run as a user's `identity`, that their uid can run the workers.
 pub(crate) async fn probe_worker(
     python: &Path,
     candidates: &[&str],
     pythonpath: &OsStr,
-) -> Result<(String, String), ProbeError> {
+    identity: Option<&Identity>,
+) -> Result<Probed, ProbeError> {
     let mut cmd = Command::new(python);
     cmd.arg("-c")
         .arg(PROBE_SCRIPT)
@@ -310,6 +328,15 @@ pub(crate) async fn probe_worker(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if let Some(identity) = identity {
+        identity.set_env(&mut cmd);
+        let identity = identity.clone();
+        // SAFETY: `take` makes async-signal-safe calls only and allocates
+        // nothing.
+        unsafe {
+            cmd.pre_exec(move || identity.take());
+        }
+    }
     let run = async {
         let (child, _registered) = reaper::spawn(&mut cmd)?;
         child.wait_with_output().await
@@ -321,7 +348,14 @@ pub(crate) async fn probe_worker(
         Ok(Ok(out)) => out,
     };
     let answer = String::from_utf8_lossy(&out.stdout);
-    match answer.trim().split_once(' ') {
+    let mut lines = answer.lines();
+    let first = lines.next().unwrap_or("").trim();
+    let origin = lines
+        .next()
+        .map(str::trim)
+        .filter(|o| o.starts_with('/'))
+        .map(PathBuf::from);
+    match first.split_once(' ') {
         Some((module, version)) if out.status.success() && !version.is_empty() => {
             if !version.is_ascii() {
                 return Err(ProbeError::NonAscii {
@@ -329,7 +363,11 @@ pub(crate) async fn probe_worker(
                     version: version.to_string(),
                 });
             }
-            Ok((module.to_string(), version.to_string()))
+            Ok(Probed {
+                module: module.to_string(),
+                version: version.to_string(),
+                origin,
+            })
         }
         _ => {
             let err = String::from_utf8_lossy(&out.stderr);

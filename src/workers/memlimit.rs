@@ -48,7 +48,11 @@
 //! as one over the limit is. That guards against runaway jobs, not against
 //! jobs that set out to get around the limit: one that acts between two
 //! checks has its way for that moment, and a process a job moves out of
-//! the cgroup is not watched. Separate uids per user are what make it a
+//! the cgroup is not watched. Workers run as their user's uid (`uid` in
+//! the users file, [`crate::workers::identity`]) are held for good: the
+//! cgroup files stay root's, so their jobs can neither write the limits
+//! nor move a process out; and root still moves them in, reads their
+//! `/proc` and kills them. Separate uids per user are what make it a
 //! boundary.
 
 use std::io::{self, Write as _};

@@ -4,13 +4,17 @@
 //! replaces it when it dies; [`worker`] is one worker process (started,
 //! handshake, run a job, stop and reap), forked by the [`forkserver`] or
 //! spawned, each way through the Python text of [`bootstrap`], and held
-//! as a [`process`]; [`memlimit`] holds each worker to
+//! as a [`process`], as its user's uid if the users file gives one
+//! ([`identity`]; [`access`] checks at startup that each uid can run
+//! them); [`memlimit`] holds each worker to
 //! `--worker-memory-limit` (a memory cgroup per slot, else polling);
 //! [`reaper`] deals with what jobs leave behind: orphans reaped, and all
 //! killed when the server stops.
 
+pub(crate) mod access;
 pub(crate) mod bootstrap;
 pub(crate) mod forkserver;
+pub(crate) mod identity;
 pub(crate) mod install;
 pub(crate) mod memlimit;
 pub(crate) mod pool;

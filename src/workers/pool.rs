@@ -36,6 +36,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
+use crate::config::users::Credentials;
 use crate::jobs::cache::WorkerCache;
 use crate::jobs::scheduler::{Job, Scheduler};
 use crate::ops::metrics::metrics;
@@ -73,6 +74,12 @@ pub(crate) struct PoolContext {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// `--worker-memory-limit`, if set.
     pub(crate) memory_limit: Option<Arc<MemoryLimit>>,
+    /// SEAM, to be replaced by the per-user worker starts (`--isolate`):
+    /// the uid every worker of the pool runs as, which all users share
+    /// ([`crate::workers::access::check`] refuses users with different
+    /// ones until then). Those starts take the credentials of the user a
+    /// slot starts its worker for instead.
+    pub(crate) run_as: Option<Arc<Credentials>>,
 }
 
 /// The worker slots' supervisors, and the signal that stops them.
@@ -96,6 +103,7 @@ impl Pool {
         scheduler: Arc<Scheduler>,
         stats: Arc<Stats>,
         memory_limit: Option<Arc<MemoryLimit>>,
+        run_as: Option<Arc<Credentials>>,
     ) -> Pool {
         let (stop, shutdown) = watch::channel(false);
         let mut supervisors = JoinSet::new();
@@ -107,6 +115,7 @@ impl Pool {
                 stats: stats.clone(),
                 shutdown: shutdown.clone(),
                 memory_limit: memory_limit.clone(),
+                run_as: run_as.clone(),
             };
             supervisors.spawn(keep_supervised(slot, ctx));
         }
@@ -197,7 +206,7 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
     let mut vacant = Instant::now();
     loop {
         let spawned = tokio::select! {
-            w = Worker::start(&ctx.spec, ctx.forkserver.as_deref()) => w,
+            w = Worker::start(&ctx.spec, ctx.forkserver.as_deref(), ctx.run_as.as_deref()) => w,
             _ = ctx.shutdown.wait_for(|&s| s) => return,
         };
         let mut worker = match spawned {

@@ -10,7 +10,11 @@
 //! open-file soft limit the server started with ([`crate::ops::openfiles`]),
 //! and `PR_SET_PDEATHSIG`, so that it dies with the server even if the
 //! server is killed. A forked worker sets its own death signal: a fork
-//! does not inherit it.
+//! does not inherit it. A worker of a user with a `uid` of their own
+//! drops to it before its death signal is set, since the change of
+//! credentials clears it: a spawned one in [`prepare`], a forked one in
+//! the fork-server's fork ([`crate::workers::identity`]); the fork-server
+//! stays the server's uid.
 //!
 //! A forked worker is the server's child too: the fork-server forks twice
 //! and the middle process exits, so the worker is handed to the server,
@@ -33,6 +37,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
 use crate::ops::openfiles;
+use crate::workers::identity::Identity;
 use crate::workers::reaper::Registration;
 
 /// How much higher a worker's `oom_score_adj` is than the server's, and
@@ -41,16 +46,23 @@ const WORKER_OOM_SCORE_ADJ: i32 = 500;
 
 /// Makes `cmd`'s child a worker's process, or the fork-server whose forks
 /// are workers: `oom_score_adj` raised, the original open-file soft limit
-/// (`nofile`: soft and hard; `None`: the server's own), and killed when
-/// the server dies.
-pub(crate) fn prepare(cmd: &mut Command, nofile: Option<(u64, u64)>) {
+/// (`nofile`: soft and hard; `None`: the server's own), run as `identity`
+/// if given (its user's uid: [`crate::workers::identity`]), and killed
+/// when the server dies.
+pub(crate) fn prepare(cmd: &mut Command, nofile: Option<(u64, u64)>, identity: Option<Identity>) {
     let parent = nix::unistd::getpid();
     let oom = OomScoreAdj::for_worker();
+    if let Some(identity) = &identity {
+        identity.set_env(cmd);
+    }
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe calls (open, write, close, setrlimit,
-    // prctl, getppid); it allocates nothing.
+    // setgroups, setresgid, setresuid, prctl, getppid); it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
+            // Written while still root: the kernel then keeps the job
+            // from lowering it again.
             if let Some(oom) = &oom {
                 oom.write_own();
             }
@@ -60,6 +72,10 @@ pub(crate) fn prepare(cmd: &mut Command, nofile: Option<(u64, u64)>) {
                 // reason to fail the spawn.
                 let _ = openfiles::restore_in_child(soft, hard);
             }
+            if let Some(identity) = &identity {
+                identity.take()?;
+            }
+            // After the uid change, which clears the death signal.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
                 .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
             // The server may have died between fork and prctl.

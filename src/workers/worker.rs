@@ -23,7 +23,9 @@
 //! child it left holds its pipes open. Workers get a higher
 //! `oom_score_adj` than the server: under memory pressure the kernel takes
 //! a worker, not the server. And they get back the open-file soft limit
-//! the server started with, which the server raised for itself. Deciding
+//! the server started with, which the server raised for itself. A user's
+//! worker runs as the user's uid when the users file gives one
+//! ([`crate::workers::identity`]). Deciding
 //! what to do when a worker fails is [`crate::workers::pool`]'s business.
 
 use std::ffi::OsString;
@@ -44,12 +46,14 @@ use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::unix::pipe;
 use tokio::process::Command;
 
+use crate::config::users::Credentials;
 use crate::config::Config;
 use crate::jobs::cache::{Package, WorkerCache};
 use crate::memory::mapped::{self, MAPPED_MIN};
 use crate::protocol::wire::{write_frame, write_frames, write_heads, FrameError, FrameReader};
 use crate::workers::bootstrap::{self, STARTUP_TIMEOUT};
 use crate::workers::forkserver::{ForkServer, ForkedWorker};
+use crate::workers::identity::Identity;
 use crate::workers::install::Interpreter;
 use crate::workers::process::{self, Process};
 use crate::workers::reaper;
@@ -186,19 +190,22 @@ pub(crate) struct Worker {
 
 impl Worker {
     /// Starts a worker, forked by `forkserver` if there is one (spawned
-    /// if it fails), and completes its handshake.
+    /// if it fails), and completes its handshake. With `credentials`, the
+    /// worker runs as that uid ([`crate::workers::identity`]).
     pub(crate) async fn start(
         spec: &WorkerSpec,
         forkserver: Option<&ForkServer>,
+        credentials: Option<&Credentials>,
     ) -> io::Result<Worker> {
         let Some(forkserver) = forkserver else {
-            return Worker::spawn(spec).await;
+            return Worker::spawn(spec, credentials).await;
         };
-        let forked = match forkserver.fork().await {
+        let identity = credentials.map(Identity::of);
+        let forked = match forkserver.fork(identity.as_ref()).await {
             Ok(forked) => forked,
             Err(e) => {
                 forkserver.fall_back(&e);
-                return Worker::spawn(spec).await;
+                return Worker::spawn(spec, credentials).await;
             }
         };
         let ForkedWorker {
@@ -216,8 +223,12 @@ impl Worker {
         .await
     }
 
-    /// Starts a fresh interpreter as a worker and completes its handshake.
-    pub(crate) async fn spawn(spec: &WorkerSpec) -> io::Result<Worker> {
+    /// Starts a fresh interpreter as a worker, as `credentials`' uid if
+    /// given, and completes its handshake.
+    pub(crate) async fn spawn(
+        spec: &WorkerSpec,
+        credentials: Option<&Credentials>,
+    ) -> io::Result<Worker> {
         let mut cmd = Command::new(&spec.python);
         cmd.arg("-u")
             .arg("-c")
@@ -230,7 +241,7 @@ impl Worker {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        process::prepare(&mut cmd, spec.nofile);
+        process::prepare(&mut cmd, spec.nofile, credentials.map(Identity::of));
         let (mut child, registered) = reaper::spawn(&mut cmd)?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -695,6 +706,34 @@ while True:
     send(b"answer")
 "#;
 
+    /// A stand-in for ppft's worker that answers every job with who it
+    /// is: its real, effective and saved uids and gids, its groups, its
+    /// death signal, HOME and USER.
+    const SAYS_WHO_IT_IS: &str = r#"
+import ctypes, os, struct, sys
+def send(b):
+    os.write(1, struct.pack("!Q", len(b)) + b)
+def read_exactly(n):
+    got = b""
+    while len(got) < n:
+        more = os.read(0, n - len(got))
+        if not more:
+            sys.exit(0)
+        got += more
+    return got
+def recv():
+    return read_exactly(struct.unpack("!Q", read_exactly(8))[0])
+send(str(os.getpid()).encode())
+recv()
+while True:
+    recv()
+    recv()
+    signal = ctypes.c_int()
+    ctypes.CDLL(None).prctl(2, ctypes.byref(signal))  # PR_GET_PDEATHSIG
+    send(repr((os.getresuid(), os.getresgid(), os.getgroups(), signal.value,
+               os.environ.get("HOME"), os.environ.get("USER"))).encode())
+"#;
+
     /// A directory of its own under the system's temporary directory,
     /// removed when dropped (a failed test too).
     struct ScratchDir(PathBuf);
@@ -760,6 +799,41 @@ while True:
     }
 
     #[tokio::test]
+    async fn a_spawned_worker_runs_as_its_users_uid_and_still_dies_with_the_server() {
+        // Another uid can run only an interpreter outside root's home.
+        let python = Path::new("/usr/bin/python3");
+        if !nix::unistd::geteuid().is_root() || !python.exists() || !python_runs() {
+            eprintln!("not root, or no /usr/bin/python3: test skipped");
+            return;
+        }
+        let scratch = ScratchDir::new("says-who");
+        let dir = &scratch.0;
+        std::fs::write(dir.join("says_who.py"), SAYS_WHO_IT_IS).unwrap();
+        let mut spec = spec_for("says_who", dir);
+        spec.python = python.into();
+        let credentials = Credentials {
+            uid: 64021,
+            gid: 64022,
+            groups: Vec::new(),
+            account: None,
+        };
+        let mut w = Worker::spawn(&spec, Some(&credentials)).await.unwrap();
+        let cache = crate::jobs::cache::PackageCache::new(1 << 20);
+        let package = cache.receive(Bytes::from_static(b"Npackage")).unwrap();
+        let outcome = w.run(&mut WorkerCache::default(), &package, b"args").await;
+        let Outcome::Answered(answer) = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(
+            String::from_utf8_lossy(&answer),
+            "((64021, 64021, 64021), (64022, 64022, 64022), [], 9, '/', None)",
+            "uids and gids all three, no groups, the death signal set after the drop, \
+             and no HOME or USER of root's"
+        );
+        w.stop(false).await;
+    }
+
+    #[tokio::test]
     async fn a_job_read_whole_uncounts_its_splice() {
         if !python_runs() {
             return;
@@ -767,7 +841,9 @@ while True:
         let scratch = ScratchDir::new("reads-whole");
         let dir = &scratch.0;
         std::fs::write(dir.join("reads_whole.py"), READS_AND_ANSWERS).unwrap();
-        let mut w = Worker::spawn(&spec_for("reads_whole", dir)).await.unwrap();
+        let mut w = Worker::spawn(&spec_for("reads_whole", dir), None)
+            .await
+            .unwrap();
         let args = mapped_frame(3 * MAPPED_MIN);
         let cache = crate::jobs::cache::PackageCache::new(1 << 20);
         let package = cache.receive(Bytes::from_static(b"Npackage")).unwrap();
@@ -795,7 +871,9 @@ while True:
         let source =
             CLOSES_STDIN_THEN_ANSWERS.replace("GO", &format!("{:?}", go.to_str().unwrap()));
         std::fs::write(dir.join("closes_stdin.py"), source).unwrap();
-        let mut w = Worker::spawn(&spec_for("closes_stdin", dir)).await.unwrap();
+        let mut w = Worker::spawn(&spec_for("closes_stdin", dir), None)
+            .await
+            .unwrap();
         let pid = w.pid;
         // The arguments' pages are in another pipe too, not read yet.
         let args = mapped_frame(2 * MAPPED_MIN);
