@@ -62,6 +62,9 @@ def test_two_users_run_jobs_at_once_and_a_third_secret_is_refused(launch, tmp_pa
     assert sp.handshake_reply(server, "epo20pdosl;dksldkmm") == b"FAILED"
 
     server.logged("2 users from %s" % path)
+    # Logged before the startup line if at all: with --users and no -s,
+    # pp's public secret is refused, so there is nothing to warn about.
+    assert "public default secret" not in server.log(), server.log_tail()
     server.logged("alice@127.0.0.1:")
     server.logged("bob@127.0.0.1:")
     _, page = pphelpers.metrics_get(port, "/metrics")

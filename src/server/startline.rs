@@ -39,8 +39,11 @@ pub(crate) struct StartupFacts<'a> {
 /// prints nothing at startup there.
 pub(crate) fn log(facts: &StartupFacts<'_>) -> bool {
     let cfg = facts.cfg;
-    let owed = cfg.secret_is_default && !log::log_enabled!(log::Level::Info);
-    if cfg.secret_is_default && !owed {
+    // With a users file and no -s, pp's public secret is nobody's: no
+    // warning is owed.
+    let public = cfg.secret_is_default && cfg.users.is_none();
+    let owed = public && !log::log_enabled!(log::Level::Info);
+    if public && !owed {
         warn_default_secret();
     }
     install::warn_about_foreign_ppserver();
