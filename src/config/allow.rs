@@ -117,6 +117,11 @@ impl AllowList {
     pub fn is_everyone(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The networks, as given.
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.0.iter()
+    }
 }
 
 impl std::fmt::Display for AllowList {

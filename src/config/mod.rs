@@ -15,7 +15,9 @@
 //! - [`docs`]: the man pages and the sample config file, generated;
 //! - [`allow`]: the `--allow` networks and what counts as one address;
 //! - [`budgets`]: the connection budgets fitted into the open-file limit
-//!   at startup.
+//!   at startup;
+//! - [`summary`]: what a config says without its secret, and what changed
+//!   between two, for a reload's log.
 
 pub mod allow;
 pub mod budgets;
@@ -26,6 +28,7 @@ pub mod help;
 pub(crate) mod inifile;
 pub mod options;
 pub(crate) mod settings;
+pub mod summary;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
