@@ -512,8 +512,8 @@ impl Metrics {
         if let Some((pid, connections)) = levels.previous {
             let _ = writeln!(
                 out,
-                "previous process (reload): pid {pid} draining {connections} connections, \
-                 its workers still running"
+                "previous process (reload): pid {pid} draining, connections left: \
+                 {connections}; its workers still running"
             );
         }
         let _ = writeln!(
