@@ -14,6 +14,7 @@ every wait is a generous bound for something to happen.
 """
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -374,6 +375,34 @@ def test_systemd_is_told_ready_and_then_the_new_main_pid(reloadable, tmp_path):
     finally:
         notify.close()
     assert server.proc.wait(timeout=RELOAD_TIMEOUT) == 0, server.log_tail()
+    os.kill(second, signal.SIGTERM)
+    wait_gone([second], server, "the new process")
+
+
+# Run as `python -c SETLIMIT SOFT HARD PROGRAM ARGS...`: sets the open-file
+# limits, then becomes the program (same pid), as `prlimit --nofile=S:H`.
+SETLIMIT = ("import os, resource, sys; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+            "os.execv(sys.argv[3], sys.argv[3:])")
+NOFILE_SOURCE = ("def nofile():\n    import resource\n"
+                 "    return tuple(resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+
+
+@better_than_ppft
+def test_a_new_process_gives_its_workers_the_open_file_limit_the_first_started_with(
+        reloadable, tmp_path):
+    """Started under a soft open-file limit of 256, the server raises its
+    own to the hard limit and gives jobs 256 back; after a reload the new
+    process does the same: its jobs see 256, not the raised limit the old
+    process had when it started it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = 20000 if hard == resource.RLIM_INFINITY else min(20000, hard)
+    pid_file = tmp_path / "ppserver.pid"
+    server = reloadable("-P", pid_file, wrap=(sys.executable, "-c", SETLIMIT, "256", str(hard)))
+    assert sp.raw_job(server, "nofile", NOFILE_SOURCE, ())[0] == (256, hard)
+    second, _ = reload(server, pid_file, server.proc.pid)
+    assert server.proc.wait(timeout=RELOAD_TIMEOUT) == 0, server.log_tail()
+    assert sp.raw_job(server, "nofile", NOFILE_SOURCE, ())[0] == (256, hard)
     os.kill(second, signal.SIGTERM)
     wait_gone([second], server, "the new process")
 

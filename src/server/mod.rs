@@ -117,6 +117,9 @@ pub struct Server {
     predecessor: Option<Predecessor>,
     /// This config's summary, which a reload passes on.
     summary: Vec<Entry>,
+    /// The open-file limits the process started with, if it raised them:
+    /// a reload's new process starts with them.
+    nofile_at_start: Option<(u64, u64)>,
 }
 
 /// Starts the server, one step after the other, each in the module of
@@ -226,6 +229,7 @@ pub async fn start(cfg: &Config, inherited: Inherited) -> Result<Server, StartEr
         invocation,
         predecessor,
         summary: cfg.summary(),
+        nofile_at_start: files.for_workers(),
     })
 }
 
@@ -443,9 +447,15 @@ impl Server {
             .memory_limit
             .as_ref()
             .and_then(|m| m.start_cgroup_procs());
-        reload::start_successor(&self.invocation, &sockets, &self.summary, procs.as_deref())
-            .map_err(|e| log::error!("SIGUSR2: cannot reload: {e}; this process serves on"))
-            .ok()
+        reload::start_successor(
+            &self.invocation,
+            &sockets,
+            &self.summary,
+            procs.as_deref(),
+            self.nofile_at_start,
+        )
+        .map_err(|e| log::error!("SIGUSR2: cannot reload: {e}; this process serves on"))
+        .ok()
     }
 
     /// A reload's new process writes its pid file when it takes over; if

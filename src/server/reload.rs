@@ -25,7 +25,9 @@
 //!   one's last sweep. Where the old server moved itself into a cgroup v2
 //!   leaf for `--worker-memory-limit`, the child is moved back to the
 //!   cgroup the old one started in before its exec, since the leaf goes
-//!   (killing what is in it) when the old one stops.
+//!   (killing what is in it) when the old one stops; and it gets back the
+//!   open-file limit the old one started with before raising it
+//!   ([`crate::ops::openfiles`]), which its own workers then get.
 //! - Until the child says it is ready, the old process serves as before.
 //!   If the child exits first (a bad config, a missing binary, workers
 //!   that cannot start: its stderr is the old one's, so its error is in
@@ -66,6 +68,7 @@ use tokio::time::Instant;
 
 use crate::config::summary::{self, Entry};
 use crate::front::listener::{Passed, RELOAD_CHANNEL_NAME};
+use crate::ops::openfiles;
 use crate::workers::reaper::{self, Registration};
 
 /// How long the new process has to get a worker up and say so. The start
@@ -189,12 +192,16 @@ pub(crate) struct Pending {
 /// Starts the new process: the binary at its path now, with the same
 /// arguments, handed `sockets` (with their names) and the channel.
 /// `summary` is this process's config summary; `cgroup_procs`, a
-/// cgroup's `cgroup.procs` to move the child into before its exec.
+/// cgroup's `cgroup.procs` to move the child into before its exec;
+/// `nofile`, the open-file limits this process started with, if it raised
+/// them: the child starts with them too, so that its workers get the
+/// same limits as this one's.
 pub(crate) fn start_successor(
     invocation: &Invocation,
     sockets: &[(BorrowedFd<'_>, &str)],
     summary: &[Entry],
     cgroup_procs: Option<&Path>,
+    nofile: Option<(u64, u64)>,
 ) -> Result<Pending, String> {
     let exe = invocation.exe.as_ref().map_err(Clone::clone)?;
     let (ours, theirs) =
@@ -230,14 +237,17 @@ pub(crate) fn start_successor(
         .env("LISTEN_FDNAMES", names.join(":"))
         .env(CONFIG_ENV, encoded);
     // SAFETY: between fork and exec the closure only makes system calls
-    // that are async-signal-safe (dup2, open, write, close) on data made
-    // before the fork.
+    // that are async-signal-safe (dup2, setrlimit, open, write, close) on
+    // data made before the fork.
     unsafe {
         cmd.pre_exec(move || {
             for (i, &fd) in raw.iter().enumerate() {
                 if nix::libc::dup2(fd, 3 + i as RawFd) < 0 {
                     return Err(io::Error::last_os_error());
                 }
+            }
+            if let Some((soft, hard)) = nofile {
+                openfiles::restore_in_child(soft, hard)?;
             }
             if let Some(procs) = &cgroup {
                 // "0": the writing process. Best effort: a child left in
