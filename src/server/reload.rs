@@ -142,11 +142,12 @@ pub(crate) struct Invocation {
 }
 
 impl Invocation {
-    /// The command line, and the binary's absolute path: `argv[0]` made
-    /// absolute when it holds a slash and names the file that runs (a
-    /// symlink repointed to a new version is then followed), else
-    /// `/proc/self/exe`'s target. Read at startup, before the working
-    /// directory could change or the binary be replaced.
+    /// The command line, and the binary's absolute path: the path it was
+    /// started by (`argv[0]`, found on `PATH` if it holds no slash, made
+    /// absolute), if that names the file that runs, so that a symlink there
+    /// repointed to a new version is followed; else `/proc/self/exe`'s
+    /// target. Read at startup, before the working directory could change
+    /// or the binary be replaced.
     fn record() -> Invocation {
         let mut all = std::env::args_os();
         let argv0 = all.next().unwrap_or_default();
@@ -163,14 +164,25 @@ impl Invocation {
 fn executable(argv0: &std::ffi::OsStr) -> Result<PathBuf, String> {
     use std::os::unix::fs::MetadataExt;
     let running = std::fs::metadata("/proc/self/exe").ok();
-    if argv0.as_bytes().contains(&b'/') {
-        if let (Ok(dir), Some(running)) = (std::env::current_dir(), &running) {
-            let path = dir.join(argv0);
-            if std::fs::metadata(&path)
-                .is_ok_and(|m| m.dev() == running.dev() && m.ino() == running.ino())
-            {
-                return Ok(path);
-            }
+    let cwd = std::env::current_dir().ok();
+    if let (Some(running), Some(cwd)) = (&running, &cwd) {
+        let candidates: Vec<PathBuf> = if argv0.as_bytes().contains(&b'/') {
+            vec![cwd.join(argv0)]
+        } else {
+            std::env::var_os("PATH")
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| cwd.join(d).join(argv0))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let same = |m: &std::fs::Metadata| m.dev() == running.dev() && m.ino() == running.ino();
+        if let Some(path) = candidates
+            .into_iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| same(&m)))
+        {
+            return Ok(path);
         }
     }
     std::env::current_exe().map_err(|e| format!("cannot find this binary's path: {e}"))
@@ -490,5 +502,31 @@ impl Previous {
         self.running
             .load(Ordering::Relaxed)
             .then(|| (self.pid, self.connections.load(Ordering::Relaxed)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_started_by_is_kept_when_it_names_the_running_file() {
+        let exe = std::env::current_exe().unwrap();
+        let dir = std::env::temp_dir().join(format!("ppserver-reload-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("ppserver-link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        // A symlink to the running file: kept, to be followed anew.
+        assert_eq!(executable(link.as_os_str()).unwrap(), link);
+        // A path that names another file: the running file instead.
+        let other = dir.join("other");
+        std::fs::write(&other, b"").unwrap();
+        assert_eq!(executable(other.as_os_str()).unwrap(), exe);
+        assert_eq!(
+            executable(std::ffi::OsStr::new("no-such-name")).unwrap(),
+            exe
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
