@@ -220,20 +220,20 @@ impl Passed {
     /// The first listening TCP socket under a name not of ours: one that
     /// socket activation passed (systemd names it after its socket unit,
     /// `systemd-socket-activate` by `--fdname`), or that a reload passed
-    /// on as such. Other sockets under such names are closed, with a
-    /// warning.
+    /// on as such. Other descriptors under such names are closed, with a
+    /// warning; when there are some but none is a listening TCP socket,
+    /// the start fails, since the service manager holds the port.
     fn take_activated(
         &mut self,
     ) -> Result<Option<(std::net::TcpListener, SocketAddr)>, ListenError> {
         let ours = [BOUND_NAME, METRICS_NAME, RELOAD_CHANNEL_NAME];
+        let (theirs, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fds)
+            .into_iter()
+            .partition(|(_, name)| !ours.contains(&name.as_str()));
+        self.fds = kept;
         let mut found = None;
-        let mut i = 0;
-        while i < self.fds.len() {
-            if ours.contains(&self.fds[i].1.as_str()) {
-                i += 1;
-                continue;
-            }
-            let (fd, name) = self.fds.remove(i);
+        let mut unusable = Vec::new();
+        for (fd, name) in theirs {
             let raw = fd.as_raw_fd();
             match listening_tcp(fd) {
                 Ok(l) if found.is_none() => found = Some(l),
@@ -241,16 +241,22 @@ impl Passed {
                     "descriptor {raw} ({name}), another listening socket on {local}, is not \
                      used: the server listens on one socket"
                 ),
-                Err(e) if found.is_none() && name != ACTIVATED_NAME => {
-                    return Err(ListenError::Passed(std::io::Error::new(
-                        e.kind(),
-                        format!("descriptor {raw} ({name}): {e}"),
-                    )))
-                }
-                Err(e) => log::warn!("descriptor {raw} ({name}) is not used: {e}"),
+                Err(e) => unusable.push(format!("descriptor {raw} ({name}): {e}")),
             }
         }
-        Ok(found)
+        match (&found, unusable.is_empty()) {
+            (None, false) => Err(ListenError::Passed(std::io::Error::other(format!(
+                "no listening TCP socket among them: {}",
+                unusable.join("; ")
+            )))),
+            (Some(_), false) => {
+                for why in unusable {
+                    log::warn!("{why}: not used");
+                }
+                Ok(found)
+            }
+            (_, true) => Ok(found),
+        }
     }
 }
 
@@ -394,5 +400,71 @@ impl Listening {
         } else {
             BOUND_NAME
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passed(fds: Vec<(OwnedFd, &str)>) -> Passed {
+        Passed {
+            fds: fds.into_iter().map(|(f, n)| (f, n.to_string())).collect(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn listener() -> (OwnedFd, SocketAddr) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = l.local_addr().unwrap();
+        (l.into(), local)
+    }
+
+    fn udp() -> OwnedFd {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap().into()
+    }
+
+    #[test]
+    fn activation_takes_the_first_listening_tcp_socket_under_a_name_not_ours() {
+        let (ours, _) = listener();
+        let (theirs, local) = listener();
+        let mut p = passed(vec![
+            (ours, BOUND_NAME),
+            (udp(), "ppserver.socket"),
+            (theirs, "ppserver.socket"),
+        ]);
+        let (_, found) = p.take_activated().unwrap().unwrap();
+        assert_eq!(found, local);
+        assert_eq!(p.fds.len(), 1, "ours is left for its own step");
+        assert!(p.take(BOUND_NAME).is_some());
+    }
+
+    #[test]
+    fn activation_with_no_listening_tcp_socket_fails_the_start() {
+        let mut p = passed(vec![(udp(), "unknown")]);
+        assert!(matches!(p.take_activated(), Err(ListenError::Passed(_))));
+        let mut none = passed(Vec::new());
+        assert!(none.take_activated().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_passed_socket_is_used_only_where_it_listens() {
+        let (fd, local) = listener();
+        let elsewhere = SocketAddr::new(local.ip(), local.port().wrapping_add(1).max(1));
+        let mut p = passed(vec![(fd, METRICS_NAME)]);
+        assert!(p.take_listening(METRICS_NAME, elsewhere).is_none());
+        assert!(p.take(METRICS_NAME).is_none(), "closed, not kept");
+        let (fd, local) = listener();
+        assert!(passed(vec![(fd, BOUND_NAME)])
+            .take_listening(BOUND_NAME, local)
+            .is_some());
+        // -p 0 asks for any port.
+        let (fd, local) = listener();
+        let any_port = SocketAddr::new(local.ip(), 0);
+        assert!(passed(vec![(fd, BOUND_NAME)])
+            .take_listening(BOUND_NAME, any_port)
+            .is_some());
+        let mut p = passed(vec![(udp(), METRICS_NAME)]);
+        assert!(p.take_listening(METRICS_NAME, local).is_none());
     }
 }

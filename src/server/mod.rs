@@ -287,7 +287,9 @@ impl Server {
                 () = stops.next() => break,
                 // Finished sessions are collected as they end.
                 Some(_) = self.sessions.join_next() => continue,
-                _ = &mut idle_exit => break,
+                // Not before a reload's new process takes over: it has had
+                // no chance of a client yet.
+                _ = &mut idle_exit, if predecessor.is_none() => break,
                 Some(()) = async { usr1.as_mut()?.recv().await } => {
                     print_stats(&self.ctx, self.workers_count);
                     continue;
