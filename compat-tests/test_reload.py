@@ -296,6 +296,31 @@ def test_a_failed_reload_leaves_the_server_serving(reloadable, tmp_path):
 
 
 @better_than_ppft
+def test_a_reload_without_a_binary_leaves_the_server_serving(reloadable, tmp_path):
+    """The binary's file removed, then SIGUSR2: the reload fails at once,
+    logged with the path, and the server serves on; a binary put back at
+    the path is then reloaded into."""
+    binary = tmp_path / "bin" / "ppserver"
+    binary.parent.mkdir()
+    shutil.copy2(pphelpers.rust_binary(), binary)
+    pid_file = tmp_path / "ppserver.pid"
+    server = reloadable("-P", pid_file, binary=binary)
+    first = server.proc.pid
+    binary.unlink()
+    os.kill(first, signal.SIGUSR2)
+    line = server.logged("SIGUSR2: cannot reload")
+    assert str(binary) in line, line
+    assert sp.raw_job(server, "add", sp.ADD_SOURCE, (40, 2))[0] == 42
+    assert pid_in(pid_file) == first
+    shutil.copy2(pphelpers.rust_binary(), binary)
+    second, _ = reload(server, pid_file, first)
+    assert server.proc.wait(timeout=RELOAD_TIMEOUT) == 0, server.log_tail()
+    assert sp.raw_job(server, "add", sp.ADD_SOURCE, (1, 2))[0] == 3
+    os.kill(second, signal.SIGTERM)
+    wait_gone([second], server, "the new process")
+
+
+@better_than_ppft
 def test_a_second_sigusr2_during_a_reload_is_ignored(reloadable, tmp_path):
     """The new process's start is held at a gate (its worker interpreter
     waits for a file): a second SIGUSR2 then is logged and ignored, the old

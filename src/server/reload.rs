@@ -94,7 +94,7 @@ const MAX_SUMMARY: usize = 64 * 1024;
 /// a reload started it, the process before it.
 pub struct Inherited {
     /// Sockets passed in (socket activation, or the previous process's).
-    pub passed: Passed,
+    pub(crate) passed: Passed,
     /// How to start this binary again.
     pub(crate) invocation: Invocation,
     /// The process this one takes over from.
