@@ -17,6 +17,19 @@ def timed_nap(seconds):
     return os.getpid(), start, end
 
 
+def logged_nap(path, job_id, seconds):
+    """Append `job_id` to the file at `path` as the job starts (one short
+    line, appended atomically: a job run twice shows twice), sleep, and
+    return (job_id, seconds)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"%d\n" % job_id)
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return job_id, seconds
+
+
 def run_in_parallel(client, nworkers, seconds):
     """Submit nworkers timed_nap jobs at once; returns (results, problem),
     problem being None if they ran on nworkers distinct worker processes all

@@ -27,7 +27,8 @@
 # need root and `ip netns`: iproute2 is installed here if `ip` is missing;
 # so are haproxy, for the load balancer test, slurm-wlm and munge, for the
 # Slurm test (examples/slurm/ppserver.sbatch on a real Slurm), strace,
-# for the count of wait4 calls (compat-tests/test_processes.py), and pypy3
+# for the count of wait4 calls (compat-tests/test_processes.py), systemd,
+# for systemd-socket-activate (compat-tests/test_reload.py), and pypy3
 # with pypy3-venv, for the PyPy family (ppft 1.7.8 on PyPy, clients and
 # workers: the protocol and job modules in pypy_modules below), which runs
 # beside the others.
@@ -131,7 +132,8 @@ setup_machine() {
     # cluster and subnet tests), Debian's prometheus package (promtool
     # checks the /metrics page), haproxy (the load balancer test),
     # slurm-wlm and munge (the Slurm test), pypy3 and pypy3-venv (the PyPy
-    # family), strace (the count of wait4 calls in test_processes.py), as
+    # family), strace (the count of wait4 calls in test_processes.py),
+    # systemd (systemd-socket-activate, the socket activation test), as
     # root with apt-get; the tests say so and skip what needs a missing one.
     local packages=()
     if ! command -v ip >/dev/null 2>&1; then
@@ -148,6 +150,9 @@ setup_machine() {
     fi
     if ! command -v strace >/dev/null 2>&1; then
         packages+=(strace)
+    fi
+    if ! command -v systemd-socket-activate >/dev/null 2>&1; then
+        packages+=(systemd)
     fi
     if ! pypy_ready; then
         packages+=(pypy3 pypy3-venv)

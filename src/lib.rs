@@ -8,14 +8,15 @@
 //!   every option defined once ([`config::options`]) with the texts and
 //!   man pages made from it, and `--allow` ([`config::allow`]);
 //! - [`server`]: the wiring: the startup sequence (each step in the
-//!   module of its concern), the accept loop, shutdown;
+//!   module of its concern), the accept loop, shutdown, and reload and
+//!   upgrade on SIGUSR2 ([`server::reload`]);
 //! - [`front`]: the front door: the budgets a connection is admitted under
 //!   ([`front::connections`]), the PROXY header a listed proxy's
 //!   connection begins with ([`front::proxy`]), one client connection from
 //!   handshake to close ([`front::session`]) with the login throttle
 //!   ([`front::login`]) and the EXEC loop ([`front::exec`]), UDP
-//!   autodiscovery ([`front::discovery`]), and the listening socket
-//!   ([`front::listener`]);
+//!   autodiscovery ([`front::discovery`]), and the listening socket, bound
+//!   or passed in by socket activation or a reload ([`front::listener`]);
 //! - [`protocol`]: the 8-byte-length frame on sockets and worker pipes
 //!   ([`protocol::wire`]), the secret handshake ([`protocol::auth`]), the
 //!   failure pickle we write ([`protocol::pickle`]);
@@ -36,7 +37,8 @@
 //!   behind ([`workers::reaper`]);
 //! - [`ops`]: metrics and the status page (its port capped), job stats,
 //!   stop requests and the drain, the pid and ready files, the open-file
-//!   limit ([`ops::openfiles`]);
+//!   limit ([`ops::openfiles`]), readiness told to systemd
+//!   ([`ops::notify`]);
 //! - [`logging`]: stderr and stdout written by threads, the `-f` format,
 //!   rate-limited warnings about peers, panic messages.
 

@@ -1,5 +1,6 @@
 //! The `ppserver` binary: flags -> config, logging, then the server on a
-//! single-threaded runtime until SIGINT, SIGTERM or SIGHUP.
+//! single-threaded runtime until SIGINT, SIGTERM or SIGHUP, or until a
+//! reload (SIGUSR2) has handed over to a new process.
 //!
 //! One thread is plenty for relaying frames, and it matters for workers:
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked a worker exits,
@@ -26,6 +27,9 @@ const EXIT_FLUSH: Duration = Duration::from_secs(2);
 /// `pub(crate)`: `src/bin/ppserver-rs.rs` runs this same `main` under the
 /// wheel's second name.
 pub(crate) fn main() -> ExitCode {
+    // First: the descriptors and variables passed in, before any thread
+    // or child exists.
+    let inherited = ppserver::server::reload::Inherited::take();
     fixed_mmap_threshold();
     let cfg = match config::flags::parse_args(std::env::args_os().skip(1)) {
         Ok(Command::Run(cfg)) => cfg,
@@ -53,6 +57,7 @@ pub(crate) fn main() -> ExitCode {
     for note in &cfg.notes {
         log::warn!("{note}");
     }
+    inherited.log_notes();
     // Before any child exists, so every orphaned descendant comes here.
     if let Err(e) = reaper::become_subreaper() {
         log::warn!("cannot become a child subreaper ({e}): processes that jobs detach may outlive the server");
@@ -71,17 +76,16 @@ pub(crate) fn main() -> ExitCode {
     let code = runtime.block_on(async {
         // Before the (slow) startup, so an early SIGTERM still stops cleanly.
         let stops = StopRequests::from_signals();
-        let mut server = match ppserver::server::start(&cfg).await {
+        let server = match ppserver::server::start(&cfg, inherited).await {
             Ok(s) => s,
             Err(e) => {
                 log::error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
-        // Held until what jobs left running is gone too.
-        let _pid_file = server.take_pid_file();
         let reaping = tokio::spawn(reaper::reap_orphans_forever());
-        server.run(stops).await;
+        // Held until what jobs left running is gone too.
+        let _pid_file = server.run(stops).await;
         reaping.abort();
         // The workers are stopped: what their jobs left running goes now.
         reaper::sweep().await;

@@ -119,6 +119,11 @@ impl Networks {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The networks, as given.
+    pub fn iter(&self) -> impl Iterator<Item = &Network> {
+        self.0.iter()
+    }
 }
 
 impl std::fmt::Display for Networks {
@@ -160,6 +165,11 @@ impl AllowList {
     /// Whether everyone may connect (no `--allow` given).
     pub fn is_everyone(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The networks, as given.
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.0.iter()
     }
 }
 

@@ -121,7 +121,7 @@ pub fn man_page() -> String {
         &mut out,
         "\\fIpid_file\\fR, \\fIready_file\\fR",
         "Written while the server runs when -P and --ready-file name them, and removed \
-         when it stops.",
+         when it stops; after a reload (SIGUSR2) the new process's.",
     );
     section(&mut out, "EXIT STATUS");
     for (name, text) in EXIT_STATUS {

@@ -122,9 +122,10 @@ pub fn usage() -> String {
     let names: Vec<&str> = ENVIRONMENT.iter().map(|(n, _)| *n).collect();
     out.push_str(&wrap(
         &format!(
-            "Environment: {}. SIGUSR1 prints the job statistics; SIGTERM, SIGINT and \
-             SIGHUP stop the server after a drain. ppserver --help and man ppserver \
-             describe every option, variable and exit status.",
+            "Environment: {}. SIGUSR1 prints the job statistics; SIGUSR2 reloads (a new \
+             process takes over the port); SIGTERM, SIGINT and SIGHUP stop the server \
+             after a drain. ppserver --help and man ppserver describe every option, \
+             variable and exit status.",
             names.join(", ")
         ),
         "\n",

@@ -17,7 +17,9 @@
 //! - [`budgets`]: the connection budgets fitted into the open-file limit
 //!   at startup;
 //! - [`users`]: the users file (`--users`): a secret, limits and a uid for
-//!   each user.
+//!   each user;
+//! - [`summary`]: what a config says without its secret, and what changed
+//!   between two, for a reload's log.
 
 pub mod allow;
 pub mod budgets;
@@ -28,6 +30,7 @@ pub mod help;
 pub(crate) mod inifile;
 pub mod options;
 pub(crate) mod settings;
+pub mod summary;
 pub mod users;
 
 use std::net::Ipv4Addr;

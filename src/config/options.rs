@@ -400,8 +400,8 @@ pub static OPTIONS: &[Opt] = &[
         key: general("drain_timeout"),
         default: DefaultIs::Value("20"),
         bounds: "whole seconds, 0 or more",
-        brief: "on SIGTERM/SIGINT/SIGHUP, answer the jobs already received for at most \
-                SECONDS",
+        brief: "on SIGTERM/SIGINT/SIGHUP, or once a reload's new process took over, answer \
+                the jobs already received for at most SECONDS",
         more: "The server stops accepting at once, runs and answers every job already \
                received, closes each connection once it has no job pending, and after \
                SECONDS closes what is left (pp clients send those jobs again \
@@ -645,6 +645,18 @@ pub static ENVIRONMENT: &[(&str, &str)] = &[
         "PYTHONPATH",
         "Passed on to the workers, with the server's working directory added.",
     ),
+    (
+        "LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES",
+        "Socket activation, as systemd sets them: when LISTEN_PID is the server's pid, \
+         the first listening TCP socket passed (from descriptor 3) is used instead of \
+         binding -i and -p. A reload (SIGUSR2) passes its sockets to the new process the \
+         same way. Removed before workers start.",
+    ),
+    (
+        "NOTIFY_SOCKET",
+        "Under systemd: READY=1 is sent once the server listens with a worker up, and at \
+         a reload MAINPID= the new process's pid.",
+    ),
 ];
 
 /// The exit statuses.
@@ -678,6 +690,14 @@ pub static SIGNALS: &[(&str, &str)] = &[
     (
         "SIGUSR1",
         "Print the job statistics table (as ppft's print_stats()) to stdout.",
+    ),
+    (
+        "SIGUSR2",
+        "Reload and upgrade: start the binary at the server's path again with the same \
+         arguments, handing it the listening socket; the new process reads the config and \
+         secret afresh and takes over once a worker is up, and this one then drains as on \
+         SIGTERM and exits. If the new process fails, this one logs why and serves on. A \
+         second SIGUSR2 during a reload is ignored.",
     ),
 ];
 

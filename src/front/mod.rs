@@ -6,7 +6,8 @@
 //! by [`login`]; [`exec`] is its EXEC loop, which hands jobs to the
 //! scheduler and answers them; [`discovery`] answers autodiscovery (`-a`)
 //! over UDP; [`listener`] is the listening socket, bound early and made
-//! to listen last.
+//! to listen last, or passed in already listening (socket activation, a
+//! reload).
 
 pub(crate) mod connections;
 pub(crate) mod discovery;

@@ -177,6 +177,9 @@ pub(crate) struct Levels {
     /// Bytes held against `--memory-limit`, and the limit.
     pub(crate) memory_held: usize,
     pub(crate) memory_limit: usize,
+    /// The process this one took over from at a reload, while it drains:
+    /// its pid and its open connections.
+    pub(crate) previous: Option<(u32, usize)>,
 }
 
 /// Reads the current [`Levels`]; called once per page.
@@ -575,6 +578,13 @@ impl Metrics {
             levels.workers
         );
         let _ = writeln!(out, "jobs queued: {}", levels.queued);
+        if let Some((pid, connections)) = levels.previous {
+            let _ = writeln!(
+                out,
+                "previous process (reload): pid {pid} draining, connections left: \
+                 {connections}; its workers still running"
+            );
+        }
         let _ = writeln!(
             out,
             "jobs: {} received, {} answered by workers",

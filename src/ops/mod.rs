@@ -2,10 +2,12 @@
 //! page, `--metrics`) with [`scrapes`] (the cap on the metrics port's
 //! connections), [`stats`] (job counts and times, for STAT and SIGUSR1),
 //! [`shutdown`] (stop requests and the drain they start), [`runfiles`]
-//! (the pid file and the ready file launchers wait on) and [`openfiles`]
-//! (the open-file limit raised, and budgets that fit in it).
+//! (the pid file and the ready file launchers wait on), [`openfiles`]
+//! (the open-file limit raised, and budgets that fit in it) and [`notify`]
+//! (readiness and the main pid told to systemd).
 
 pub(crate) mod metrics;
+pub mod notify;
 pub mod openfiles;
 pub mod runfiles;
 pub(crate) mod scrapes;

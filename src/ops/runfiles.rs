@@ -13,6 +13,8 @@ pub struct RunFile {
     path: PathBuf,
     /// For the warning when it cannot be removed (`-P`, `--ready-file`).
     flag: &'static str,
+    /// Left in place when dropped ([`RunFile::disown`]).
+    disowned: bool,
 }
 
 impl RunFile {
@@ -22,6 +24,7 @@ impl RunFile {
         Ok(RunFile {
             path: path.to_path_buf(),
             flag: "-P",
+            disowned: false,
         })
     }
 
@@ -32,12 +35,24 @@ impl RunFile {
         Ok(RunFile {
             path: path.to_path_buf(),
             flag: "--ready-file",
+            disowned: false,
         })
+    }
+}
+
+impl RunFile {
+    /// Lets go of the file without removing it: a new generation of the
+    /// server, started by a reload, has written its own in its place.
+    pub fn disown(mut self) {
+        self.disowned = true;
     }
 }
 
 impl Drop for RunFile {
     fn drop(&mut self) {
+        if self.disowned {
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.path) {
             log::warn!("cannot remove {} ({}): {e}", self.path.display(), self.flag);
         }
@@ -152,6 +167,15 @@ mod tests {
         );
         drop(guards);
         assert!(!pid.exists() && !ready.exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_disowned_file_stays() {
+        let dir = temp_dir("disown");
+        let pid = dir.join("pid");
+        RunFile::pid(&pid).unwrap().disown();
+        assert!(pid.exists());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

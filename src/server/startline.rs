@@ -30,6 +30,8 @@ pub(crate) struct StartupFacts<'a> {
     pub(crate) memory_limit: Option<&'a MemoryLimit>,
     /// Who may log in.
     pub(crate) users: &'a Users,
+    /// The pid of the process a reload started this one from.
+    pub(crate) taking_over_from: Option<u32>,
 }
 
 /// Logs the startup line (and the default-secret warning, and a foreign
@@ -63,7 +65,7 @@ pub(crate) fn log(facts: &StartupFacts<'_>) -> bool {
     let version = cfg.pp_version.as_ref().unwrap_or(&interpreter.version);
     log::info!(
         "ppserver listening on {} with {} workers ({} -u -m {}), advertising pp version \
-         {version}{}, {}{}{}, memory limit {}{}{}{}",
+         {version}{}, {}{}{}, memory limit {}{}{}{}{}",
         facts.local,
         cfg.workers,
         interpreter.python.display(),
@@ -89,6 +91,14 @@ pub(crate) fn log(facts: &StartupFacts<'_>) -> bool {
             None => String::new(),
         },
         users_summary(cfg, facts.users),
+        match facts.taking_over_from {
+            // Both generations' workers hold memory for a while.
+            Some(pid) => format!(
+                "; a reload: taking over from pid {pid} once a worker is up, while its \
+                 workers run on until its connections drain"
+            ),
+            None => String::new(),
+        },
     );
     owed
 }

@@ -179,7 +179,9 @@ impl V2Groups {
         for dir in &self.slots {
             remove_group(dir);
         }
-        if self.enabled_memory {
+        // A reload's new server, whose cgroups are beside ours, still
+        // needs the controller.
+        if self.enabled_memory && !others_beside(&self.own) {
             let _ = std::fs::write(self.own.join("cgroup.subtree_control"), "-memory");
         }
         for &pid in self.moved.iter().rev() {
@@ -276,6 +278,32 @@ impl MemoryLimit {
             Method::Polling { .. } => {}
         }
     }
+}
+
+impl MemoryLimit {
+    /// `cgroup.procs` of the cgroup the server started in, when it moved
+    /// itself out of it into a leaf (cgroup v2). A reload's new server is
+    /// moved back there before its exec: the leaf goes when the old server
+    /// stops, killing what is still in it, and the new one makes its own.
+    pub(crate) fn start_cgroup_procs(&self) -> Option<PathBuf> {
+        match &self.method {
+            Method::V2(g) => Some(g.own.join("cgroup.procs")),
+            Method::V1 { .. } | Method::Polling { .. } => None,
+        }
+    }
+}
+
+/// Whether cgroups another server made are in `dir`.
+fn others_beside(dir: &Path) -> bool {
+    let me = std::process::id();
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(left_by)
+                .is_some_and(|pid| pid != me)
+        })
+    })
 }
 
 /// `ppserver-<pid>`: the start of every cgroup's name, unique to this

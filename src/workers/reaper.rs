@@ -26,6 +26,9 @@
 //! The subreaper setting is not inherited across `fork` (prctl(2)), so
 //! workers and their children are plain processes.
 //!
+//! A reload's new server is the old one's child until the old one exits;
+//! it is [`spare`]d: [`sweep`] leaves it and everything below it alone.
+//!
 //! [`group_members`] finds the processes of a worker's process group, whose
 //! memory `--worker-memory-limit` counts when it polls.
 
@@ -47,6 +50,9 @@ struct Registry {
     /// For each fork by the fork-server under way ([`Adopting`]), the
     /// earliest start time its worker can have, in clock ticks since boot.
     adopting: Vec<u64>,
+    /// Children that [`sweep`] leaves alone, with their descendants: a
+    /// reload's new server.
+    spared: BTreeSet<u32>,
 }
 
 impl Registry {
@@ -60,6 +66,7 @@ impl Registry {
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     own: BTreeSet::new(),
     adopting: Vec::new(),
+    spared: BTreeSet::new(),
 });
 
 /// Taken for writing by the tests that scan (they reap every unregistered
@@ -122,6 +129,12 @@ pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, Registration)> {
 pub(crate) fn register(pid: u32) -> Registration {
     registry().own.insert(pid);
     Registration(pid)
+}
+
+/// Leaves `pid` and its descendants out of [`sweep`]: a reload's new
+/// server, which must outlive this one.
+pub(crate) fn spare(pid: u32) {
+    registry().spared.insert(pid);
 }
 
 /// Held from before a worker is asked of the fork-server until it is
@@ -308,8 +321,9 @@ fn children_of(pid: u32) -> Vec<u32> {
     found
 }
 
-/// The descendants of `root` in `table`, parents before their children.
-fn descendants(table: &[Proc], root: i32) -> Vec<Proc> {
+/// The descendants of `root` in `table`, parents before their children,
+/// but the `spared` and theirs.
+fn descendants(table: &[Proc], root: i32, spared: &BTreeSet<u32>) -> Vec<Proc> {
     let mut children: HashMap<i32, Vec<Proc>> = HashMap::new();
     for p in table {
         children.entry(p.ppid).or_default().push(*p);
@@ -320,7 +334,11 @@ fn descendants(table: &[Proc], root: i32) -> Vec<Proc> {
         for child in children.get(&parent).into_iter().flatten() {
             // A pid 0 or a loop cannot occur in a consistent table; a torn
             // read of /proc must not make this spin.
-            if child.pid > 0 && child.pid != root && out.len() < table.len() {
+            if child.pid > 0
+                && child.pid != root
+                && out.len() < table.len()
+                && !spared.contains(&(child.pid as u32))
+            {
                 out.push(*child);
                 next.push(child.pid);
             }
@@ -470,7 +488,7 @@ pub async fn sweep() -> usize {
                 log::error!("cannot read /proc: processes left by jobs may outlive the server");
                 return killed.len();
             };
-            let left: Vec<Proc> = descendants(&table, me)
+            let left: Vec<Proc> = descendants(&table, me, &registry.spared)
                 .into_iter()
                 // tokio reaps its own; a dead one of those is not left over.
                 .filter(|p| !(p.zombie && own.contains(&(p.pid as u32))))
@@ -551,13 +569,24 @@ mod tests {
             p(20, 1),
             p(21, 20),
         ];
-        let mut found: Vec<i32> = descendants(&table, 10).iter().map(|p| p.pid).collect();
+        let none = BTreeSet::new();
+        let mut found: Vec<i32> = descendants(&table, 10, &none)
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         found.sort();
         assert_eq!(found, [11, 12, 13]);
-        assert!(descendants(&table, 12).is_empty());
+        assert!(descendants(&table, 12, &none).is_empty());
+        // A spared child is left out with what is below it.
+        let spared = BTreeSet::from([11]);
+        let found: Vec<i32> = descendants(&table, 10, &spared)
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        assert_eq!(found, [13]);
         // A torn read that shows a cycle ends all the same.
         let cycle = [p(5, 6), p(6, 5)];
-        assert!(descendants(&cycle, 5).len() <= cycle.len());
+        assert!(descendants(&cycle, 5, &none).len() <= cycle.len());
     }
 
     fn wait_zombie(pid: u32) {
