@@ -180,22 +180,23 @@ class Stream(threading.Thread):
 @better_than_ppft
 def test_reloads_under_load_lose_no_job_and_keep_no_client_waiting(reloadable, tmp_path):
     """Seamless: a ppft client streams tiny, 1 s and 5 s jobs while the
-    config file changes (-w 3 -> 4) and SIGUSR2 reloads, then the binary is
+    config file changes (-w 3 -> 4) and the users file gains a user, and
+    SIGUSR2 reloads, then the binary is
     replaced by a copy (an upgrade) and SIGUSR2 reloads again. Every job is
     answered with its own result, none with None, none ran twice; no two
     answers are further apart than the longest job running plus 4 s (the
     client never waited for its 5 s reconnect timer); the log says what
     changed; the new worker count is in force; each old process exits 0
     with no worker left; the pid file names the last process, which runs
-    the replaced binary.
-
-    A users file does not exist yet: when it does, the config change here
-    becomes a user added, and the check a login of that user."""
+    the replaced binary. The new user cannot log in before the reload and
+    can after it."""
     binary = tmp_path / "bin" / "ppserver"
     binary.parent.mkdir()
     shutil.copy2(pphelpers.rust_binary(), binary)
-    conf = tmp_path / "ppserver.conf"
-    conf.write_text("[general]\nworkers = 3\n")
+    conf, users = tmp_path / "ppserver.conf", tmp_path / "users"
+    users.write_text("[alice]\nsecret = alice-secret\n")
+    os.chmod(users, 0o600)
+    conf.write_text("[general]\nworkers = 3\nusers = %s\n" % users)
     pid_file, ran = tmp_path / "ppserver.pid", tmp_path / "ran"
     server = reloadable("-c", conf, "-P", pid_file, binary=binary, nworkers=3,
                         with_workers=False)
@@ -206,11 +207,17 @@ def test_reloads_under_load_lose_no_job_and_keep_no_client_waiting(reloadable, t
     stream.start()
     try:
         stream.wait_answers(10, server)
-        conf.write_text("[general]\nworkers = 4\n")
+        assert sp.handshake_reply(server, "bob-secret") == b"FAILED"
+        conf.write_text("[general]\nworkers = 4\nusers = %s\n" % users)
+        users.write_text("[alice]\nsecret = alice-secret\n[bob]\nsecret = bob-secret\n")
         second, first_workers = reload(server, pid_file, first)
         server.logged("reload: changed since pid %d: -w: 3 -> 4" % first)
+        server.logged("users: added bob")
+        assert "bob-secret" not in server.log()
         stream.wait_answers(stream.answered() + 10, server)
         assert server.proc.wait(timeout=RELOAD_TIMEOUT) == 0, server.log_tail()
+        # Only the new process accepts now.
+        assert sp.handshake_reply(server, "bob-secret") == b"OK"
         wait_gone(first_workers, server, "the first process's workers")
 
         # An upgrade: a new file at the binary's path (as install(1) and
