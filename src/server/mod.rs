@@ -135,7 +135,7 @@ pub async fn start(cfg: &Config) -> Result<Server, StartError> {
     };
     let lowered = cfg.fit_open_files(&files)?;
     let memory_limit = memlimit::set_up(cfg.worker_memory_limit.as_ref(), cfg.workers).await;
-    let scheduler = Arc::new(Scheduler::default());
+    let scheduler = Arc::new(Scheduler::new(&users, cfg.isolates_users()));
     let stats = Arc::new(Stats::default());
     let spec = WorkerSpec::new(&cfg, &interpreter, bound.local.ip(), files.for_workers());
     let pool = Pool::start(
