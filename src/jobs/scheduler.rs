@@ -1564,4 +1564,43 @@ mod tests {
         let (j, _) = s.next_job_for(0, cache, &seat(a, 0)).unwrap();
         assert_eq!(j.user.name, "b");
     }
+
+    #[tokio::test]
+    async fn workers_kept_to_users_still_share_by_weight() {
+        let (users, shares, s) = shared("[a]\nsecret = a\nweight = 3\n[b]\nsecret = b\n", true);
+        let c = PackageCache::new(1 << 20);
+        let mut replies = Vec::new();
+        for _ in 0..200 {
+            for user in 0..2 {
+                let (j, r) = job_of(&c, b"Nf", &users.all()[user], "192.0.2.1");
+                replies.push(r);
+                s.submit(j);
+            }
+        }
+        // Two slots, jobs of 200 ms, each slot's job ending in turn.
+        let mut seats = [Seat::default(), Seat::default()];
+        let mut running: [Option<Job>; 2] = [None, None];
+        let (mut ran, mut switches) = ([0; 2], 0);
+        for step in 0..80 {
+            let slot = step % 2;
+            drop(running[slot].take());
+            let (j, _) = s
+                .next_job_for(slot, WorkerCache::default(), &seats[slot])
+                .unwrap();
+            match &seats[slot].owner {
+                Some(o) if o.index != j.user.index => switches += 1,
+                _ => {}
+            }
+            if seats[slot].owner.as_ref().map(|o| o.index) != Some(j.user.index) {
+                seats[slot] = s.turn_for(j.user.clone());
+            }
+            ran[j.user.index] += 1;
+            running[slot] = Some(j);
+            shares.advance(100_000);
+        }
+        assert_eq!(ran, [60, 20], "3:1");
+        // b's share is half a worker: a slot goes to it and back, at most
+        // one switch for each of b's jobs.
+        assert!(switches <= ran[1], "{switches} switches");
+    }
 }

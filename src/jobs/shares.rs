@@ -347,6 +347,22 @@ pub(crate) struct Charge {
 }
 
 impl Charge {
+    /// Counts the job's time from now on: it waited for a fresh worker
+    /// (a switch to its user), which is not the user's worker time.
+    pub(crate) fn restart(&mut self) {
+        let Some(shares) = &self.shares else {
+            return;
+        };
+        let now = shares.now();
+        let mut ledger = shares.lock();
+        let account = ledger.account(self.user);
+        account.started = account
+            .started
+            .saturating_sub(self.start)
+            .saturating_add(now);
+        self.start = now;
+    }
+
     /// Takes the count back, as if the job had never been handed out,
     /// with the ledger already locked: the hand-over failed.
     pub(crate) fn cancel(mut self, ledger: &mut Ledger) {

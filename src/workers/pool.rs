@@ -461,7 +461,14 @@ async fn serve(
     let mut answered: u64 = 0;
     loop {
         let next = match first.take() {
-            Some(job) => Ok((job, cache)),
+            Some(mut job) => {
+                // Its user is charged from here: the wait for this fresh
+                // worker was the switch's, not the job's.
+                if let Some(charge) = &mut job.charge {
+                    charge.restart();
+                }
+                Ok((job, cache))
+            }
             None => ctx.scheduler.next_job_for(slot, cache, seat),
         };
         let (mut job, back) = match next {
