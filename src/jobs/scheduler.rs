@@ -39,13 +39,16 @@
 //! serving its user (one holding its package first), a fresh worker that
 //! has served nobody, or else an idle worker of another user, which is
 //! replaced. Switches are kept rare: a slot serves its user for at least
-//! [`MIN_TURN`] while that user has jobs (a user whose clients send the
-//! next job only once the last is answered has an empty queue for a
-//! moment between jobs, and an idle worker waits that long for it before
-//! it goes to another user), and after that while the user stays within
-//! [`crate::jobs::shares::SLACK`] of its fair share. A job may thus wait
-//! for up to [`MIN_TURN`] while a worker kept for another user is idle;
-//! without isolation a job never waits while a worker is idle.
+//! [`MIN_TURN`] (an idle worker waits out that turn for its user's next
+//! job before it goes to another user), then while the user has jobs
+//! queued and stays within [`crate::jobs::shares::SLACK`] of its fair
+//! share; and an idle worker waits [`GRACE`] for its user's next job
+//! whatever the age of the turn: a pp client sends a connection's next
+//! job only once the last is answered, so a user with as many jobs
+//! running as it has connections has none queued for a moment after each
+//! job, and a switch then would send the worker back and forth. A job may
+//! thus wait up to [`MIN_TURN`] while a worker kept for another user is
+//! idle; without isolation a job never waits while a worker is idle.
 //!
 //! A switch costs the fresh worker's start (about 7 ms by fork) and its
 //! package cache: the fresh worker holds no package, so the user's next
@@ -65,7 +68,7 @@ use tokio::sync::oneshot;
 use crate::config::allow::host_key;
 use crate::config::users::{User, Users};
 use crate::jobs::cache::{Package, WorkerCache};
-use crate::jobs::shares::{Charge, Ledger, QueuePlace, Shares, MIN_TURN};
+use crate::jobs::shares::{Charge, Ledger, QueuePlace, Shares, GRACE, MIN_TURN};
 use crate::memory::budget::Reservation;
 
 /// How many of its host's queued jobs, counted from the oldest, a free
@@ -76,6 +79,8 @@ pub(crate) const AFFINITY_WINDOW: usize = 4;
 
 /// [`MIN_TURN`] in the ledger's µs.
 const MIN_TURN_US: u64 = MIN_TURN.as_micros() as u64;
+/// [`GRACE`] in the ledger's µs.
+const GRACE_US: u64 = GRACE.as_micros() as u64;
 
 /// One job: a function package, its pickled arguments, and where its result
 /// goes.
@@ -163,15 +168,17 @@ struct IdleWorker {
     owner: Option<usize>,
     /// When its slot began serving `owner`.
     since: u64,
-    /// Kept for `owner` until `since + MIN_TURN`, though another user has
-    /// jobs queued.
-    kept: bool,
+    /// When it went idle.
+    idle_since: u64,
+    /// Kept for `owner` until then, though another user has jobs queued
+    /// (0: not kept).
+    kept_until: u64,
 }
 
 impl IdleWorker {
     /// Whether the worker is still kept for its user at `now`.
     fn kept_at(&self, now: u64) -> bool {
-        self.kept && now < self.since.saturating_add(MIN_TURN_US)
+        now < self.kept_until
     }
 }
 
@@ -384,9 +391,10 @@ fn take(queue: &mut VecDeque<QueuedJob>, cache: &WorkerCache) -> Option<Job> {
 enum Choice {
     /// Runs this job (of another user than its own: it is replaced first).
     Run(Job),
-    /// Waits; `true`: kept for its own user, whose turn is young, though
-    /// another user has jobs queued.
-    Wait(bool),
+    /// Waits; until the time given, kept for its own user (whose turn is
+    /// young, or whose next job may come any moment) though another user
+    /// may have jobs queued.
+    Wait(Option<u64>),
 }
 
 /// The users' job queues and the list of idle workers.
@@ -582,8 +590,7 @@ impl Scheduler {
         match self.choose(
             &mut st,
             ledger.as_deref_mut(),
-            owner,
-            seat.since,
+            (owner, seat.since, now),
             &cache,
             now,
         ) {
@@ -596,11 +603,12 @@ impl Scheduler {
                     tx,
                     owner,
                     since: seat.since,
-                    kept,
+                    idle_since: now,
+                    kept_until: kept.unwrap_or(0),
                 });
                 Err(Waiting {
                     rx,
-                    kept_for: kept.then(|| kept_for(seat.since, now)),
+                    kept_for: kept.map(|until| until_from(until, now)),
                     releases: self.caps.then(|| self.shares.releases()),
                 })
             }
@@ -622,8 +630,7 @@ impl Scheduler {
         match self.choose(
             &mut st,
             ledger.as_deref_mut(),
-            idle.owner,
-            idle.since,
+            (idle.owner, idle.since, idle.idle_since),
             &idle.cache,
             now,
         ) {
@@ -642,10 +649,9 @@ impl Scheduler {
                 None
             }
             Choice::Wait(kept) => {
-                let since = idle.since;
-                idle.kept = kept;
+                idle.kept_until = kept.unwrap_or(0);
                 st.idle.push(idle);
-                kept.then(|| kept_for(since, now))
+                kept.map(|until| until_from(until, now))
             }
         }
     }
@@ -662,15 +668,14 @@ impl Scheduler {
         self.shares.released_since(seen).await
     }
 
-    /// What a free worker serving `owner` since `since`, holding `cache`,
-    /// does next (see the module doc). A job it gets is counted as
-    /// running.
+    /// What a free worker serving `owner` since `since`, idle since
+    /// `idle_since` and holding `cache`, does next (see the module doc). A
+    /// job it gets is counted as running.
     fn choose(
         &self,
         st: &mut State,
         mut ledger: Option<&mut Ledger>,
-        owner: Option<usize>,
-        since: u64,
+        (owner, since, idle_since): (Option<usize>, u64, u64),
         cache: &WorkerCache,
         now: u64,
     ) -> Choice {
@@ -679,7 +684,7 @@ impl Scheduler {
                 // One user without limits: its queue, as it always was.
                 // (Users in turn, should a job of another come.)
                 let Some(&user) = st.waiting.first() else {
-                    return Choice::Wait(false);
+                    return Choice::Wait(None);
                 };
                 let job = st.take_from(user, cache);
                 if st.waiting.first() == Some(&user) {
@@ -690,9 +695,16 @@ impl Scheduler {
                     None => continue,
                 }
             };
-            let young = self.isolate && owner.is_some() && now < since.saturating_add(MIN_TURN_US);
+            let owned = self.isolate && owner.is_some();
+            let young = owned && now < since.saturating_add(MIN_TURN_US);
+            // Kept for its user while the turn is young, or while that
+            // user's next job may be on its way.
+            let keep = since
+                .saturating_add(MIN_TURN_US)
+                .max(idle_since.saturating_add(GRACE_US));
+            let kept = (owned && now < keep).then_some(keep);
             let Some(fairest) = l.pick(&st.waiting, now) else {
-                return Choice::Wait(young);
+                return Choice::Wait(kept);
             };
             let user = match owner {
                 Some(own) if self.isolate && own != fairest => {
@@ -700,8 +712,8 @@ impl Scheduler {
                     if own_waits && l.eligible(own) && (young || l.within_slack(own, fairest, now))
                     {
                         own
-                    } else if !own_waits && young {
-                        return Choice::Wait(true);
+                    } else if !own_waits && kept.is_some() {
+                        return Choice::Wait(kept);
                     } else {
                         fairest
                     }
@@ -875,9 +887,9 @@ fn handed(mut job: Job, ledger: Option<&mut Ledger>, shares: &Arc<Shares>, now: 
     job
 }
 
-/// How much longer than `now` a turn begun at `since` is kept.
-fn kept_for(since: u64, now: u64) -> Duration {
-    Duration::from_micros(since.saturating_add(MIN_TURN_US).saturating_sub(now))
+/// How long from `now` until `until` (the ledger's µs).
+fn until_from(until: u64, now: u64) -> Duration {
+    Duration::from_micros(until.saturating_sub(now))
 }
 
 /// The idle worker to give `job` to: the most recently idle one that holds
@@ -1481,7 +1493,11 @@ mod tests {
         let mut of_b = s
             .next_job_for(2, WorkerCache::default(), &seat(b, 0))
             .unwrap_err();
-        assert!(of_a.kept_for().is_none(), "a's turn is long enough");
+        assert_eq!(
+            of_a.kept_for(),
+            Some(GRACE),
+            "a's turn is long enough, but its next job may be on its way"
+        );
         let (jb, _r1) = job_of(&cc, b"Nb", b, "192.0.2.1");
         let (ja, _r2) = job_of(&cc, b"Na", a, "192.0.2.1");
         let (jc, _r3) = job_of(&cc, b"Nc", c, "192.0.2.1");
@@ -1496,11 +1512,16 @@ mod tests {
         s.submit(jc2);
         assert_eq!(s.queued(), 1);
         // A worker of a, whose turn is long enough, with nothing of a
-        // queued: it goes to c (its slot then replaces it).
-        let (got, _) = s
+        // queued: once a's next job is not in within the grace, it goes to
+        // c (its slot then replaces it).
+        let mut w = s
             .next_job_for(0, WorkerCache::default(), &seat(a, 0))
-            .unwrap();
-        assert_eq!(got.user.name, "c");
+            .unwrap_err();
+        assert_eq!(w.kept_for(), Some(GRACE));
+        assert_eq!(s.queued(), 1);
+        shares.advance(GRACE_US);
+        assert_eq!(s.turn_over(0), None);
+        assert_eq!(w.job().await.unwrap().0.user.name, "c");
     }
 
     #[tokio::test]
@@ -1528,11 +1549,15 @@ mod tests {
         s.submit(ja);
         let (got, cache) = w.job().await.unwrap();
         assert_eq!(got.user.name, "a");
-        // Done; nothing more of a: past its turn, b's job goes to it.
+        // Done; nothing more of a: past its turn and the grace for a's
+        // next job, b's job goes to it.
         shares.advance(MIN_TURN_US);
         drop(got);
-        let w = s.next_job_for(0, cache, &seat(a, since));
-        assert_eq!(w.unwrap().0.user.name, "b");
+        let mut w = s.next_job_for(0, cache, &seat(a, since)).unwrap_err();
+        assert_eq!(w.kept_for(), Some(GRACE));
+        shares.advance(GRACE_US);
+        assert_eq!(s.turn_over(0), None);
+        assert_eq!(w.job().await.unwrap().0.user.name, "b");
     }
 
     #[tokio::test]

@@ -51,12 +51,19 @@ pub(crate) const START_CHARGE: u64 = 1_000;
 /// of the fairest choice and still keep the worker (with `--isolate user`,
 /// where giving a worker to another user means replacing it): switches
 /// stay rare, and the shares are off by at most this much per worker.
-pub(crate) const SLACK: u64 = 100_000;
+pub(crate) const SLACK: u64 = 250_000;
 
 /// The shortest turn a worker serves one user for under `--isolate user`
 /// before it is handed to another: a fresh worker costs ~7 ms by fork, so
 /// turns of this length cost a few percent of the worker at most.
 pub(crate) const MIN_TURN: Duration = Duration::from_millis(100);
+
+/// How long an idle worker kept to one user waits for that user's next
+/// job before it goes to another user (`--isolate user`): a pp client
+/// sends a connection's next job once the last is answered, so a user
+/// busy with as many jobs as it has workers has none queued for a moment
+/// after each; a switch costs more than waiting this long.
+pub(crate) const GRACE: Duration = Duration::from_millis(10);
 
 /// Virtual time units per µs of worker time at weight 1: weights go up to
 /// 1000, so a thousandth keeps integer virtual times exact enough.
