@@ -21,7 +21,8 @@
 //! same user), and when the scheduler hands its idle worker a job of
 //! another user, the slot replaces the worker with a fresh one started for
 //! that user, which runs the job (counted as a `user_switch` restart). A
-//! fresh worker of the pool's start serves nobody until its first job.
+//! fresh worker of the pool's start serves nobody until its first job,
+//! and is replaced too if that job's user has a uid of its own.
 //!
 //! With `--job-timeout` (or the user's `job_timeout`, which overrides it),
 //! a job that runs longer has its worker (and the
@@ -432,8 +433,9 @@ enum Ended {
 
 /// Starts the slot's worker, for `user`: the one the slot serves under
 /// `--isolate user`, `None` for a fresh worker that serves whoever comes
-/// first. The one place a worker is started for a user, where the
-/// user's uid and groups go when it has some.
+/// first (and has no uid of its own: [`serve`] has it replaced for a job
+/// of a user with a uid). The one place a worker is started for a user,
+/// where the user's uid and groups go when it has some.
 async fn start_worker(
     spec: &WorkerSpec,
     forkserver: Option<&ForkServer>,
@@ -524,6 +526,9 @@ async fn serve(
                 // Another user's: only a fresh worker may run it.
                 Some(owner) if owner.index != job.user.index => return Ended::Switch { job },
                 Some(_) => {}
+                // A worker started for nobody runs with no user's uid:
+                // a user with a uid of its own needs one started for it.
+                None if job.user.credentials.is_some() => return Ended::Switch { job },
                 None => *seat = ctx.scheduler.turn_for(job.user.clone()),
             }
         }
