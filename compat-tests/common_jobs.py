@@ -66,3 +66,43 @@ def assert_all_workers_in_parallel(client, nworkers, seconds=1.0, within=60.0):
                 "never ran %d jobs in parallel on %d workers; attempts:\n%s"
                 % (nworkers, nworkers, "\n".join(attempts))
             )
+
+
+# --- test_sharing: what one user's job leaves in a worker, and when jobs ran
+
+
+def mark(tag):
+    """Leaves `tag` in the worker, as a global of this module and as an
+    attribute of builtins; returns the worker's pid."""
+    global MARK
+    import builtins
+    import os
+    MARK = tag
+    builtins.ppserver_test_mark = tag
+    return os.getpid()
+
+
+def look():
+    """(worker pid, this module's MARK, builtins' mark) as the job sees them."""
+    import builtins
+    import os
+    return (os.getpid(), globals().get("MARK"),
+            getattr(builtins, "ppserver_test_mark", None))
+
+
+def span(path, tag, seconds):
+    """Appends "S tag time" to `path`, sleeps `seconds`, appends "E tag
+    time" (each under a lock); returns `tag`."""
+    import fcntl
+    import time
+
+    def note(what):
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write("%s %s %.6f\n" % (what, tag, time.time()))
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+    note("S")
+    time.sleep(seconds)
+    note("E")
+    return tag

@@ -49,9 +49,6 @@ pytestmark = [
 
 ALICE, BOB = 64001, 64002
 PROMPT = 60.0  # bound of every wait for something the server should do soon
-# Until workers are started per user (--isolate), users with different
-# uids are a startup error that says so.
-NOT_PER_USER_YET = "workers are not yet started per user"
 
 
 @dataclass
@@ -192,15 +189,10 @@ def test_two_users_of_one_server_run_as_their_own_uids(tmp_path, shared):
     """-w 1: one slot, whose worker must be replaced by one of the other
     user's uid between their jobs."""
     path = users_file(tmp_path, [("alice", ALICE), ("bob", BOB)])
-    try:
-        server = pphelpers.start_server(1, tmp_path / "both.log", "--users", path,
-                                        with_secret=False, secret="alice-secret",
-                                        cwd=shared.top, pythonpath=(shared.site,),
-                                        python=shared.python)
-    except pphelpers.SetupError as e:
-        if NOT_PER_USER_YET in str(e):
-            pytest.skip("users with different uids need workers started per user (--isolate)")
-        raise
+    server = pphelpers.start_server(1, tmp_path / "both.log", "--users", path,
+                                    with_secret=False, secret="alice-secret",
+                                    cwd=shared.top, pythonpath=(shared.site,),
+                                    python=shared.python)
     try:
         private = str(shared.homes[ALICE] / ("private-%s" % uuid.uuid4().hex))
         assert run(server, "alice", uidjobs.who)[0] == (ALICE,) * 3

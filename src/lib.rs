@@ -26,8 +26,10 @@
 //!   ([`memory::mapped`]), a few kept for the next ones inside the budget
 //!   ([`memory::spares`]);
 //! - [`jobs`]: the `N`/`H` function-package cache ([`jobs::cache`]) and the
-//!   scheduler: jobs from every connection -> free workers, client hosts
-//!   in turn ([`jobs::scheduler`]);
+//!   scheduler: jobs from every connection -> free workers, users in fair
+//!   shares and client hosts in turn, workers kept to one user
+//!   ([`jobs::scheduler`]), with each user's account and limits
+//!   (`jobs::shares`);
 //! - [`workers`]: the worker interpreter and its probe
 //!   ([`workers::install`]), one supervisor per slot ([`workers::pool`]),
 //!   one worker process ([`workers::worker`]), forked by the fork-server

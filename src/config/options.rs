@@ -422,7 +422,10 @@ pub static OPTIONS: &[Opt] = &[
         bounds: "at least 1M",
         brief: "memory for client frames, queued jobs, cached packages and unwritten \
                 results, K/M/G/T suffixes",
-        more: "Past it the server stops reading new frames until memory is freed.",
+        more: "Past it the server stops reading new frames until memory is freed. With \
+               several users (--users), a user's frames may hold at most its share: \
+               SIZE * weight / (the weights of the users holding or waiting for memory, \
+               plus 1), so another user's job is still read.",
         ..valued(None, Some("--memory-limit"), "SIZE", Setting::MemoryLimit)
     },
     Opt {
@@ -550,7 +553,9 @@ pub static OPTIONS: &[Opt] = &[
                 it is replaced; none: workers are shared",
         more: "A worker goes to another user only by being replaced with a fresh one, so \
                what one user's job leaves in a worker (a global, a patched module) is \
-               never seen by another user's job.",
+               never seen by another user's job. A worker serves its user for at least \
+               100 ms, and waits 10 ms for its user's next job, before it goes to \
+               another user with jobs waiting.",
         ..valued(None, Some("--isolate"), "user|none", Setting::Isolate)
     },
     Opt {

@@ -7,11 +7,13 @@
 //! its worker. A job that cannot run (an unknown `H`, a frame larger than
 //! the whole budget) is answered `(None, text)` and the session goes on.
 
+use crate::config::users::User;
 use crate::front::session::{Session, SessionError};
 use crate::jobs::cache::{Package, PackageHash, UnknownPackage};
 use crate::jobs::scheduler::Job;
+use crate::jobs::shares::QueuePlace;
 use crate::logging::ratelimit::warn_limited;
-use crate::memory::budget::{Reservation, Use};
+use crate::memory::budget::{Claim, Reservation, Use};
 use crate::ops::metrics::metrics;
 use crate::protocol::wire::FrameError;
 use bytes::Bytes;
@@ -44,7 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return Ok(());
         };
         loop {
-            let Some(package) = self.next_job_frame("a job").await? else {
+            let Some((package, place)) = self.next_job_frame("a job", Some(&user)).await? else {
                 return Ok(());
             };
             let package = match package {
@@ -59,7 +61,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             if let Ok(p) = &package {
                 sent.entry(p.hash).or_insert_with(|| p.clone());
             }
-            let Some(args) = self.next_job_frame("a job's arguments").await? else {
+            let Some((args, _)) = self.next_job_frame("a job's arguments", None).await? else {
                 log::debug!("{who}: closed between a job's package and its arguments");
                 return Ok(());
             };
@@ -88,6 +90,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 attempts: 0,
                 submitted: std::time::Instant::now(),
                 _held: held,
+                place,
+                charge: None,
             });
             log::trace!("{who}: job {id} submitted");
             // However this session ends while the job waits (the client
@@ -95,6 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             // leaves the queue with it, and its memory goes at once.
             let queued = QueuedJob {
                 scheduler: &self.ctx.scheduler,
+                user: user.index,
                 client: peer.ip(),
                 id,
             };
@@ -179,14 +184,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
 
     /// The client's next job frame, admitted against the memory budget:
     /// once its header is in, the session waits (reading nothing more from
-    /// this client, and with no `-k` clock running) until the budget has
-    /// room for the whole frame; a frame larger than the whole budget is
-    /// read and thrown away. `None` when the client closed, or the server
-    /// drains.
+    /// this client, and with no `-k` clock running) first, for a job's
+    /// first frame (`queue_for` its user), for a place among the user's
+    /// waiting jobs (`max_queued`), then until the budget has room for the
+    /// whole frame within the user's share; a frame larger than the whole
+    /// budget is read and thrown away. `None` when the client closed, or
+    /// the server drains.
     async fn next_job_frame(
         &mut self,
         what: &'static str,
-    ) -> Result<Option<Incoming>, SessionError> {
+        queue_for: Option<&User>,
+    ) -> Result<Option<(Incoming, Option<QueuePlace>)>, SessionError> {
         let mut draining = self.draining.clone();
         let header = tokio::select! {
             biased;
@@ -198,12 +206,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         let Some(len) = header else {
             return Ok(None);
         };
+        let place = match queue_for {
+            Some(user) if self.ctx.scheduler.limits_queues() => tokio::select! {
+                biased;
+                () = draining.begun() => return Ok(None),
+                p = self.ctx.scheduler.queue_place(user) => p,
+            },
+            _ => None,
+        };
         let budget = self.ctx.budget.clone();
         let frame_timeout = |_| SessionError::Timeout(what);
         if len > budget.limit() {
             let read = tokio::time::timeout(self.ctx.socket_timeout, self.conn.discard_frame());
             let len = read.await.map_err(frame_timeout)??;
-            return Ok(Some(Incoming::TooLarge(len)));
+            return Ok(Some((Incoming::TooLarge(len), place)));
         }
         if !budget.fits(len) {
             // Spare mappings make room first (kept only in case they are
@@ -213,17 +229,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 self.ctx.packages.shed(len);
             }
         }
+        let claim = self.claim();
         let memory = tokio::select! {
             biased;
             () = draining.begun() => return Ok(None),
-            m = budget.reserve(len, Use::InFlight) => m,
+            m = budget.reserve_for(len, Use::InFlight, claim) => m,
         };
         let read = tokio::time::timeout(self.ctx.socket_timeout, self.conn.read_frame());
         match read.await.map_err(frame_timeout)?? {
-            Some(frame) => Ok(Some(Incoming::Frame(frame, memory))),
+            Some(frame) => Ok(Some((Incoming::Frame(frame, memory), place))),
             // The header was there: an end of stream now cuts the frame.
             None => Err(FrameError::Truncated.into()),
         }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
+    /// Whose share of the memory budget this session's frames count in:
+    /// its user's, when the budget is shared between several users.
+    fn claim(&self) -> Option<Claim> {
+        let user = self.user.as_ref()?;
+        (self.ctx.users.all().len() > 1).then(|| Claim {
+            user: user.index,
+            weight: user.weight,
+        })
     }
 }
 
@@ -234,7 +263,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
 struct QueuedJob<'a> {
     /// The queue it may be in.
     scheduler: &'a crate::jobs::scheduler::Scheduler,
-    /// Its client's address: the queue is per host.
+    /// Its user, by index: the queues are per user...
+    user: usize,
+    /// ...and per client host.
     client: std::net::IpAddr,
     /// The job's number.
     id: u64,
@@ -250,7 +281,7 @@ impl QueuedJob<'_> {
 
 impl Drop for QueuedJob<'_> {
     fn drop(&mut self) {
-        self.scheduler.withdraw(self.client, self.id);
+        self.scheduler.withdraw(self.user, self.client, self.id);
     }
 }
 

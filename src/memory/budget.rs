@@ -19,6 +19,23 @@
 //! budget is overdrawn by at most one frame at a time, and only by
 //! packages that open connections keep.
 //!
+//! **Shares between users.** With more than one user, each frame is
+//! reserved for its user ([`Claim`]), and a user may hold in flight at
+//! most its share of the limit: `limit * weight / (W + 1)`, where `W` is
+//! the sum of the weights of the users holding memory in flight or
+//! waiting for it (itself included), and the `+ 1` keeps room for one
+//! more user of weight 1, who may come at any time. A user alone thus
+//! takes at most half the budget (with weight 1), two users a third each,
+//! and a user arriving when the budget is full of another's queued jobs
+//! still finds room for its frames. A user holding nothing in flight may
+//! always take one frame, however large (up to the whole budget), so a
+//! share smaller than a frame slows a user down but never stops it. A
+//! waiting frame of a user over its share does not hold up the frames of
+//! other users behind it: the queue is first come, first served among
+//! the frames whose users are within their shares. No deadlock: a user
+//! over its share holds memory in flight, which its own jobs and frames
+//! give back as they go on; among the rest, the rule above holds.
+//!
 //! Memory kept only in case it is useful again (spare mappings of large
 //! frames, [`crate::memory::spares::Spares`]) is counted too, but never
 //! makes anyone wait: it is kept only while the budget has room for it
@@ -70,10 +87,47 @@ struct State {
     used: usize,
     /// Bytes reserved for [`Use::InFlight`].
     in_flight: usize,
-    /// Tickets of the waiting reservations, first come first.
-    queue: VecDeque<u64>,
+    /// The waiting reservations, first come first.
+    queue: VecDeque<Waiter>,
     /// The next ticket number.
     next_ticket: u64,
+    /// Each user's use, by index, once it has claimed memory.
+    users: Vec<UserUse>,
+    /// The sum of the weights of the users holding memory in flight or
+    /// waiting for it.
+    active_weight: u64,
+}
+
+/// Who a frame's memory is for, where the budget is shared between users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Claim {
+    /// The user's index.
+    pub(crate) user: usize,
+    /// The user's weight.
+    pub(crate) weight: u32,
+}
+
+/// One user's use of the budget.
+#[derive(Debug, Default, Clone)]
+struct UserUse {
+    /// Bytes it holds in flight.
+    in_flight: usize,
+    /// Its reservations waiting.
+    waiting: usize,
+}
+
+impl UserUse {
+    fn active(&self) -> bool {
+        self.in_flight > 0 || self.waiting > 0
+    }
+}
+
+/// A reservation waiting for room.
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    claim: Option<Claim>,
+    bytes: usize,
 }
 
 /// Bytes held against the budget until dropped.
@@ -85,6 +139,57 @@ pub(crate) struct Reservation {
     bytes: usize,
     /// What for.
     usage: Use,
+    /// Whose share they count in, while in flight.
+    claim: Option<Claim>,
+}
+
+impl State {
+    /// Changes `claim`'s user's use by `change`, keeping the sum of the
+    /// active users' weights.
+    fn user_use(&mut self, claim: Claim, change: impl FnOnce(&mut UserUse)) {
+        if claim.user >= self.users.len() {
+            self.users.resize(claim.user + 1, UserUse::default());
+        }
+        let user = &mut self.users[claim.user];
+        let was = user.active();
+        change(user);
+        let weight = u64::from(claim.weight);
+        match (was, user.active()) {
+            (false, true) => self.active_weight += weight,
+            (true, false) => self.active_weight = self.active_weight.saturating_sub(weight),
+            _ => {}
+        }
+    }
+
+    /// Whether `claim`'s user may take `bytes` more within its share of
+    /// `limit` (see the module documentation).
+    fn within_share(&self, claim: Claim, bytes: usize, limit: usize) -> bool {
+        let held = self.users.get(claim.user).map_or(0, |u| u.in_flight);
+        if held == 0 {
+            return true;
+        }
+        let share = limit as u128 * u128::from(claim.weight) / (u128::from(self.active_weight) + 1);
+        (held as u128 + bytes as u128) <= share
+    }
+
+    /// The ticket of the first waiter whose user is within its share.
+    fn first_eligible(&self, limit: usize) -> Option<u64> {
+        self.queue
+            .iter()
+            .find(|w| w.claim.is_none_or(|c| self.within_share(c, w.bytes, limit)))
+            .map(|w| w.ticket)
+    }
+
+    /// Takes `ticket` out of the queue.
+    fn leave_queue(&mut self, ticket: u64) {
+        if let Some(pos) = self.queue.iter().position(|w| w.ticket == ticket) {
+            if let Some(w) = self.queue.remove(pos) {
+                if let Some(claim) = w.claim {
+                    self.user_use(claim, |u| u.waiting = u.waiting.saturating_sub(1));
+                }
+            }
+        }
+    }
 }
 
 impl Budget {
@@ -142,12 +247,34 @@ impl Budget {
     /// Reserves `bytes`, waiting (first come, first served) until they fit;
     /// see the module documentation for when they are let through beyond
     /// the limit. Cancel-safe: a dropped wait leaves the queue.
+    #[cfg(test)]
     pub(crate) async fn reserve(self: &Arc<Self>, bytes: usize, usage: Use) -> Reservation {
+        self.reserve_for(bytes, usage, None).await
+    }
+
+    /// Reserves `bytes` for `claim`'s user (within its share, with more
+    /// than one user), waiting (first come, first served among the users
+    /// within their shares) until they fit; see the module documentation
+    /// for when they are let through beyond the limit. Cancel-safe: a
+    /// dropped wait leaves the queue.
+    pub(crate) async fn reserve_for(
+        self: &Arc<Self>,
+        bytes: usize,
+        usage: Use,
+        claim: Option<Claim>,
+    ) -> Reservation {
         let ticket = {
             let mut st = self.lock();
             let ticket = st.next_ticket;
             st.next_ticket += 1;
-            st.queue.push_back(ticket);
+            st.queue.push_back(Waiter {
+                ticket,
+                claim,
+                bytes,
+            });
+            if let Some(claim) = claim {
+                st.user_use(claim, |u| u.waiting += 1);
+            }
             ticket
         };
         let mut queued = Queued {
@@ -161,11 +288,11 @@ impl Budget {
             released.as_mut().enable();
             let first = {
                 let mut st = self.lock();
-                let first = st.queue.front() == Some(&ticket);
+                let first = st.first_eligible(self.limit) == Some(ticket);
                 if first && st.used.saturating_add(bytes) <= self.limit {
-                    st.queue.pop_front();
+                    st.leave_queue(ticket);
                     queued.done = true;
-                    return self.grant(&mut st, bytes, usage);
+                    return self.grant(&mut st, bytes, usage, claim);
                 }
                 first
             };
@@ -182,9 +309,9 @@ impl Budget {
             {
                 let mut st = self.lock();
                 if st.in_flight == 0 {
-                    st.queue.pop_front();
+                    st.leave_queue(ticket);
                     queued.done = true;
-                    return self.grant(&mut st, bytes, usage);
+                    return self.grant(&mut st, bytes, usage, claim);
                 }
             }
             released.await;
@@ -197,20 +324,30 @@ impl Budget {
     pub(crate) fn try_reserve(self: &Arc<Self>, bytes: usize, usage: Use) -> Option<Reservation> {
         let mut st = self.lock();
         let fits = st.used.saturating_add(bytes) <= self.limit;
-        (fits && st.queue.is_empty()).then(|| self.grant(&mut st, bytes, usage))
+        (fits && st.queue.is_empty()).then(|| self.grant(&mut st, bytes, usage, None))
     }
 
     /// Counts `bytes` without waiting: for worker results, which must never
     /// wait (jobs would stop finishing), and for tests.
     pub(crate) fn force(self: &Arc<Self>, bytes: usize, usage: Use) -> Reservation {
         let mut st = self.lock();
-        self.grant(&mut st, bytes, usage)
+        self.grant(&mut st, bytes, usage, None)
     }
 
-    fn grant(self: &Arc<Self>, st: &mut State, bytes: usize, usage: Use) -> Reservation {
+    fn grant(
+        self: &Arc<Self>,
+        st: &mut State,
+        bytes: usize,
+        usage: Use,
+        claim: Option<Claim>,
+    ) -> Reservation {
         st.used = st.used.saturating_add(bytes);
+        let claim = claim.filter(|_| usage == Use::InFlight);
         if usage == Use::InFlight {
             st.in_flight = st.in_flight.saturating_add(bytes);
+        }
+        if let Some(claim) = claim {
+            st.user_use(claim, |u| u.in_flight = u.in_flight.saturating_add(bytes));
         }
         // The next waiter may fit too.
         self.released.notify_waiters();
@@ -218,6 +355,7 @@ impl Budget {
             budget: Some(self.clone()),
             bytes,
             usage,
+            claim,
         }
     }
 
@@ -238,7 +376,7 @@ impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if !self.done {
             let mut st = self.budget.lock();
-            st.queue.retain(|&t| t != self.ticket);
+            st.leave_queue(self.ticket);
             drop(st);
             self.budget.released.notify_waiters();
         }
@@ -253,6 +391,7 @@ impl Reservation {
             budget: None,
             bytes: 0,
             usage: Use::InFlight,
+            claim: None,
         }
     }
 
@@ -272,6 +411,11 @@ impl Reservation {
                     Use::Parked => st.in_flight = st.in_flight.saturating_sub(self.bytes),
                     Use::InFlight => st.in_flight = st.in_flight.saturating_add(self.bytes),
                 }
+                // Parked memory is nobody's: it leaves its user's share.
+                if let Some(claim) = self.claim.take() {
+                    let bytes = self.bytes;
+                    st.user_use(claim, |u| u.in_flight = u.in_flight.saturating_sub(bytes));
+                }
                 drop(st);
                 budget.released.notify_waiters();
             }
@@ -290,6 +434,10 @@ impl Drop for Reservation {
         st.used = st.used.saturating_sub(self.bytes);
         if self.usage == Use::InFlight {
             st.in_flight = st.in_flight.saturating_sub(self.bytes);
+        }
+        if let Some(claim) = self.claim.take() {
+            let bytes = self.bytes;
+            st.user_use(claim, |u| u.in_flight = u.in_flight.saturating_sub(bytes));
         }
         drop(st);
         budget.released.notify_waiters();
@@ -510,6 +658,65 @@ mod tests {
         assert_eq!(kept.bytes(), 0);
         assert_eq!(b.used(), 110, "overdrawn by the frame alone");
         drop(through);
+    }
+
+    const A: Option<Claim> = Some(Claim { user: 0, weight: 1 });
+    const B: Option<Claim> = Some(Claim { user: 1, weight: 1 });
+
+    #[tokio::test]
+    async fn a_user_alone_keeps_room_for_one_more() {
+        let b = Budget::new(120);
+        let _a1 = b.reserve_for(30, Use::InFlight, A).await;
+        let _a2 = b.reserve_for(30, Use::InFlight, A).await;
+        // Half the budget with one user of weight 1: 30 more would fit,
+        // but not in a's share.
+        assert!(stays_pending(b.reserve_for(30, Use::InFlight, A)).await);
+        assert_eq!(b.used(), 60);
+        // A user holding nothing may always take a frame.
+        let big = b.reserve_for(60, Use::InFlight, B).await;
+        assert_eq!(b.used(), 120);
+        drop(big);
+    }
+
+    #[tokio::test]
+    async fn a_user_over_its_share_does_not_hold_up_another_users_frame() {
+        let b = Budget::new(120);
+        let a1 = b.reserve_for(30, Use::InFlight, A).await;
+        let _a2 = b.reserve_for(30, Use::InFlight, A).await;
+        let a3 = tokio::spawn({
+            let b = b.clone();
+            async move { b.reserve_for(30, Use::InFlight, A).await }
+        });
+        while b.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // b's frame goes past a's waiting one.
+        let b1 = b.reserve_for(30, Use::InFlight, B).await;
+        // Three users' worth now (a, b, and room for one more): a holds
+        // 60, over its share of 40, and waits though 30 would fit.
+        drop(a1);
+        assert!(
+            stays_pending(async {
+                while b.waiting() > 0 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+        );
+        // b leaves: a's share is half again, and it fits in it.
+        drop(b1);
+        let a3 = a3.await.unwrap();
+        assert_eq!(a3.bytes(), 30);
+        assert_eq!(b.used(), 60);
+    }
+
+    #[tokio::test]
+    async fn a_package_parked_leaves_its_users_share() {
+        let b = Budget::new(100);
+        let package = b.reserve_for(50, Use::InFlight, A).await;
+        assert!(stays_pending(b.reserve_for(10, Use::InFlight, A)).await);
+        let _parked = package.repurpose(Use::Parked);
+        assert_eq!(b.reserve_for(10, Use::InFlight, A).await.bytes(), 10);
     }
 
     #[test]

@@ -271,6 +271,7 @@ impl Metrics {
             "memory_limit",
             "memory_cgroup",
             "supervisor_panic",
+            "user_switch",
         ] {
             drop(self.worker_restarts.get_or_create(&label("cause", cause)));
         }
@@ -379,7 +380,8 @@ impl Metrics {
              which the worker exits), \
              restart_flag (-r), job_timeout, memory_limit, memory_cgroup (the worker left its \
              memory cgroup, or the cgroup's limit was changed, during or after a job), \
-             supervisor_panic (a bug: the slot started again)",
+             supervisor_panic (a bug: the slot started again), user_switch (--isolate user: \
+             a fresh worker for another user's job)",
             self.worker_restarts.clone(),
         );
         r.register(

@@ -151,7 +151,7 @@ pub async fn start(cfg: &Config, inherited: Inherited) -> Result<Server, StartEr
     // Every user's uid can run the workers; the one they share, if any,
     // is what the pool's workers run as.
     let users_file = cfg.users.as_ref().map(|f| f.path.as_path());
-    let run_as = access::check(&users, users_file, &interpreter).await?;
+    let run_as = access::check(&users, users_file, &interpreter, cfg.isolates_users()).await?;
     let forkserver = forkserver::start_unless_spawned(
         cfg.worker_start,
         ForkSpec {
@@ -180,7 +180,7 @@ pub async fn start(cfg: &Config, inherited: Inherited) -> Result<Server, StartEr
     drop(passed);
     let lowered = cfg.fit_open_files(&files)?;
     let memory_limit = memlimit::set_up(cfg.worker_memory_limit.as_ref(), cfg.workers).await;
-    let scheduler = Arc::new(Scheduler::default());
+    let scheduler = Arc::new(Scheduler::new(&users, cfg.isolates_users()));
     let stats = Arc::new(Stats::default());
     let spec = WorkerSpec::new(&cfg, &interpreter, bound.local.ip(), files.for_workers());
     let pool = Pool::start(

@@ -199,8 +199,9 @@ impl std::fmt::Display for UidError {
                 write!(
                     f,
                     "users {first:?} and {second:?} run as different uids (or one without a \
-                     uid); workers are not yet started per user, so every user must have the \
-                     same uid and gid, or none"
+                     uid); with --isolate none workers are shared between users, so every \
+                     user must have the same uid and gid, or none (--isolate user, the \
+                     default with --users, starts each user's workers as its own uid)"
                 )
             }
         }
@@ -218,12 +219,16 @@ impl std::error::Error for UidError {
 }
 
 /// Startup step: checks every user's `uid` (see the module's text), and
-/// returns the credentials all users share, which the pool's workers run
-/// with; `None` when no user has a uid.
+/// returns the credentials all users share, which a worker started for
+/// nobody runs with; `None` when no user has a uid, or when users differ
+/// and workers are kept to one user each (`isolated`: each user's are
+/// started as its own uid). Users that differ while workers are shared
+/// are an error.
 pub(crate) async fn check(
     users: &Users,
     file: Option<&Path>,
     interpreter: &Interpreter,
+    isolated: bool,
 ) -> Result<Option<Arc<Credentials>>, UidError> {
     let with_uid: Vec<_> = users
         .all()
@@ -289,6 +294,9 @@ pub(crate) async fn check(
         .iter()
         .find(|u| u.credentials.as_ref() != Some(first))
     {
+        if isolated {
+            return Ok(None);
+        }
         return Err(UidError::Mixed {
             file: file.map(Path::to_path_buf),
             first: first_name.to_string(),

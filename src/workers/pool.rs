@@ -15,7 +15,17 @@
 //! its running job has left (unless `--keep-abandoned`): the slot then
 //! serves the next client instead of a result nobody reads.
 //!
-//! With `--job-timeout`, a job that runs longer has its worker (and the
+//! With `--isolate user`, a slot's workers serve one user each: the slot
+//! keeps the user its worker served ([`Seat`]) across replacements (`-r`,
+//! `--max-jobs-per-worker`, a death: the next worker is started for the
+//! same user), and when the scheduler hands its idle worker a job of
+//! another user, the slot replaces the worker with a fresh one started for
+//! that user, which runs the job (counted as a `user_switch` restart). A
+//! fresh worker of the pool's start serves nobody until its first job,
+//! and is replaced too if that job's user has a uid of its own.
+//!
+//! With `--job-timeout` (or the user's `job_timeout`, which overrides it),
+//! a job that runs longer has its worker (and the
 //! worker's process group) stopped and replaced, and its client gets
 //! `(None, "job exceeded --job-timeout of N s on HOST")`; the job is not
 //! retried. With `--worker-memory-limit`, a worker that goes over it while
@@ -36,9 +46,9 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::config::users::Credentials;
+use crate::config::users::{Credentials, User};
 use crate::jobs::cache::WorkerCache;
-use crate::jobs::scheduler::{Job, Scheduler};
+use crate::jobs::scheduler::{Job, Scheduler, Seat};
 use crate::ops::metrics::metrics;
 use crate::ops::stats::Stats;
 use crate::workers::forkserver::ForkServer;
@@ -74,11 +84,9 @@ pub(crate) struct PoolContext {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// `--worker-memory-limit`, if set.
     pub(crate) memory_limit: Option<Arc<MemoryLimit>>,
-    /// SEAM, to be replaced by the per-user worker starts (`--isolate`):
-    /// the uid every worker of the pool runs as, which all users share
-    /// ([`crate::workers::access::check`] refuses users with different
-    /// ones until then). Those starts take the credentials of the user a
-    /// slot starts its worker for instead.
+    /// The uid a worker started for nobody runs as: the one every user
+    /// shares, if they do ([`crate::workers::access::check`]); `None`: the
+    /// server's own. A worker started for a user runs as that user's.
     pub(crate) run_as: Option<Arc<Credentials>>,
 }
 
@@ -204,10 +212,23 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
     // When the slot's last worker ended (or its first was asked for): a
     // replacement's time is counted from there.
     let mut vacant = Instant::now();
+    // The user the slot serves (with --isolate user), and a job of the
+    // user it was handed to, which the next worker runs first.
+    let mut seat = Seat::default();
+    let mut first: Option<Job> = None;
     loop {
         let spawned = tokio::select! {
-            w = Worker::start(&ctx.spec, ctx.forkserver.as_deref(), ctx.run_as.as_deref()) => w,
-            _ = ctx.shutdown.wait_for(|&s| s) => return,
+            w = start_worker(
+                &ctx.spec,
+                ctx.forkserver.as_deref(),
+                seat.owner.as_ref(),
+                ctx.run_as.as_deref(),
+            ) => w,
+            _ = ctx.shutdown.wait_for(|&s| s) => {
+                // Like every job in flight at the stop: its session closes.
+                drop(first.take());
+                return;
+            }
         };
         let mut worker = match spawned {
             Ok(w) => {
@@ -229,6 +250,10 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                     ctx.spec.python.display(),
                     ctx.spec.module
                 );
+                // The job it was to run goes to another worker meanwhile.
+                if let Some(job) = first.take() {
+                    ctx.scheduler.requeue_front(job);
+                }
                 failures += 1;
                 if failures >= FAILED_STARTS_BEFORE_GIVING_UP {
                     let text = format!(
@@ -255,7 +280,15 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
             }
         };
         let mut memory = memlimit::watch(ctx.memory_limit.as_deref(), slot, worker.pid).await;
-        let ended = serve(slot, &mut worker, &mut ctx, &mut memory).await;
+        let ended = serve(
+            slot,
+            &mut worker,
+            &mut ctx,
+            &mut memory,
+            &mut seat,
+            first.take(),
+        )
+        .await;
         vacant = Instant::now();
         match ended {
             Ended::Shutdown => {
@@ -275,6 +308,24 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                 tokio::spawn(async move {
                     let pid = worker.pid;
                     let how = worker.stop(graceful).await;
+                    log::debug!("slot {slot}: worker pid {pid} replaced ({how})");
+                });
+            }
+            Ended::Switch { job } => {
+                metrics().worker_restart("user_switch");
+                log::debug!(
+                    "slot {slot}: worker pid {} served {}; replaced by a fresh one for {}'s job {}",
+                    worker.pid,
+                    seat.owner.as_ref().map_or("nobody", |u| u.name.as_str()),
+                    job.user.name,
+                    job.id
+                );
+                seat = ctx.scheduler.turn_for(job.user.clone());
+                first = Some(job);
+                // Stopped at once, as for -r: its replacement need not wait.
+                tokio::spawn(async move {
+                    let pid = worker.pid;
+                    let how = worker.stop(false).await;
                     log::debug!("slot {slot}: worker pid {pid} replaced ({how})");
                 });
             }
@@ -350,6 +401,13 @@ enum Ended {
         /// Why, as counted in the metrics.
         cause: &'static str,
     },
+    /// The worker was handed `job` of another user than the one it
+    /// serves (`--isolate user`): replace it with a fresh worker for that
+    /// user, which runs the job.
+    Switch {
+        /// Not started yet; charged to its user meanwhile.
+        job: Job,
+    },
     /// The client of the running `job` left: stop the worker now.
     Abandoned {
         /// Nobody waits for its answer.
@@ -384,12 +442,35 @@ enum Ended {
     },
 }
 
-/// Feeds jobs to one live worker until it must be replaced.
+/// Starts the slot's worker, for `user`: the one the slot serves under
+/// `--isolate user`, `None` for a fresh worker that serves whoever comes
+/// first, which runs as `run_as` (the uid every user shares, if any:
+/// [`serve`] has it replaced for a job of a user with another). The one
+/// place a worker is started for a user, where the user's uid and groups
+/// go.
+async fn start_worker(
+    spec: &WorkerSpec,
+    forkserver: Option<&ForkServer>,
+    user: Option<&Arc<User>>,
+    run_as: Option<&Credentials>,
+) -> std::io::Result<Worker> {
+    let credentials = match user {
+        Some(u) => u.credentials.as_ref(),
+        None => run_as,
+    };
+    Worker::start(spec, forkserver, credentials).await
+}
+
+/// Feeds jobs to one live worker until it must be replaced: `first` (a
+/// job it was started for), then what the scheduler gives the slot
+/// serving `seat`'s user.
 async fn serve(
     slot: usize,
     worker: &mut Worker,
     ctx: &mut PoolContext,
     memory: &mut Watch,
+    seat: &mut Seat,
+    mut first: Option<Job>,
 ) -> Ended {
     // The worker counts as live for exactly as long as it is served.
     let _live = ctx.scheduler.worker_up();
@@ -397,30 +478,51 @@ async fn serve(
     // Jobs this worker answered, for --max-jobs-per-worker.
     let mut answered: u64 = 0;
     loop {
-        let (mut job, back) = match ctx.scheduler.next_job(slot, cache) {
+        let next = match first.take() {
+            Some(mut job) => {
+                // Its user is charged from here: the wait for this fresh
+                // worker was the switch's, not the job's.
+                if let Some(charge) = &mut job.charge {
+                    charge.restart();
+                }
+                Ok((job, cache))
+            }
+            None => ctx.scheduler.next_job_for(slot, cache, seat),
+        };
+        let (mut job, back) = match next {
             Ok(got) => got,
             Err(mut waiting) => {
-                tokio::select! {
-                    got = waiting.job() => match got {
-                        Some(got) => got,
-                        None => return Ended::Shutdown,
-                    },
-                    wrote = worker.watch_idle() => {
-                        // An idle worker has nothing to say: it died, or
-                        // broke the protocol; either way it is replaced.
-                        if wrote {
-                            log::warn!("slot {slot}: worker pid {} wrote while idle; replacing it", worker.pid);
+                // Kept for its user this long while others' jobs wait.
+                let mut kept = waiting.kept_for();
+                let mut releases = waiting.releases();
+                loop {
+                    tokio::select! {
+                        got = waiting.job() => match got {
+                            Some(got) => break got,
+                            None => return Ended::Shutdown,
+                        },
+                        () = until(kept) => kept = ctx.scheduler.turn_over(slot),
+                        () = released(&ctx.scheduler, releases) => {
+                            releases = Some(ctx.scheduler.releases());
+                            kept = ctx.scheduler.turn_over(slot);
                         }
-                        if let Some(job) = waiting.withdraw() {
-                            ctx.scheduler.requeue_front(job);
+                        wrote = worker.watch_idle() => {
+                            // An idle worker has nothing to say: it died, or
+                            // broke the protocol; either way it is replaced.
+                            if wrote {
+                                log::warn!("slot {slot}: worker pid {} wrote while idle; replacing it", worker.pid);
+                            }
+                            if let Some(job) = waiting.withdraw() {
+                                ctx.scheduler.requeue_front(job);
+                            }
+                            return Ended::Died { job: None, refused: None };
                         }
-                        return Ended::Died { job: None, refused: None };
-                    }
-                    _ = ctx.shutdown.wait_for(|&s| s) => {
-                        // A job handed over at this very moment is dropped;
-                        // its session closes, as for every in-flight job.
-                        drop(waiting.withdraw());
-                        return Ended::Shutdown;
+                        _ = ctx.shutdown.wait_for(|&s| s) => {
+                            // A job handed over at this very moment is dropped;
+                            // its session closes, as for every in-flight job.
+                            drop(waiting.withdraw());
+                            return Ended::Shutdown;
+                        }
                     }
                 }
             }
@@ -435,10 +537,26 @@ async fn serve(
             );
             continue;
         }
+        if ctx.scheduler.isolates() {
+            match &seat.owner {
+                // Another user's: only a fresh worker may run it.
+                Some(owner) if owner.index != job.user.index => return Ended::Switch { job },
+                Some(_) => {}
+                // A worker started for nobody runs as the uid all users
+                // share, or the server's: a user with another needs one
+                // started for it.
+                None if job.user.credentials.as_ref() != ctx.run_as.as_deref() => {
+                    return Ended::Switch { job }
+                }
+                None => *seat = ctx.scheduler.turn_for(job.user.clone()),
+            }
+        }
         let started = Instant::now();
         let _running = ctx.stats.running();
         metrics().waited(&job.user.name, job.submitted.elapsed().as_secs_f64());
         let _shown = metrics().job_started(job.id, worker.pid, job.user.shown());
+        // The user's own job_timeout, else --job-timeout.
+        let job_timeout = job.user.job_timeout.or(ctx.spec.job_timeout);
         let Job {
             package,
             args,
@@ -453,7 +571,7 @@ async fn serve(
             () = abandoned(reply), if !ctx.spec.keep_abandoned => {
                 return Ended::Abandoned { job };
             }
-            limit = time_limit(ctx.spec.job_timeout) => {
+            limit = time_limit(job_timeout) => {
                 ctx.stats.record_job(started.elapsed());
                 return Ended::TimedOut { job, limit };
             }
@@ -510,6 +628,23 @@ async fn serve(
             }
             Outcome::NotStarted => return Ended::NotStarted { job },
         }
+    }
+}
+
+/// Completes after `wait`; never without one.
+async fn until(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes once a job of a user at its `max_workers` has ended since
+/// the count of such releases was `seen`; never without `max_workers`.
+async fn released(scheduler: &Scheduler, seen: Option<u64>) {
+    match seen {
+        Some(seen) => scheduler.released_since(seen).await,
+        None => std::future::pending().await,
     }
 }
 
