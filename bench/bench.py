@@ -339,6 +339,13 @@ def render(results, machine, pickles, total_s, fresh):
                                                    fmt(machine["load"], "%.2f")))
     L.append("- total benchmark time: %.0f s" % total_s)
     L.append("")
+    L.append("Other benchmarks, each with its own script and page: sharing a server "
+             "between users, the cost of a login with 1000 users and two users at once "
+             "under `--isolate user` ([users.md](users.md), `scripts/bench-users`); the "
+             "longest pause a client sees over reloads ([reload.md](reload.md), "
+             "`scripts/bench-reload`); latency while workers churn "
+             "([latency.md](latency.md), `scripts/bench-latency`).")
+    L.append("")
     if results:
         L += render_main(results, pickles)
     L += churn.render(fresh)
