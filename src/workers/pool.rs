@@ -335,9 +335,10 @@ async fn supervise(slot: usize, mut ctx: PoolContext) {
                 let pid = worker.pid;
                 let how = worker.stop(false).await;
                 log::debug!(
-                    "job {}: its client left while worker pid {pid} ran it; worker stopped \
-                     ({how}) and replaced (--keep-abandoned lets such jobs finish)",
-                    job.id
+                    "job {} from {}: its client left while worker pid {pid} ran it; worker \
+                     stopped ({how}) and replaced (--keep-abandoned lets such jobs finish)",
+                    job.id,
+                    job.origin()
                 );
             }
             Ended::TimedOut { job, limit } => {
@@ -690,8 +691,10 @@ fn timeout_text(secs: u64, host: &str) -> String {
 /// Tells the client its job's worker died.
 fn answer_died(job: Job, pid: u32, how: &str) {
     log::warn!(
-        "job {}: worker pid {pid} died while running it ({how}); the job is not retried",
-        job.id
+        "job {} from {}: worker pid {pid} died while running it ({how}); the job is not \
+         retried",
+        job.id,
+        job.origin()
     );
     let text = format!(
         "ppserver: the worker process (pid {pid}) running this job died ({how}); \
