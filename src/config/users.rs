@@ -87,7 +87,7 @@ pub const KEYS: &[(&str, &str)] = &[
 const MAX_WEIGHT: u32 = 1000;
 
 /// One user: who may log in with which secret, and what their jobs get.
-#[derive(PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct User {
     /// The section's name; `default` for the `-s` secret.
     pub name: String,
@@ -451,6 +451,21 @@ fn credentials(
     }))
 }
 
+/// The user `default`, who holds the `-s` secret: no limits, no uid.
+fn default_user(secret: &str, named: bool) -> User {
+    User {
+        name: DEFAULT_USER.into(),
+        index: 0,
+        secret: secret.into(),
+        credentials: None,
+        max_workers: None,
+        max_queued: None,
+        weight: 1,
+        job_timeout: None,
+        named,
+    }
+}
+
 impl Users {
     /// Every user who may log in: the `-s` secret's user `default`, when a
     /// secret was given or there is no users file, then the file's users.
@@ -465,45 +480,23 @@ impl Users {
         };
         let mut all: Vec<User> = Vec::new();
         if secret_given {
-            all.push(User {
-                name: DEFAULT_USER.into(),
-                index: 0,
-                secret: secret.into(),
-                credentials: None,
-                max_workers: None,
-                max_queued: None,
-                weight: 1,
-                job_timeout: None,
-                named: true,
-            });
+            all.push(default_user(secret, true));
         }
-        {
-            for user in &file.users {
-                if all.first().is_some_and(|d| d.secret == user.secret) {
-                    return Err(UsersError::SameSecret {
-                        path: file.path.clone(),
-                        first: format!("{DEFAULT_USER} (-s or --secret-file)"),
-                        second: user.name.clone(),
-                        line: 0,
-                    });
-                }
-                all.push(User {
-                    name: user.name.clone(),
-                    index: 0,
-                    secret: user.secret.clone(),
-                    credentials: user.credentials.clone(),
-                    max_workers: user.max_workers,
-                    max_queued: user.max_queued,
-                    weight: user.weight,
-                    job_timeout: user.job_timeout,
-                    named: true,
-                });
-            }
-            if all.is_empty() {
-                return Err(UsersError::NoUsers {
+        for user in &file.users {
+            if all.first().is_some_and(|d| d.secret == user.secret) {
+                return Err(UsersError::SameSecret {
                     path: file.path.clone(),
+                    first: format!("{DEFAULT_USER} (-s or --secret-file)"),
+                    second: user.name.clone(),
+                    line: 0,
                 });
             }
+            all.push(User::clone(user));
+        }
+        if all.is_empty() {
+            return Err(UsersError::NoUsers {
+                path: file.path.clone(),
+            });
         }
         for (i, u) in all.iter_mut().enumerate() {
             u.index = i;
@@ -518,17 +511,7 @@ impl Users {
     /// the `-s` secret (or pp's public one), no limits, not named in logs.
     pub fn single(secret: &str) -> Users {
         Users {
-            all: vec![Arc::new(User {
-                name: DEFAULT_USER.into(),
-                index: 0,
-                secret: secret.into(),
-                credentials: None,
-                max_workers: None,
-                max_queued: None,
-                weight: 1,
-                job_timeout: None,
-                named: false,
-            })],
+            all: vec![Arc::new(default_user(secret, false))],
             named: false,
         }
     }
