@@ -116,12 +116,26 @@ pub(crate) struct Metrics {
     /// Bytes held in the memory budget, and its limit (read when asked).
     memory_held_bytes: Gauge,
     memory_limit_bytes: Gauge,
+    /// Each user's per-job series, by name: the handles of the families'
+    /// entries, so counting a job costs a lookup by name, not a label
+    /// built and hashed for each series.
+    per_user: Mutex<HashMap<String, UserSeries>>,
     /// Open client connections per source address, for `/status`.
     clients: Mutex<HashMap<IpAddr, [usize; 3]>>,
     /// Jobs on a worker now, for `/status`.
     running: Mutex<HashMap<u64, RunningJob>>,
     /// When the server started.
     started: Instant,
+}
+
+/// One user's entries in the per-job families every job counts in (they
+/// share their values with the families).
+#[derive(Debug)]
+struct UserSeries {
+    received: Counter,
+    answered: Counter,
+    run: Histogram,
+    wait: Histogram,
 }
 
 /// A job on a worker, as `/status` shows it.
@@ -250,6 +264,7 @@ impl Metrics {
             package_cache_bytes: Gauge::default(),
             memory_held_bytes: Gauge::default(),
             memory_limit_bytes: Gauge::default(),
+            per_user: Mutex::default(),
             clients: Mutex::default(),
             running: Mutex::default(),
             started: Instant::now(),
@@ -442,23 +457,41 @@ impl Metrics {
     /// Counts a job of `user` received.
     pub(crate) fn received(&self, user: &str) {
         self.received_total.inc();
-        self.jobs_received.get_or_create(&user_label(user)).inc();
+        self.with_user(user, |s| {
+            s.received.inc();
+        });
     }
 
     /// Counts a job of `user` answered by its worker, after `secs` on it.
     pub(crate) fn answered(&self, user: &str, secs: f64) {
         self.answered_total.inc();
-        self.jobs_answered.get_or_create(&user_label(user)).inc();
-        self.job_run_seconds
-            .get_or_create(&user_label(user))
-            .observe(secs);
+        self.with_user(user, |s| {
+            s.answered.inc();
+            s.run.observe(secs);
+        });
     }
 
     /// Counts a job of `user` taken by a worker after `secs` in the queue.
     pub(crate) fn waited(&self, user: &str, secs: f64) {
-        self.job_queue_wait_seconds
-            .get_or_create(&user_label(user))
-            .observe(secs);
+        self.with_user(user, |s| s.wait.observe(secs));
+    }
+
+    /// Runs `f` on `user`'s per-job series, made (from the families) the
+    /// first time.
+    fn with_user(&self, user: &str, f: impl FnOnce(&UserSeries)) {
+        let mut per_user = lock(&self.per_user);
+        if let Some(series) = per_user.get(user) {
+            return f(series);
+        }
+        let label = user_label(user);
+        let series = UserSeries {
+            received: self.jobs_received.get_or_create(&label).clone(),
+            answered: self.jobs_answered.get_or_create(&label).clone(),
+            run: self.job_run_seconds.get_or_create(&label).clone(),
+            wait: self.job_queue_wait_seconds.get_or_create(&label).clone(),
+        };
+        f(&series);
+        per_user.insert(user.to_string(), series);
     }
 
     /// Counts a job of `user` answered by the server itself, for `reason`.
